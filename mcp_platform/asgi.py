@@ -1,0 +1,21 @@
+"""ASGI entry point: HTTP goes to Django, ``/ws`` to the real-time consumer."""
+
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mcp_platform.settings")
+# Django must be set up before the consumers (and the models they import) are loaded.
+django_asgi_app = get_asgi_application()
+
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+
+from realtime.auth import websocket_auth_stack  # noqa: E402
+from realtime.routing import websocket_urlpatterns  # noqa: E402
+
+application = ProtocolTypeRouter(
+    {
+        "http": django_asgi_app,
+        "websocket": websocket_auth_stack(URLRouter(websocket_urlpatterns)),
+    }
+)

@@ -1,0 +1,31 @@
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand
+
+from mcp_platform.tasks import services
+from mcp_platform.tasks.models import Task
+
+USERNAME = "demo"
+PASSWORD = "demo-password"
+
+
+class Command(BaseCommand):
+    help = "Create the demo user (staff, so it can also use the admin) and a task, once."
+
+    def handle(self, *args, **options) -> None:
+        User = get_user_model()
+        user, created = User.objects.get_or_create(
+            username=USERNAME, defaults={"is_staff": True, "is_superuser": True}
+        )
+        if created:
+            user.set_password(PASSWORD)
+            user.save()
+        if not Task.objects.filter(owner=user).exists():
+            services.create_task(owner=user, name="Demo task")
+        task = Task.objects.filter(owner=user).first()
+        self.stdout.write(
+            f"Demo user {USERNAME!r}, password {PASSWORD!r} (admin at http://127.0.0.1:8000/admin/).\n"
+            f"Demo task {task.pk}.\n"
+            "Get a token:  curl -s -X POST -H 'Content-Type: application/json' "
+            f'-d \'{{"username": "{USERNAME}", "password": "{PASSWORD}"}}\' '
+            "http://127.0.0.1:8000/api/token/"
+        )

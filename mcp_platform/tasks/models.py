@@ -1,0 +1,83 @@
+import uuid
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models, transaction
+
+
+class Status(models.TextChoices):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINISHED = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
+
+
+def validate_transition(old: str, new: str) -> None:
+    """A finished task keeps its status; any other change of status is allowed."""
+    if old in FINISHED and new != old:
+        raise ValidationError(f"A {old} task cannot become {new}.", code="invalid_transition")
+
+
+class Task(models.Model):
+    """A long-running unit of work whose changes clients watch live."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="tasks"
+    )
+    name = models.CharField(max_length=200)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    progress = models.PositiveSmallIntegerField(
+        default=0, validators=[MinValueValidator(0), MaxValueValidator(100)]
+    )
+    result = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True, default="")
+    #: Number of saved changes; the first save is 1. Clients order updates by it.
+    seq = models.PositiveIntegerField(default=0, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["owner", "-created_at"]), models.Index(fields=["status"])]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.status})"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in FINISHED
+
+    def clean(self) -> None:
+        if not self._state.adding:
+            old = type(self).objects.filter(pk=self.pk).values_list("status", flat=True).first()
+            if old is not None:
+                try:
+                    validate_transition(old, self.status)
+                except ValidationError as exc:
+                    raise ValidationError({"status": exc}) from None
+
+    def save(self, *args, **kwargs) -> None:
+        """Save and advance ``seq``, which is read under a row lock so that concurrent
+        writers in other processes never reuse a number."""
+        if kwargs.get("update_fields") is not None:
+            kwargs["update_fields"] = {*kwargs["update_fields"], "seq", "updated_at"}
+        if self._state.adding:
+            self.seq = 1
+            super().save(*args, **kwargs)
+            return
+        with transaction.atomic(using=kwargs.get("using")):
+            current = (
+                type(self)
+                .objects.select_for_update()
+                .filter(pk=self.pk)
+                .values_list("seq", flat=True)
+                .first()
+            )
+            self.seq = (current or 0) + 1
+            super().save(*args, **kwargs)

@@ -1,0 +1,14 @@
+"""Queries about tasks, with the visibility rule in one place."""
+
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.db.models import QuerySet
+
+from mcp_platform.tasks.models import Task
+
+
+def visible_tasks(user: AbstractBaseUser) -> QuerySet[Task]:
+    """Tasks a user may see and change: their own, or every task for staff."""
+    tasks = Task.objects.select_related("owner")
+    if user.is_staff:
+        return tasks
+    return tasks.filter(owner=user)

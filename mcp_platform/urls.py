@@ -1,0 +1,15 @@
+from django.contrib import admin
+from django.urls import include, path
+from rest_framework_simplejwt.views import TokenObtainPairView, TokenRefreshView
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("api/token/", TokenObtainPairView.as_view(), name="token_obtain_pair"),
+    path("api/token/refresh/", TokenRefreshView.as_view(), name="token_refresh"),
+    path("api/", include("mcp_platform.tasks.urls")),
+    path("", include("realtime.urls")),
+    path("", include("django_prometheus.urls")),
+]
+
+handler404 = "mcp_platform.api.not_found"
+handler500 = "mcp_platform.api.server_error"

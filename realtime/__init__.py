@@ -1,0 +1,1 @@
+"""Live task updates and broadcasts over WebSocket and Server-Sent Events."""

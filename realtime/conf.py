@@ -1,0 +1,80 @@
+"""The app's settings: ``settings.REALTIME`` merged over ``DEFAULTS``, read lazily.
+
+Values may arrive as strings from the environment (``REALTIME_<NAME>``); each is
+coerced to the type of its default, so ``REALTIME_SUBSCRIPTION_LIMIT=50`` is an int.
+"""
+
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
+from django.utils.module_loading import import_string
+
+DEFAULTS: dict[str, Any] = {
+    # Dotted path of the realtime.sources.TaskSource that answers for the project's tasks.
+    "TASK_SOURCE": "mcp_platform.tasks.realtime.TaskSource",
+    # Redis server for the shared connection registry; empty: each process keeps its own.
+    "REDIS_URL": "",
+    # Task subscriptions one WebSocket connection may hold.
+    "SUBSCRIPTION_LIMIT": 100,
+    # Largest client frame, in bytes of UTF-8; a larger one closes the connection with 4009.
+    "MAX_MESSAGE_BYTES": 65536,
+    # Seconds between heartbeat events on an idle SSE stream.
+    "SSE_HEARTBEAT_SECONDS": 15.0,
+    # Seconds a connection entry in the shared registry lives unless its process renews it.
+    "CONNECTION_LEASE_SECONDS": 60.0,
+    # Largest POST /broadcast body, in bytes.
+    "BROADCAST_MAX_BYTES": 16384,
+    # Messages a connection may have queued and unsent before it is closed as too slow.
+    "SLOW_CLIENT_QUEUE_LIMIT": 1000,
+}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    default = DEFAULTS[name]
+    if not isinstance(value, str) or isinstance(default, str):
+        return value
+    try:
+        if isinstance(default, bool):
+            return value.strip().lower() in {"1", "true", "yes", "on"}
+        return type(default)(value)
+    except ValueError:
+        raise ImproperlyConfigured(
+            f"REALTIME_{name} must be a {type(default).__name__}, not {value!r}."
+        ) from None
+
+
+class RealtimeSettings:
+    """Attribute access to the merged settings, cached until Django's settings change."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, Any] = {}
+
+    @property
+    def user_settings(self) -> dict[str, Any]:
+        return getattr(settings, "REALTIME", {})
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in DEFAULTS:
+            raise AttributeError(f"Invalid realtime setting: {name!r}")
+        if name not in self._cache:
+            self._cache[name] = _coerce(name, self.user_settings.get(name, DEFAULTS[name]))
+        return self._cache[name]
+
+    def import_from(self, name: str) -> Any:
+        return import_string(getattr(self, name))
+
+    def reload(self) -> None:
+        self._cache.clear()
+
+
+realtime_settings = RealtimeSettings()
+
+
+def _reload(*, setting: str, **kwargs: Any) -> None:
+    if setting == "REALTIME":
+        realtime_settings.reload()
+
+
+setting_changed.connect(_reload)

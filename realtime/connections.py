@@ -1,0 +1,245 @@
+"""The service layer of the real-time app: who is connected, to what, and sending to them.
+
+Consumers and the SSE view call ``ConnectionManager``; so does the one publish path
+(``realtime.api``). The manager sits on the channel layer and the registry. It keeps no
+consumer objects: a ``Connection`` is plain state that its consumer owns and passes in.
+"""
+
+import enum
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.contrib.auth.base_user import AbstractBaseUser
+
+from realtime import groups, protocol
+from realtime.conf import realtime_settings
+from realtime.protocol import ErrorCode, ProtocolError
+from realtime.registry import ConnectionRegistry, Entry, LocalRegistry, Overview
+from realtime.sources import TaskSnapshot, get_task_source
+
+#: Channel-layer message types, and the consumer handler each one calls.
+TASK_UPDATE = "task.update"  # task_update()
+BROADCAST = "realtime.broadcast"  # realtime_broadcast()
+PERSONAL = "realtime.message"  # realtime_message()
+
+
+class Transport(enum.StrEnum):
+    WEBSOCKET = "websocket"
+    SSE = "sse"
+
+
+@dataclass(eq=False, slots=True)
+class Connection:
+    """One live client connection, as its consumer and the manager see it."""
+
+    channel_name: str
+    entry: Entry
+    #: Channel-layer groups joined, so that all are left on disconnect.
+    groups: set[str] = field(default_factory=set)
+    #: Subscribed task ids (as strings), each with the newest seq the client has seen.
+    last_seq: dict[str, int] = field(default_factory=dict)
+    #: Whether every task the user may see is followed, not just subscribed ones.
+    follows_all: bool = False
+
+    @property
+    def connection_id(self) -> uuid.UUID:
+        return self.entry.connection_id
+
+    @property
+    def user_id(self) -> int:
+        return self.entry.user_id
+
+    def accept_update(self, task_id: str, seq: int) -> bool:
+        """Whether an update is new to this client; records it if so.
+
+        Drops updates of tasks not (or no longer) subscribed, and updates the client has
+        already seen, whether delivered before or included in its ``subscribed`` state.
+        """
+        last = self.last_seq.get(task_id)
+        if last is None:
+            if not self.follows_all:
+                return False
+        elif seq <= last:
+            return False
+        self.last_seq[task_id] = seq
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class Recipients:
+    websocket: int
+    sse: int
+
+    @property
+    def total(self) -> int:
+        return self.websocket + self.sse
+
+    def as_dict(self) -> dict[str, int]:
+        return {"recipients": self.total, "websocket": self.websocket, "sse": self.sse}
+
+
+class ConnectionManager:
+    """Connects, subscribes and reaches clients, across every server process."""
+
+    def __init__(self, registry: ConnectionRegistry, layer_alias: str = "default") -> None:
+        self.registry = registry
+        self.layer_alias = layer_alias
+
+    @property
+    def layer(self) -> Any:
+        return get_channel_layer(self.layer_alias)
+
+    async def _join(self, connection: Connection, group: str) -> None:
+        await self.layer.group_add(group, connection.channel_name)
+        connection.groups.add(group)
+
+    async def _leave(self, connection: Connection, group: str) -> None:
+        connection.groups.discard(group)
+        await self.layer.group_discard(group, connection.channel_name)
+
+    async def connect(
+        self,
+        *,
+        channel_name: str,
+        user: AbstractBaseUser,
+        transport: Transport,
+        follow_all: bool = False,
+    ) -> Connection:
+        """Join the user's and the broadcast groups and record the connection.
+
+        Once this returns the connection counts as a recipient of broadcasts. With
+        ``follow_all`` it also follows every task the user may see (staff: all tasks).
+        """
+        entry = Entry(connection_id=uuid.uuid4(), user_id=user.pk, transport=str(transport))
+        connection = Connection(channel_name=channel_name, entry=entry, follows_all=follow_all)
+        joined = [groups.user_group(user.pk), groups.BROADCAST_GROUP]
+        if follow_all:
+            joined.append(groups.STAFF_FEED_GROUP if user.is_staff else groups.feed_group(user.pk))
+        for group in joined:
+            await self._join(connection, group)
+        await self.registry.add(entry)
+        return connection
+
+    async def disconnect(self, connection: Connection) -> None:
+        """Leave every group and drop every registry entry of the connection."""
+        subscribed = frozenset(uuid.UUID(task_id) for task_id in connection.last_seq)
+        for group in list(connection.groups):
+            await self._leave(connection, group)
+        connection.last_seq.clear()
+        await self.registry.remove(connection.entry, subscribed)
+
+    async def subscribe_to_task(
+        self, connection: Connection, user: AbstractBaseUser, task_id: uuid.UUID
+    ) -> TaskSnapshot:
+        """Subscribe to a task the user may see, returning its current state.
+
+        The group is joined before the state is read, so an update made in between is
+        either in the returned state or delivered afterwards, never lost; updates already
+        in the state are not delivered again. Raises ``ProtocolError`` (``not_found``,
+        ``subscription_limit``).
+        """
+        key = str(task_id)
+        is_new = key not in connection.last_seq
+        if is_new and len(connection.last_seq) >= realtime_settings.SUBSCRIPTION_LIMIT:
+            raise ProtocolError(
+                ErrorCode.SUBSCRIPTION_LIMIT,
+                f"At most {realtime_settings.SUBSCRIPTION_LIMIT} subscriptions per connection.",
+            )
+        group = groups.task_group(task_id)
+        await self._join(connection, group)
+        snapshot = await database_sync_to_async(get_task_source().get_visible)(user, task_id)
+        if snapshot is None:
+            if is_new:
+                await self._leave(connection, group)
+            raise ProtocolError(ErrorCode.NOT_FOUND, "No such task.")
+        connection.last_seq[key] = max(snapshot.seq, connection.last_seq.get(key, 0))
+        if is_new:
+            await self.registry.add_subscription(connection.entry, task_id)
+        return snapshot
+
+    async def unsubscribe_from_task(self, connection: Connection, task_id: uuid.UUID) -> None:
+        """Stop a subscription; doing so twice, or for a task never subscribed, is harmless."""
+        if connection.last_seq.pop(str(task_id), None) is None:
+            return
+        await self._leave(connection, groups.task_group(task_id))
+        await self.registry.remove_subscription(connection.entry, task_id)
+
+    async def send_personal_message(self, user_id: int, payload: dict[str, Any]) -> None:
+        """Send ``{"type": "message", "payload": …}`` to every connection of one user."""
+        text = protocol.encode(
+            {"type": "message", "payload": payload, "timestamp": protocol.now_iso()}
+        )
+        await self.layer.group_send(groups.user_group(user_id), {"type": PERSONAL, "text": text})
+
+    async def broadcast(self, payload: dict[str, Any]) -> Recipients:
+        """Send a broadcast to every live connection of every process, and say how many."""
+        recipients = Recipients(
+            websocket=await self.registry.count_transport(Transport.WEBSOCKET),
+            sse=await self.registry.count_transport(Transport.SSE),
+        )
+        text = protocol.encode(protocol.broadcast(payload))
+        await self.layer.group_send(groups.BROADCAST_GROUP, {"type": BROADCAST, "text": text})
+        return recipients
+
+    async def send_task_update(self, snapshot: TaskSnapshot) -> None:
+        """Deliver one task change to its subscribers and to the feeds that follow it.
+
+        The message is encoded once here; consumers send the text as it is.
+        """
+        message = {
+            "type": TASK_UPDATE,
+            "task_id": str(snapshot.task_id),
+            "seq": snapshot.seq,
+            "text": protocol.encode(
+                protocol.task_update(snapshot.task_id, snapshot.seq, snapshot.state)
+            ),
+        }
+        for group in (
+            groups.task_group(snapshot.task_id),
+            groups.feed_group(snapshot.owner_id),
+            groups.STAFF_FEED_GROUP,
+        ):
+            await self.layer.group_send(group, message)
+
+    async def count_connections(self, transport: Transport | None = None) -> int:
+        """Live connections of every process, of one transport or of all."""
+        transports = list(Transport) if transport is None else [transport]
+        return sum([await self.registry.count_transport(t) for t in transports])
+
+    async def count_user_connections(self, user_id: int) -> int:
+        return await self.registry.count_user(user_id)
+
+    async def count_task_subscribers(self, task_id: uuid.UUID) -> int:
+        return await self.registry.count_task(task_id)
+
+    async def overview(self) -> Overview:
+        return await self.registry.overview([str(transport) for transport in Transport])
+
+
+_manager: ConnectionManager | None = None
+
+
+def make_registry() -> ConnectionRegistry:
+    url = realtime_settings.REDIS_URL
+    if url:
+        from realtime.redis_registry import RedisRegistry
+
+        return RedisRegistry(url, lease_seconds=realtime_settings.CONNECTION_LEASE_SECONDS)
+    return LocalRegistry()
+
+
+def get_connection_manager() -> ConnectionManager:
+    """The process's manager, made on first use from the settings."""
+    global _manager
+    if _manager is None:
+        _manager = ConnectionManager(make_registry())
+    return _manager
+
+
+def reset_connection_manager() -> None:
+    """Forget the process's manager (tests, after changing settings)."""
+    global _manager
+    _manager = None

@@ -1,0 +1,112 @@
+"""The WebSocket endpoint, ``/ws``: a thin adapter from frames to the connection manager."""
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from channels.consumer import get_handler_name
+from channels.generic.websocket import AsyncWebsocketConsumer
+
+from realtime import protocol
+from realtime.conf import realtime_settings
+from realtime.connections import Connection, Transport, get_connection_manager
+from realtime.protocol import Action, ClientMessage, CloseCode, ErrorCode, ProtocolError
+
+
+def utf8_length_exceeds(text: str, limit: int) -> bool:
+    """Whether ``text`` encodes to more than ``limit`` bytes, encoding only when it must."""
+    if len(text) > limit:
+        return True
+    if len(text) * 4 <= limit:
+        return False
+    return len(text.encode("utf-8", "surrogatepass")) > limit
+
+
+class TaskConsumer(AsyncWebsocketConsumer):
+    """One client connection: authenticate, then serve subscribe/unsubscribe/ping."""
+
+    connection: Connection | None = None
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Channels awaits aclose_old_connections() (a hop through the single sync
+        # thread) before every message. No handler here touches the database outside
+        # database_sync_to_async, which closes stale connections itself, so the hop
+        # is skipped: it cost more than the rest of a fan-out delivery (docs/performance.md).
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
+
+    async def connect(self) -> None:
+        await self.accept()
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=CloseCode.UNAUTHORIZED.value)
+            return
+        self.user = user
+        self.connection = await get_connection_manager().connect(
+            channel_name=self.channel_name, user=user, transport=Transport.WEBSOCKET
+        )
+        await self.send_message(protocol.connected(self.connection.connection_id, user.pk))
+
+    async def disconnect(self, code: int) -> None:
+        if self.connection is not None:
+            connection, self.connection = self.connection, None
+            await get_connection_manager().disconnect(connection)
+
+    async def send_message(self, message: dict[str, Any]) -> None:
+        await self.send(text_data=protocol.encode(message))
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if self.connection is None:
+            return
+        if text_data is None:
+            reply = protocol.error(ErrorCode.INVALID_MESSAGE, "Binary frames are not accepted.")
+        elif utf8_length_exceeds(text_data, realtime_settings.MAX_MESSAGE_BYTES):
+            await self.close(code=CloseCode.MESSAGE_TOO_BIG.value)
+            return
+        else:
+            try:
+                message = protocol.parse_client_message(text_data)
+                reply = await self.handlers[message.action](self, message)
+            except ProtocolError as exc:
+                reply = protocol.error(exc.code, exc.message, exc.request_id)
+        await self.send_message(reply)
+
+    async def subscribe(self, message: ClientMessage) -> dict[str, Any]:
+        try:
+            snapshot = await get_connection_manager().subscribe_to_task(
+                self.connection, self.user, message.task_id
+            )
+        except ProtocolError as exc:
+            exc.request_id = message.request_id
+            raise
+        return protocol.subscribed(
+            snapshot.task_id, snapshot.seq, snapshot.state, message.request_id
+        )
+
+    async def unsubscribe(self, message: ClientMessage) -> dict[str, Any]:
+        await get_connection_manager().unsubscribe_from_task(self.connection, message.task_id)
+        return protocol.unsubscribed(message.task_id, message.request_id)
+
+    async def ping(self, message: ClientMessage) -> dict[str, Any]:
+        return protocol.pong(message.request_id)
+
+    handlers: dict[Action, Callable[["TaskConsumer", ClientMessage], Awaitable[dict[str, Any]]]] = {
+        Action.SUBSCRIBE: subscribe,
+        Action.UNSUBSCRIBE: unsubscribe,
+        Action.PING: ping,
+    }
+
+    # Channel-layer handlers: the text was encoded once by the sender.
+
+    async def task_update(self, event: dict[str, Any]) -> None:
+        if self.connection is not None and self.connection.accept_update(
+            event["task_id"], event["seq"]
+        ):
+            await self.send(text_data=event["text"])
+
+    async def realtime_broadcast(self, event: dict[str, Any]) -> None:
+        if self.connection is not None:
+            await self.send(text_data=event["text"])
+
+    realtime_message = realtime_broadcast

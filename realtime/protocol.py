@@ -1,0 +1,183 @@
+"""The wire protocol, shared by the WebSocket and SSE transports.
+
+Everything a client can send or receive is parsed or built here; nothing here does I/O.
+Server messages are JSON objects with a ``type``; client messages are JSON objects with an
+``action``. An ``id`` on a client message is echoed on its reply.
+"""
+
+import enum
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+RequestId = str | int | None
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes the server uses (application codes, 4000-4999)."""
+
+    #: Credentials missing, invalid or expired; sent right after accepting.
+    UNAUTHORIZED = 4401
+    #: A client frame exceeded ``MAX_MESSAGE_BYTES``. Daphne drops application
+    #: close codes below 3000, so this stands in for 1009.
+    MESSAGE_TOO_BIG = 4009
+    #: The client read too slowly and its queue of unsent messages overflowed.
+    SLOW_CLIENT = 4008
+
+
+class ErrorCode(enum.StrEnum):
+    """The ``code`` of an ``error`` message; the connection stays open."""
+
+    INVALID_JSON = "invalid_json"
+    INVALID_MESSAGE = "invalid_message"
+    UNKNOWN_ACTION = "unknown_action"
+    INVALID_TASK_ID = "invalid_task_id"
+    NOT_FOUND = "not_found"
+    SUBSCRIPTION_LIMIT = "subscription_limit"
+
+
+class ProtocolError(Exception):
+    """A client message that cannot be served; becomes an ``error`` message."""
+
+    def __init__(self, code: ErrorCode, message: str, request_id: RequestId = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+class Action(enum.StrEnum):
+    SUBSCRIBE = "subscribe"
+    UNSUBSCRIBE = "unsubscribe"
+    PING = "ping"
+
+
+TASK_ACTIONS = frozenset({Action.SUBSCRIBE, Action.UNSUBSCRIBE})
+
+
+@dataclass(frozen=True, slots=True)
+class ClientMessage:
+    action: Action
+    request_id: RequestId = None
+    task_id: uuid.UUID | None = None
+
+
+def parse_task_id(value: Any) -> uuid.UUID:
+    """A task id as sent by a client: a UUID in a string. Raises ``ValueError``."""
+    if not isinstance(value, str):
+        raise ValueError("task_id must be a UUID string")
+    return uuid.UUID(value)
+
+
+def parse_client_message(text: str) -> ClientMessage:
+    """Parse one client frame, raising ``ProtocolError`` with the code the client gets."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise ProtocolError(ErrorCode.INVALID_JSON, "Message is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "Message must be a JSON object.")
+    request_id = data.get("id")
+    if request_id is not None and (
+        isinstance(request_id, bool) or not isinstance(request_id, str | int)
+    ):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "id must be a string or an integer.")
+    action = data.get("action")
+    if not isinstance(action, str):
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE, "Message must have a string 'action'.", request_id
+        )
+    try:
+        action = Action(action)
+    except ValueError:
+        raise ProtocolError(
+            ErrorCode.UNKNOWN_ACTION, f"Unknown action {action[:64]!r}.", request_id
+        ) from None
+    if action not in TASK_ACTIONS:
+        return ClientMessage(action, request_id)
+    try:
+        task_id = parse_task_id(data.get("task_id"))
+    except ValueError:
+        raise ProtocolError(
+            ErrorCode.INVALID_TASK_ID, "task_id must be a UUID string.", request_id
+        ) from None
+    return ClientMessage(action, request_id, task_id)
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def encode(message: dict[str, Any]) -> str:
+    """One server message as compact JSON text, the form both transports send."""
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+
+
+def _reply(message: dict[str, Any], request_id: RequestId) -> dict[str, Any]:
+    if request_id is not None:
+        message["id"] = request_id
+    return message
+
+
+def connected(connection_id: uuid.UUID, user_id: int) -> dict[str, Any]:
+    return {"type": "connected", "connection_id": str(connection_id), "user_id": user_id}
+
+
+def subscribed(
+    task_id: uuid.UUID, seq: int, task: dict[str, Any], request_id: RequestId = None
+) -> dict[str, Any]:
+    message = {"type": "subscribed", "task_id": str(task_id), "seq": seq, "task": task}
+    return _reply(message, request_id)
+
+
+def unsubscribed(task_id: uuid.UUID, request_id: RequestId = None) -> dict[str, Any]:
+    return _reply({"type": "unsubscribed", "task_id": str(task_id)}, request_id)
+
+
+def pong(request_id: RequestId = None) -> dict[str, Any]:
+    return _reply({"type": "pong", "timestamp": now_iso()}, request_id)
+
+
+def error(code: ErrorCode, message: str, request_id: RequestId = None) -> dict[str, Any]:
+    return _reply({"type": "error", "code": str(code), "message": message}, request_id)
+
+
+def task_update(task_id: uuid.UUID, seq: int, task: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "task_update",
+        "task_id": str(task_id),
+        "status": task["status"],
+        "progress": task["progress"],
+        "seq": seq,
+        "timestamp": now_iso(),
+        "task": task,
+    }
+
+
+def broadcast(payload: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "broadcast", "payload": payload, "timestamp": now_iso()}
+
+
+# Server-Sent Events framing (WHATWG HTML, "event stream interpretation").
+
+
+def _sse_field(value: str) -> str:
+    # A field value ends at CR or LF, and NUL is not allowed by the grammar.
+    return value.replace("\r", "").replace("\n", "").replace("\0", "")
+
+
+def sse_event(event: str, data: str, event_id: str | None = None) -> bytes:
+    """One event block. ``data`` is sent on as many ``data:`` lines as it has lines."""
+    lines = [f"event: {_sse_field(event)}"]
+    if event_id is not None:
+        lines.append(f"id: {_sse_field(event_id)}")
+    lines.extend(
+        f"data: {line}" for line in data.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    )
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+def sse_retry(milliseconds: int) -> bytes:
+    return f"retry: {milliseconds}\n\n".encode()

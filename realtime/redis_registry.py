@@ -1,0 +1,175 @@
+"""The connection registry shared by every server process through Redis.
+
+Each process records its connections in sorted sets whose scores are lease expiry
+times, and renews the leases of its live connections every third of a lease. Counts
+ignore lapsed members, so a process that dies without cleaning up stops being counted
+within one lease (``REALTIME_CONNECTION_LEASE_SECONDS``, 60 s by default); lapsed
+members are pruned as the sets are touched.
+"""
+
+import asyncio
+import logging
+import time
+import uuid
+import weakref
+from collections import defaultdict
+
+import redis.asyncio as aioredis
+
+from realtime.registry import ConnectionRegistry, Entry, Overview
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "realtime:registry:"
+
+
+def _transport_key(transport: str) -> str:
+    return f"{PREFIX}transport:{transport}"
+
+
+def _user_key(user_id: int) -> str:
+    return f"{PREFIX}user:{user_id}"
+
+
+def _task_key(task_id: uuid.UUID) -> str:
+    return f"{PREFIX}task:{task_id}"
+
+
+class RedisRegistry(ConnectionRegistry):
+    def __init__(self, url: str, *, lease_seconds: float = 60.0) -> None:
+        self.url = url
+        self.lease_seconds = lease_seconds
+        # A client is bound to the event loop it was made on.
+        self._clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # This process's live connections and their subscriptions, for lease renewal.
+        self._local: dict[uuid.UUID, Entry] = {}
+        self._local_tasks: defaultdict[uuid.UUID, set[uuid.UUID]] = defaultdict(set)
+        self._renewer: asyncio.Task | None = None
+
+    @property
+    def client(self) -> aioredis.Redis:
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client = self._clients[loop] = aioredis.Redis.from_url(self.url)
+        return client
+
+    def _expiry(self) -> float:
+        return time.time() + self.lease_seconds
+
+    def _entry_keys(self, entry: Entry) -> tuple[str, str]:
+        return _transport_key(entry.transport), _user_key(entry.user_id)
+
+    def _ensure_renewer(self) -> None:
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
+
+    async def _renew_forever(self) -> None:
+        while self._local:
+            await asyncio.sleep(self.lease_seconds / 3)
+            try:
+                await self.renew()
+            except aioredis.RedisError:
+                logger.warning("Could not renew connection leases; retrying", exc_info=True)
+
+    async def renew(self) -> None:
+        """Extend the lease of every connection of this process and prune lapsed members."""
+        expiry, now = self._expiry(), time.time()
+        async with self.client.pipeline(transaction=False) as pipe:
+            touched: set[str] = set()
+            for connection_id, entry in list(self._local.items()):
+                member = str(connection_id)
+                keys = [*self._entry_keys(entry)]
+                keys += [_task_key(task_id) for task_id in self._local_tasks.get(connection_id, ())]
+                for key in keys:
+                    pipe.zadd(key, {member: expiry}, xx=True)
+                    touched.add(key)
+            for key in touched:
+                pipe.zremrangebyscore(key, "-inf", now)
+                pipe.expire(key, int(self.lease_seconds * 2) + 1)
+            await pipe.execute()
+
+    async def add(self, entry: Entry) -> None:
+        expiry = self._expiry()
+        member = str(entry.connection_id)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key in self._entry_keys(entry):
+                pipe.zadd(key, {member: expiry})
+                pipe.expire(key, int(self.lease_seconds * 2) + 1)
+            await pipe.execute()
+        self._local[entry.connection_id] = entry
+        self._ensure_renewer()
+
+    async def remove(self, entry: Entry, task_ids: frozenset[uuid.UUID]) -> None:
+        self._local.pop(entry.connection_id, None)
+        self._local_tasks.pop(entry.connection_id, None)
+        member = str(entry.connection_id)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key in (*self._entry_keys(entry), *(_task_key(task_id) for task_id in task_ids)):
+                pipe.zrem(key, member)
+            await pipe.execute()
+
+    async def add_subscription(self, entry: Entry, task_id: uuid.UUID) -> None:
+        key = _task_key(task_id)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.zadd(key, {str(entry.connection_id): self._expiry()})
+            pipe.expire(key, int(self.lease_seconds * 2) + 1)
+            await pipe.execute()
+        self._local_tasks[entry.connection_id].add(task_id)
+
+    async def remove_subscription(self, entry: Entry, task_id: uuid.UUID) -> None:
+        tasks = self._local_tasks.get(entry.connection_id)
+        if tasks is not None:
+            tasks.discard(task_id)
+        await self.client.zrem(_task_key(task_id), str(entry.connection_id))
+
+    async def _count(self, key: str) -> int:
+        return await self.client.zcount(key, time.time(), "+inf")
+
+    async def _counts(self, pattern: str) -> dict[str, int]:
+        """Live member counts of every key matching ``PREFIX + pattern``, by key suffix."""
+        keys = [key async for key in self.client.scan_iter(match=f"{PREFIX}{pattern}", count=500)]
+        now = time.time()
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.zcount(key, now, "+inf")
+            counts = await pipe.execute()
+        start = len(PREFIX) + len(pattern) - 1
+        return {
+            key.decode()[start:]: count for key, count in zip(keys, counts, strict=True) if count
+        }
+
+    async def count_transport(self, transport: str) -> int:
+        return await self._count(_transport_key(transport))
+
+    async def count_user(self, user_id: int) -> int:
+        return await self._count(_user_key(user_id))
+
+    async def count_task(self, task_id: uuid.UUID) -> int:
+        return await self._count(_task_key(task_id))
+
+    async def overview(self, transports: list[str]) -> Overview:
+        by_user = await self._counts("user:*")
+        by_task = await self._counts("task:*")
+        return Overview(
+            by_transport={
+                transport: await self.count_transport(transport) for transport in transports
+            },
+            by_user={int(user_id): count for user_id, count in by_user.items()},
+            by_task={uuid.UUID(task_id): count for task_id, count in by_task.items()},
+        )
+
+    async def flush(self) -> None:
+        """Forget every entry of every process (tests)."""
+        keys = [key async for key in self.client.scan_iter(match=f"{PREFIX}*", count=500)]
+        if keys:
+            await self.client.delete(*keys)
+        self._local.clear()
+        self._local_tasks.clear()
+
+    async def close(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+        client = self._clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()

@@ -1,0 +1,228 @@
+"""Shared fixtures: users and tokens, WebSocket communicators that always disconnect,
+real services (Redis) that fail loudly in CI, and real Daphne servers on free ports."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from asgiref.sync import async_to_sync
+from channels.layers import channel_layers
+from channels.testing import WebsocketCommunicator
+from django.conf import settings
+from django.db import connection
+from rest_framework_simplejwt.tokens import AccessToken
+
+from realtime.connections import reset_connection_manager
+from realtime.redis_registry import RedisRegistry
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_CI = bool(os.environ.get("CI"))
+
+
+def service_unavailable(message: str) -> None:
+    """Missing services fail the run in CI and skip the test elsewhere."""
+    if IN_CI:
+        pytest.fail(f"{message} (CI is set, so this fails instead of skipping)")
+    pytest.skip(message)
+
+
+# Users and tokens
+
+
+@pytest.fixture
+def make_user(django_user_model) -> Callable[..., Any]:
+    counter = iter(range(1_000_000))
+
+    def make(**fields: Any) -> Any:
+        username = fields.pop("username", None) or f"user{next(counter)}-{time.monotonic_ns()}"
+        return django_user_model.objects.create_user(
+            username=username, password="pw-123456", **fields
+        )
+
+    return make
+
+
+@pytest.fixture
+def user(make_user):
+    return make_user()
+
+
+@pytest.fixture
+def other_user(make_user):
+    return make_user()
+
+
+@pytest.fixture
+def staff_user(make_user):
+    return make_user(is_staff=True)
+
+
+def token_for(user: Any) -> str:
+    return str(AccessToken.for_user(user))
+
+
+# Channel layer and connection manager
+
+
+@pytest.fixture(autouse=True)
+def fresh_realtime_state() -> Iterator[None]:
+    """Each test gets new channel layers, a new connection manager and an empty registry."""
+    channel_layers.backends = {}
+    reset_connection_manager()
+    if settings.REALTIME.get("REDIS_URL"):
+        async_to_sync(RedisRegistry(settings.REALTIME["REDIS_URL"]).flush)()
+    yield
+    channel_layers.backends = {}
+    reset_connection_manager()
+
+
+@asynccontextmanager
+async def open_websocket(path: str, *, headers: list | None = None):
+    """A communicator on the full ASGI application; always disconnected afterwards."""
+    from mcp_platform.asgi import application
+
+    communicator = WebsocketCommunicator(application, path, headers=headers or [])
+    try:
+        yield communicator
+    finally:
+        await communicator.disconnect()
+
+
+async def connect_user(communicator: WebsocketCommunicator) -> dict:
+    """Complete the handshake and return the ``connected`` message."""
+    accepted, _ = await communicator.connect(timeout=5)
+    assert accepted
+    message = await communicator.receive_json_from(timeout=5)
+    assert message["type"] == "connected", message
+    return message
+
+
+# Real services
+
+
+def redis_url() -> str:
+    return os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> str:
+    """The URL of a reachable Redis server."""
+    import redis
+
+    url = redis_url()
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        service_unavailable(f"Redis at {url} is not reachable: {exc}")
+    return url
+
+
+# Real Daphne servers
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def server_database_url() -> str:
+    """The URL of the test database, for server processes started by the tests."""
+    settings = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{settings['NAME']}"
+    user = settings.get("USER") or ""
+    password = f":{settings['PASSWORD']}" if settings.get("PASSWORD") else ""
+    auth = f"{user}{password}@" if user else ""
+    port = f":{settings['PORT']}" if settings.get("PORT") else ""
+    return f"postgres://{auth}{settings.get('HOST') or ''}{port}/{settings['NAME']}"
+
+
+@dataclass
+class LiveServer:
+    process: subprocess.Popen
+    port: int
+    log_path: Path
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def start_server(tmp_dir: Path, env: dict[str, str] | None = None) -> LiveServer:
+    """Start ``daphne mcp_platform.asgi:application`` on a free port and wait for it."""
+    port = free_port()
+    log_path = tmp_dir / f"daphne-{port}.log"
+    process_env = {**os.environ, "DATABASE_URL": server_database_url(), **(env or {})}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "daphne",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "mcp_platform.asgi:application",
+            ],
+            cwd=ROOT,
+            env=process_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    server = LiveServer(process, port, log_path)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"Daphne exited with {process.returncode}:\n{server.log()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return server
+        except OSError:
+            time.sleep(0.1)
+    server.stop()
+    pytest.fail(f"Daphne did not listen on {port} within 30 s:\n{server.log()}")
+
+
+@pytest.fixture(scope="session")
+def daphne_server(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[LiveServer]:
+    """One Daphne process with the suite's configuration, shared by the session."""
+    server = start_server(tmp_path_factory.mktemp("live"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def daphne_redis_servers(
+    django_db_setup, django_db_blocker, tmp_path_factory, redis_server
+) -> Iterator[tuple[LiveServer, LiveServer]]:
+    """Two Daphne processes sharing one Redis, as in a multi-process deployment."""
+    tmp = tmp_path_factory.mktemp("redis-live")
+    servers = [start_server(tmp, {"REDIS_URL": redis_server}) for _ in range(2)]
+    yield tuple(servers)
+    for server in servers:
+        server.stop()
