@@ -49,10 +49,8 @@ class ConnectionRegistry:
             "subclasses of ConnectionRegistry must provide remove_subscription()"
         )
 
-    async def count_by_transport(self) -> dict[str, int]:
-        raise NotImplementedError(
-            "subclasses of ConnectionRegistry must provide count_by_transport()"
-        )
+    async def count_transport(self, transport: str) -> int:
+        raise NotImplementedError("subclasses of ConnectionRegistry must provide count_transport()")
 
     async def count_user(self, user_id: int) -> int:
         raise NotImplementedError("subclasses of ConnectionRegistry must provide count_user()")
