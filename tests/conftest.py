@@ -17,6 +17,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import channel_layers
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
+from django.contrib.auth.hashers import make_password
 from django.db import connection
 from rest_framework_simplejwt.tokens import AccessToken
 
@@ -34,18 +35,44 @@ def service_unavailable(message: str) -> None:
     pytest.skip(message)
 
 
+# Databases
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings() -> None:
+    """Give this run's test database a name of its own, so concurrent runs on one machine
+    (a developer's and a benchmark's, say) never drop each other's database."""
+    suffix = f"_{os.getpid()}"
+    for db in settings.DATABASES.values():
+        test = db.setdefault("TEST", {})
+        name = test.get("NAME")
+        if db["ENGINE"].endswith("sqlite3"):
+            base = Path(name) if name else ROOT / "test_db.sqlite3"
+            test["NAME"] = str(base.with_name(f"{base.stem}{suffix}{base.suffix}"))
+        else:
+            test["NAME"] = f"{name or 'test_' + db['NAME']}{suffix}"
+
+
 # Users and tokens
 
 
+PASSWORD = "pw-123456"
+
+
+@pytest.fixture(scope="session")
+def password_hash() -> str:
+    """The hash of ``PASSWORD``, made once: hashing is slow by design."""
+    return make_password(PASSWORD)
+
+
 @pytest.fixture
-def make_user(django_user_model) -> Callable[..., Any]:
+def make_user(django_user_model, password_hash) -> Callable[..., Any]:
+    """Make a user whose password is ``PASSWORD``."""
     counter = iter(range(1_000_000))
 
     def make(**fields: Any) -> Any:
         username = fields.pop("username", None) or f"user{next(counter)}-{time.monotonic_ns()}"
-        return django_user_model.objects.create_user(
-            username=username, password="pw-123456", **fields
-        )
+        return django_user_model.objects.create(username=username, password=password_hash, **fields)
 
     return make
 

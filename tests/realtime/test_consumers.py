@@ -1,0 +1,270 @@
+"""The WebSocket consumer through the full ASGI stack (origin check, auth, routing)."""
+
+import json
+import uuid
+
+import pytest
+from asgiref.sync import async_to_sync
+from channels.db import database_sync_to_async
+from django.test import override_settings
+
+from mcp_platform.tasks import services
+from realtime.connections import get_connection_manager
+from realtime.protocol import CloseCode
+from tests.conftest import connect_user, open_websocket, token_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def run(coroutine_function):
+    return async_to_sync(coroutine_function)()
+
+
+async def request(communicator, message, timeout=5):
+    await communicator.send_to(
+        text_data=json.dumps(message) if not isinstance(message, str) else message
+    )
+    return await communicator.receive_json_from(timeout=timeout)
+
+
+async def assert_closed_with(communicator, code):
+    output = await communicator.receive_output(timeout=5)
+    assert output == {"type": "websocket.close", "code": code}
+
+
+@pytest.fixture
+def task(user):
+    return services.create_task(owner=user, name="watched")
+
+
+def test_connected_names_the_connection_and_user(user):
+    async def scenario():
+        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+            message = await connect_user(ws)
+            assert message["user_id"] == user.pk
+            uuid.UUID(message["connection_id"])
+            assert await get_connection_manager().count_user_connections(user.pk) == 1
+
+    run(scenario)
+
+
+def test_trailing_slash_route(user):
+    async def scenario():
+        async with open_websocket(f"/ws/?token={token_for(user)}") as ws:
+            await connect_user(ws)
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("path", ["/ws", "/ws?token=", "/ws?token=garbage"])
+def test_missing_or_bad_credentials_are_accepted_then_closed_4401(path):
+    async def scenario():
+        async with open_websocket(path) as ws:
+            accepted, _ = await ws.connect(timeout=5)
+            assert accepted
+            await assert_closed_with(ws, CloseCode.UNAUTHORIZED)
+            assert await ws.receive_nothing(timeout=0.1)
+
+    run(scenario)
+
+
+def test_session_login_authenticates(client, user):
+    client.force_login(user)
+    cookie = f"sessionid={client.cookies['sessionid'].value}".encode()
+
+    async def scenario():
+        async with open_websocket("/ws", headers=[(b"cookie", cookie)]) as ws:
+            assert (await connect_user(ws))["user_id"] == user.pk
+
+    run(scenario)
+
+
+def test_bad_token_beside_a_valid_session_is_refused(client, user):
+    client.force_login(user)
+    cookie = f"sessionid={client.cookies['sessionid'].value}".encode()
+
+    async def scenario():
+        async with open_websocket("/ws?token=bad", headers=[(b"cookie", cookie)]) as ws:
+            await ws.connect(timeout=5)
+            await assert_closed_with(ws, CloseCode.UNAUTHORIZED)
+
+    run(scenario)
+
+
+@pytest.mark.parametrize(
+    ("origin", "accepted"),
+    [(None, True), (b"http://localhost:8000", True), (b"https://evil.example", False)],
+)
+def test_origin_must_be_an_allowed_host_when_sent(user, origin, accepted):
+    headers = [] if origin is None else [(b"origin", origin)]
+
+    async def scenario():
+        async with open_websocket(f"/ws?token={token_for(user)}", headers=headers) as ws:
+            # Refused before accepting, which Daphne answers with 403 (see the end-to-end test).
+            result, _ = await ws.connect(timeout=5)
+            assert result is accepted
+
+    run(scenario)
+
+
+def test_subscribe_ping_and_unsubscribe_echo_ids(user, task):
+    async def scenario():
+        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+            await connect_user(ws)
+            subscribed = await request(
+                ws, {"action": "subscribe", "task_id": str(task.pk), "id": 7}
+            )
+            assert subscribed == {
+                "type": "subscribed",
+                "task_id": str(task.pk),
+                "seq": 1,
+                "task": subscribed["task"],
+                "id": 7,
+            }
+            assert subscribed["task"]["id"] == str(task.pk)
+            assert subscribed["task"]["status"] == "pending"
+            pong = await request(ws, {"action": "ping", "id": "p"})
+            assert pong["type"] == "pong" and pong["id"] == "p" and "T" in pong["timestamp"]
+            for _ in range(2):  # idempotent
+                reply = await request(ws, {"action": "unsubscribe", "task_id": str(task.pk)})
+                assert reply == {"type": "unsubscribed", "task_id": str(task.pk)}
+
+    run(scenario)
+
+
+def test_subscribing_twice_delivers_each_update_once(user, task):
+    async def scenario():
+        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+            await connect_user(ws)
+            for _ in range(2):
+                reply = await request(ws, {"action": "subscribe", "task_id": str(task.pk)})
+                assert reply["type"] == "subscribed"
+            await database_sync_to_async(services.update_task)(task=task, progress=10)
+            update = await ws.receive_json_from(timeout=5)
+            assert (update["type"], update["seq"], update["progress"]) == ("task_update", 2, 10)
+            assert await ws.receive_nothing(timeout=0.3)
+
+    run(scenario)
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ("{oops", "invalid_json"),
+        ("[]", "invalid_message"),
+        ('{"id": 1}', "invalid_message"),
+        ('{"action": ["subscribe"]}', "invalid_message"),
+        ('{"action": "fly"}', "unknown_action"),
+        ('{"action": "subscribe"}', "invalid_task_id"),
+        ('{"action": "subscribe", "task_id": "1234"}', "invalid_task_id"),
+        ('{"action": "unsubscribe", "task_id": null}', "invalid_task_id"),
+        (json.dumps({"action": "subscribe", "task_id": str(uuid.uuid4())}), "not_found"),
+    ],
+)
+def test_bad_input_gets_an_error_and_the_connection_stays_open(user, frame, code):
+    async def scenario():
+        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+            await connect_user(ws)
+            error = await request(ws, frame)
+            assert error["type"] == "error" and error["code"] == code and error["message"]
+            assert (await request(ws, {"action": "ping"}))["type"] == "pong"
+
+    run(scenario)
+
+
+def test_another_users_task_is_not_found_like_a_missing_one(user, other_user):
+    theirs = services.create_task(owner=other_user, name="private")
+
+    async def scenario():
+        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+            await connect_user(ws)
+            error = await request(ws, {"action": "subscribe", "task_id": str(theirs.pk), "id": "x"})
+            missing = await request(
+                ws, {"action": "subscribe", "task_id": str(uuid.uuid4()), "id": "x"}
+            )
+            assert (
+                error
+                == missing
+                == {
+                    "type": "error",
+                    "code": "not_found",
+                    "message": "No such task.",
+                    "id": "x",
+                }
+            )
+            # Nothing of the other user's task leaks through afterwards.
+            await database_sync_to_async(services.update_task)(task=theirs, progress=50)
+            assert await ws.receive_nothing(timeout=0.3)
+            assert await get_connection_manager().count_task_subscribers(theirs.pk) == 0
+
+    run(scenario)
+
+
+def test_staff_may_subscribe_to_any_task(staff_user, task):
+    async def scenario():
+        async with open_websocket(f"/ws?token={token_for(staff_user)}") as ws:
+            await connect_user(ws)
+            reply = await request(ws, {"action": "subscribe", "task_id": str(task.pk)})
+            assert reply["type"] == "subscribed"
+
+    run(scenario)
+
+
+@override_settings(REALTIME={"SUBSCRIPTION_LIMIT": 2})
+def test_subscription_limit(user):
+    tasks = [services.create_task(owner=user, name=f"t{i}") for i in range(3)]
+
+    async def scenario():
+        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+            await connect_user(ws)
+            for task in tasks[:2]:
+                assert (await request(ws, {"action": "subscribe", "task_id": str(task.pk)}))[
+                    "type"
+                ] == "subscribed"
+            error = await request(ws, {"action": "subscribe", "task_id": str(tasks[2].pk)})
+            assert error["code"] == "subscription_limit"
+            # Re-subscribing to a held task is still fine at the limit.
+            again = await request(ws, {"action": "subscribe", "task_id": str(tasks[0].pk)})
+            assert again["type"] == "subscribed"
+
+    run(scenario)
+
+
+def test_binary_frames_are_invalid_messages(user):
+    async def scenario():
+        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+            await connect_user(ws)
+            await ws.send_to(bytes_data=b'{"action": "ping"}')
+            error = await ws.receive_json_from(timeout=5)
+            assert error["code"] == "invalid_message"
+
+    run(scenario)
+
+
+def test_frame_of_exactly_64_kib_is_served_and_one_byte_more_closes_4009(user):
+    base = '{"action": "ping", "pad": "x'
+    # "é" is two bytes of UTF-8, so the limit is counted in bytes, not characters.
+    fitting = base + "é" * ((65536 - len(base) - 2) // 2) + '"}'
+    assert len(fitting.encode()) == 65536
+
+    async def scenario():
+        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+            await connect_user(ws)
+            assert (await request(ws, fitting))["type"] == "pong"
+            await ws.send_to(text_data=fitting[:-2] + 'x"}')
+            await assert_closed_with(ws, CloseCode.MESSAGE_TOO_BIG)
+
+    run(scenario)
+
+
+def test_disconnect_drops_registry_entries(user, task):
+    async def scenario():
+        manager = get_connection_manager()
+        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+            await connect_user(ws)
+            await request(ws, {"action": "subscribe", "task_id": str(task.pk)})
+            assert await manager.count_task_subscribers(task.pk) == 1
+        assert await manager.count_connections() == 0
+        assert await manager.count_task_subscribers(task.pk) == 0
+
+    run(scenario)

@@ -1,0 +1,91 @@
+import json
+import uuid
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from realtime import protocol
+from realtime.protocol import Action, ErrorCode, ProtocolError, parse_client_message
+
+request_ids = st.none() | st.text(max_size=20) | st.integers(-(2**53), 2**53)
+
+
+@given(
+    action=st.sampled_from(list(Action)),
+    task_id=st.uuids(),
+    request_id=request_ids,
+)
+def test_parse_round_trips_every_valid_message(action, task_id, request_id):
+    message = {"action": str(action)}
+    if action in protocol.TASK_ACTIONS:
+        message["task_id"] = str(task_id)
+    if request_id is not None:
+        message["id"] = request_id
+    parsed = parse_client_message(json.dumps(message))
+    assert parsed.action == action
+    assert parsed.request_id == request_id
+    assert parsed.task_id == (task_id if action in protocol.TASK_ACTIONS else None)
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("{not json", ErrorCode.INVALID_JSON),
+        ("", ErrorCode.INVALID_JSON),
+        ("[1, 2]", ErrorCode.INVALID_MESSAGE),
+        ('"subscribe"', ErrorCode.INVALID_MESSAGE),
+        ("{}", ErrorCode.INVALID_MESSAGE),
+        ('{"action": 3}', ErrorCode.INVALID_MESSAGE),
+        ('{"action": "ping", "id": [1]}', ErrorCode.INVALID_MESSAGE),
+        ('{"action": "ping", "id": true}', ErrorCode.INVALID_MESSAGE),
+        ('{"action": "dance"}', ErrorCode.UNKNOWN_ACTION),
+        ('{"action": "subscribe"}', ErrorCode.INVALID_TASK_ID),
+        ('{"action": "subscribe", "task_id": "nope"}', ErrorCode.INVALID_TASK_ID),
+        ('{"action": "unsubscribe", "task_id": 12}', ErrorCode.INVALID_TASK_ID),
+    ],
+)
+def test_bad_messages_raise_their_code(text, code):
+    with pytest.raises(ProtocolError) as caught:
+        parse_client_message(text)
+    assert caught.value.code == code
+
+
+def test_error_keeps_the_request_id_once_it_is_known():
+    with pytest.raises(ProtocolError) as caught:
+        parse_client_message('{"action": "subscribe", "task_id": "x", "id": "r1"}')
+    assert caught.value.request_id == "r1"
+
+
+@given(st.text())
+def test_any_text_parses_or_raises_protocol_error(text):
+    try:
+        parse_client_message(text)
+    except ProtocolError as exc:
+        assert exc.code in set(ErrorCode)
+
+
+def test_task_update_carries_status_progress_and_state():
+    task_id = uuid.uuid4()
+    state = {"id": str(task_id), "status": "running", "progress": 5}
+    message = protocol.task_update(task_id, 7, state)
+    assert message["type"] == "task_update"
+    assert (message["task_id"], message["status"], message["progress"], message["seq"]) == (
+        str(task_id),
+        "running",
+        5,
+        7,
+    )
+    assert message["task"] is state
+    assert json.loads(protocol.encode(message)) == message
+
+
+@given(event=st.text(), data=st.text(), event_id=st.none() | st.text())
+def test_sse_event_frames_one_block_with_clean_fields(event, data, event_id):
+    block = protocol.sse_event(event, data, event_id).decode()
+    assert block.endswith("\n\n")
+    lines = block[:-2].split("\n")
+    assert lines[0].startswith("event: ") and "\r" not in lines[0] and "\0" not in lines[0]
+    data_lines = [line[len("data: ") :] for line in lines if line.startswith("data: ")]
+    normalised = data.replace("\r\n", "\n").replace("\r", "\n")
+    assert "\n".join(data_lines) == normalised
