@@ -1,0 +1,55 @@
+"""``POST /broadcast``: the REST entry point to ``realtime.broadcasts``."""
+
+from rest_framework import exceptions, status
+from rest_framework.permissions import BasePermission, IsAuthenticated
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from realtime import broadcasts
+from realtime.conf import realtime_settings
+
+
+class PayloadTooLarge(exceptions.APIException):
+    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
+    default_detail = "The request body is too large."
+    default_code = "payload_too_large"
+
+
+class LayerUnavailable(exceptions.APIException):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_detail = "The channel layer could not be reached; nothing was sent."
+    default_code = "service_unavailable"
+
+
+class CanSendBroadcast(BasePermission):
+    message = "Only staff and holders of realtime.send_broadcast may send broadcasts."
+
+    def has_permission(self, request: Request, view: APIView) -> bool:
+        return broadcasts.can_send(request.user)
+
+
+def body_exceeds(request: Request, limit: int) -> bool:
+    """Whether the body is over ``limit`` bytes, judged by ``Content-Length`` before it is
+    read, then by the bytes themselves (a client may send none or a wrong one)."""
+    try:
+        declared = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        declared = 0
+    return declared > limit or len(request.body) > limit
+
+
+class BroadcastView(APIView):
+    """Send a broadcast to every live connection; answers how many were reached."""
+
+    permission_classes = [IsAuthenticated, CanSendBroadcast]
+
+    def post(self, request: Request) -> Response:
+        limit = realtime_settings.BROADCAST_MAX_BYTES
+        if body_exceeds(request, limit):
+            raise PayloadTooLarge(f"The body must be at most {limit} bytes.")
+        try:
+            broadcast = broadcasts.send(payload=request.data, sent_by=request.user)
+        except broadcasts.BroadcastUnavailable:
+            raise LayerUnavailable() from None
+        return Response(broadcast.counts)

@@ -1,0 +1,284 @@
+"""Broadcasts: the shared validation, ``POST /broadcast`` and its bad input, and
+property 48 (a broadcast reaches exactly the live connections and counts them)."""
+
+import json
+from contextlib import AsyncExitStack
+
+import pytest
+from asgiref.sync import async_to_sync, sync_to_async
+from django.contrib.auth.models import Permission
+from django.core.exceptions import ValidationError
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from rest_framework.test import APIClient
+
+from realtime import broadcasts
+from realtime.connections import Transport, get_connection_manager
+from realtime.models import Broadcast
+from tests.conftest import connect_user, open_websocket, token_for
+
+pytestmark = pytest.mark.django_db
+
+
+def api_client(user=None) -> APIClient:
+    client = APIClient()
+    if user is not None:
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {token_for(user)}")
+    return client
+
+
+def post(client: APIClient, body, path: str = "/broadcast"):
+    data = body if isinstance(body, bytes) else json.dumps(body)
+    return client.post(path, data, content_type="application/json")
+
+
+# The shared validation
+
+
+def test_type_defaults_to_announcement_and_other_fields_pass_through():
+    payload = broadcasts.validate_payload({"message": "Hi", "level": "info", "n": [1]})
+    assert payload == {"message": "Hi", "type": "announcement", "level": "info", "n": [1]}
+
+
+@pytest.mark.parametrize(
+    "data, field, code",
+    [
+        ({}, "message", "required"),
+        ({"message": ""}, "message", "blank"),
+        ({"message": "  \n"}, "message", "blank"),
+        ({"message": 7}, "message", "invalid"),
+        ({"message": "x" * 2001}, "message", "max_length"),
+        ({"message": "m", "type": ""}, "type", "blank"),
+        ({"message": "m", "type": None}, "type", "invalid"),
+        ({"message": "m", "type": "t" * 65}, "type", "max_length"),
+    ],
+)
+def test_bad_fields_are_named_with_a_code(data, field, code):
+    with pytest.raises(ValidationError) as caught:
+        broadcasts.validate_payload(data)
+    assert [error.code for error in caught.value.error_dict[field]] == [code]
+
+
+@pytest.mark.parametrize(
+    "data, code",
+    [
+        (["message"], "invalid"),
+        ("message", "invalid"),
+        ({"message": "m", "x": float("nan")}, "invalid"),
+        ({"message": "m", "padding": "p" * 16384}, "payload_too_large"),
+    ],
+)
+def test_bad_payloads_as_a_whole(data, code):
+    with pytest.raises(ValidationError) as caught:
+        broadcasts.validate_payload(data)
+    assert caught.value.code == code
+
+
+def test_compose_merges_data_and_rejects_clashes_and_non_objects():
+    assert broadcasts.compose(message="m", type="t", data={"k": 1}) == {
+        "k": 1,
+        "message": "m",
+        "type": "t",
+    }
+    assert broadcasts.compose(message="m") == {"message": "m"}
+    for data in ([1], "x", {"message": "other"}, {"type": "other"}):
+        with pytest.raises(ValidationError) as caught:
+            broadcasts.compose(message="m", data=data)
+        assert list(caught.value.error_dict) == ["data"]
+
+
+def test_who_may_send(user, staff_user, make_user):
+    holder = make_user()
+    holder.user_permissions.add(Permission.objects.get(codename="send_broadcast"))
+    holder = type(holder).objects.get(pk=holder.pk)  # a fresh permission cache
+    inactive_staff = make_user(is_staff=True, is_active=False)
+    assert broadcasts.can_send(staff_user) and broadcasts.can_send(holder)
+    assert not broadcasts.can_send(user) and not broadcasts.can_send(inactive_staff)
+
+
+# POST /broadcast
+
+
+# Connections through the ASGI stack close the database connection between steps
+# (database_sync_to_async), which a test transaction cannot survive.
+live_db = pytest.mark.django_db(transaction=True)
+
+
+@live_db
+def test_staff_broadcast_reaches_a_websocket_and_is_recorded(staff_user, user):
+    async def scenario():
+        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+            await connect_user(ws)
+            response = await sync_to_async(post)(
+                api_client(staff_user), {"message": "Maintenance at 18:00", "level": "warn"}
+            )
+            assert response.status_code == 200, response.content
+            assert response.json() == {"recipients": 1, "websocket": 1, "sse": 0}
+            message = await ws.receive_json_from(timeout=5)
+            assert message["type"] == "broadcast"
+            assert message["payload"] == {
+                "message": "Maintenance at 18:00",
+                "level": "warn",
+                "type": "announcement",
+            }
+            assert isinstance(message["timestamp"], str)
+            assert await ws.receive_nothing(timeout=0.1)
+
+    async_to_sync(scenario)()
+    record = Broadcast.objects.get()
+    assert record.sent_by == staff_user
+    assert record.payload["message"] == "Maintenance at 18:00"
+    assert (record.recipients, record.websocket, record.sse) == (1, 1, 0)
+
+
+def test_trailing_slash_is_accepted_and_type_kept(staff_user):
+    response = post(api_client(staff_user), {"message": "m", "type": "outage"}, "/broadcast/")
+    assert response.status_code == 200, response.content
+    assert response.json() == {"recipients": 0, "websocket": 0, "sse": 0}
+    assert Broadcast.objects.get().payload == {"message": "m", "type": "outage"}
+
+
+def test_non_staff_gets_403_and_nothing_is_sent(user):
+    response = post(api_client(user), {"message": "m"})
+    assert response.status_code == 403
+    assert response.json()["code"] == "permission_denied"
+    assert not Broadcast.objects.exists()
+
+
+def test_holder_of_the_permission_may_send(user):
+    user.user_permissions.add(Permission.objects.get(codename="send_broadcast"))
+    response = post(api_client(user), {"message": "m"})
+    assert response.status_code == 200, response.content
+
+
+def test_anonymous_gets_401():
+    response = post(api_client(), {"message": "m"})
+    assert response.status_code == 401
+    assert response.json()["code"] == "not_authenticated"
+
+
+def test_session_auth_needs_the_csrf_token(staff_user):
+    client = APIClient(enforce_csrf_checks=True)
+    client.force_login(staff_user)
+    refused = post(client, {"message": "m"})
+    assert refused.status_code == 403
+    assert "CSRF" in refused.json()["detail"]
+    secret = "a" * 32
+    client.cookies["csrftoken"] = secret
+    accepted = client.post("/broadcast", {"message": "m"}, format="json", HTTP_X_CSRFTOKEN=secret)
+    assert accepted.status_code == 200, accepted.content
+
+
+def test_oversize_body_is_413_before_parsing(staff_user):
+    client = api_client(staff_user)
+    too_big_json = {"message": "m", "padding": "p" * 16384}
+    not_json_at_all = b"{" * 16385
+    for body in (too_big_json, not_json_at_all):
+        response = post(client, body)
+        assert response.status_code == 413
+        assert response.json()["code"] == "payload_too_large"
+    assert not Broadcast.objects.exists()
+
+
+def test_body_at_the_limit_is_accepted(staff_user):
+    body = {"message": "m", "type": "t", "padding": ""}
+    body["padding"] = "p" * (16384 - len(json.dumps(body).encode()))
+    assert len(json.dumps(body).encode()) == 16384
+    assert post(api_client(staff_user), body).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body, code",
+    [
+        (["message"], "invalid"),
+        ("message", "invalid"),
+        (42, "invalid"),
+        (None, "invalid"),
+        ({}, "required"),
+        ({"type": "announcement"}, "required"),
+        ({"message": ""}, "blank"),
+        ({"message": "x" * 2001}, "max_length"),
+        ({"message": "m", "type": "t" * 65}, "max_length"),
+        (b"{not json", "parse_error"),
+    ],
+)
+def test_bad_bodies_get_400_with_a_code(staff_user, body, code):
+    response = post(api_client(staff_user), body)
+    assert response.status_code == 400, response.content
+    assert response.json()["code"] == code
+    assert not Broadcast.objects.exists()
+
+
+def test_message_of_2000_characters_is_accepted(staff_user):
+    assert post(api_client(staff_user), {"message": "é" * 2000}).status_code == 200
+
+
+def test_missing_message_names_the_field(staff_user):
+    body = post(api_client(staff_user), {}).json()
+    assert body["errors"] == {"message": ["This field is required."]}
+
+
+def test_only_post_is_allowed(staff_user):
+    response = api_client(staff_user).get("/broadcast")
+    assert response.status_code == 405
+    assert response.json()["code"] == "method_not_allowed"
+
+
+# Property 48
+
+
+def _transport_counts(live: list) -> dict[Transport, int]:
+    return {transport: sum(1 for t, _ in live if t == transport) for transport in Transport}
+
+
+async def _open(stack: AsyncExitStack, transport: Transport, token: str):
+    websocket = await stack.enter_async_context(open_websocket(f"/ws?token={token}"))
+    await connect_user(websocket)
+    return websocket
+
+
+async def _churn_then_broadcast(ops: list, tokens: list[str], sender) -> None:
+    manager = get_connection_manager()
+    async with AsyncExitStack() as stack:
+        live: list = []
+        for step, (op, arg) in enumerate(ops):
+            if op == "open":
+                live.append((arg, await _open(stack, arg, tokens[step % len(tokens)])))
+            elif live:
+                _, client = live.pop(arg % len(live))
+                await client.disconnect()
+        record = await sync_to_async(broadcasts.send)(payload={"message": f"after {len(ops)}"})
+        expected = _transport_counts(live)
+        assert (record.websocket, record.sse) == (
+            expected[Transport.WEBSOCKET],
+            expected[Transport.SSE],
+        )
+        assert record.recipients == len(live)
+        for _, client in live:
+            message = await client.receive_json_from(timeout=5)
+            assert message["type"] == "broadcast"
+            assert message["payload"] == {"message": f"after {len(ops)}", "type": "announcement"}
+        for _, client in live:
+            assert await client.receive_nothing(timeout=0.01)
+    assert await manager.count_connections() == 0
+
+
+CHURN = st.lists(
+    st.one_of(
+        st.tuples(st.just("open"), st.just(Transport.WEBSOCKET)),
+        st.tuples(st.just("close"), st.integers(min_value=0, max_value=20)),
+    ),
+    max_size=10,
+)
+
+
+@live_db
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(ops=CHURN)
+def test_property_48_broadcast_reaches_exactly_the_live_connections(ops, user, other_user):
+    tokens = [token_for(user), token_for(other_user)]
+    async_to_sync(_churn_then_broadcast)(ops, tokens, None)
