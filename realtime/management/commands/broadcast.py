@@ -1,0 +1,44 @@
+import json
+
+from django.core.exceptions import ValidationError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from realtime import broadcasts
+
+
+def reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+class Command(BaseCommand):
+    help = "Send a broadcast to every live connection and print how many it reached."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("message")
+        parser.add_argument("--type", help=f"default: {broadcasts.DEFAULT_TYPE}")
+        parser.add_argument("--data", help="JSON object of further fields for the payload")
+
+    def handle(self, *args, message: str, type: str | None, data: str | None, **options) -> None:
+        try:
+            extra = None if data is None else json.loads(data, parse_constant=reject_constant)
+        except ValueError as exc:
+            raise CommandError(f"--data is not valid JSON: {exc}") from None
+        try:
+            payload = broadcasts.compose(message=message, type=type, data=extra)
+            broadcast = broadcasts.send(payload=payload)
+        except ValidationError as exc:
+            raise CommandError(describe(exc)) from None
+        except broadcasts.BroadcastUnavailable as exc:
+            raise CommandError(f"Nothing was sent. {exc}") from None
+        self.stdout.write(f"Broadcast sent to {broadcast.describe_reach()}.")
+
+
+def describe(exc: ValidationError) -> str:
+    """A validation error on one line, naming the fields at fault."""
+    if not hasattr(exc, "error_dict"):
+        return " ".join(exc.messages)
+    fields = {"data": "--data", "type": "--type"}
+    return " ".join(
+        f"{fields.get(name, name)}: {' '.join(messages)}"
+        for name, messages in exc.message_dict.items()
+    )
