@@ -1,0 +1,162 @@
+"""Both registry backends answer the same counts; Redis entries lapse without renewal."""
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import pytest
+from asgiref.sync import async_to_sync
+
+from realtime.redis_registry import RedisRegistry
+from realtime.registry import ConnectionRegistry, Entry, LocalRegistry, Overview
+
+TRANSPORTS = ["websocket", "sse"]
+TASK_1, TASK_2 = uuid.uuid4(), uuid.uuid4()
+
+
+def entry(user_id: int, transport: str) -> Entry:
+    return Entry(connection_id=uuid.uuid4(), user_id=user_id, transport=transport)
+
+
+@pytest.fixture(params=["local", pytest.param("redis", marks=pytest.mark.redis)])
+def registry_factory(request) -> Callable[..., ConnectionRegistry]:
+    """Makes registries of one backend; Redis ones share a server, as processes do."""
+    if request.param == "local":
+        local = LocalRegistry()
+        return lambda **options: local
+    url = request.getfixturevalue("redis_server")
+    return lambda lease_seconds=60.0: RedisRegistry(url, lease_seconds=lease_seconds)
+
+
+def run(scenario: Callable[[], Awaitable[None]], *registries: ConnectionRegistry) -> None:
+    """Run a scenario on a clean registry, closing every registry afterwards."""
+
+    async def wrapped() -> None:
+        if isinstance(registries[0], RedisRegistry):
+            await registries[0].flush()
+        try:
+            await scenario()
+        finally:
+            for registry in registries:
+                if isinstance(registry, RedisRegistry):
+                    await registry.flush()
+                await registry.close()
+
+    async_to_sync(wrapped)()
+
+
+async def populate(registry: ConnectionRegistry) -> tuple[Entry, Entry, Entry]:
+    """User 1 on both transports, user 2 on a WebSocket; two watch task 1, one task 2."""
+    first, second, third = entry(1, "websocket"), entry(1, "sse"), entry(2, "websocket")
+    for connection in (first, second, third):
+        await registry.add(connection)
+    await registry.add_subscription(first, TASK_1)
+    await registry.add_subscription(second, TASK_1)
+    await registry.add_subscription(third, TASK_2)
+    return first, second, third
+
+
+async def assert_empty(registry: ConnectionRegistry) -> None:
+    assert await registry.overview(TRANSPORTS) == Overview(
+        by_transport={"websocket": 0, "sse": 0}, by_user={}, by_task={}
+    )
+
+
+def test_counts_by_transport_user_and_task(registry_factory):
+    registry = registry_factory()
+
+    async def scenario():
+        await populate(registry)
+        assert await registry.count_transport("websocket") == 2
+        assert await registry.count_transport("sse") == 1
+        assert [await registry.count_user(user_id) for user_id in (1, 2, 3)] == [2, 1, 0]
+        assert await registry.count_task(TASK_1) == 2
+        assert await registry.count_task(TASK_2) == 1
+        assert await registry.count_task(uuid.uuid4()) == 0
+        overview = await registry.overview(TRANSPORTS)
+        assert overview == Overview(
+            by_transport={"websocket": 2, "sse": 1},
+            by_user={1: 2, 2: 1},
+            by_task={TASK_1: 2, TASK_2: 1},
+        )
+        assert overview.total == 3
+
+    run(scenario, registry)
+
+
+def test_unsubscribe_and_disconnect_remove_everything(registry_factory):
+    registry = registry_factory()
+
+    async def scenario():
+        first, second, third = await populate(registry)
+        await registry.remove_subscription(first, TASK_1)
+        await registry.remove_subscription(first, TASK_1)  # twice is harmless
+        assert await registry.count_task(TASK_1) == 1
+        await registry.remove(first, frozenset())
+        assert await registry.count_user(1) == 1
+        await registry.remove(second, frozenset({TASK_1}))
+        await registry.remove(third, frozenset({TASK_2}))
+        await registry.remove(third, frozenset({TASK_2}))  # twice is harmless
+        await assert_empty(registry)
+
+    run(scenario, registry)
+
+
+@pytest.mark.redis
+def test_counts_are_shared_by_every_process(redis_server):
+    one, other = RedisRegistry(redis_server), RedisRegistry(redis_server)
+
+    async def scenario():
+        await populate(one)
+        await other.add(entry(3, "sse"))
+        for registry in (one, other):
+            assert await registry.count_transport("sse") == 2
+            assert (await registry.overview(TRANSPORTS)).total == 4
+
+    run(scenario, one, other)
+
+
+async def wait_until_empty(registry: ConnectionRegistry, within: float) -> float:
+    """Seconds until the registry counts nothing, polling; fails after ``within``."""
+    start = time.monotonic()
+    while (await registry.overview(TRANSPORTS)).total or await registry.count_task(TASK_1):
+        assert time.monotonic() - start < within, await registry.overview(TRANSPORTS)
+        await asyncio.sleep(0.05)
+    return time.monotonic() - start
+
+
+@pytest.mark.redis
+def test_entries_of_a_dead_process_lapse_after_one_lease(redis_server):
+    lease = 0.5
+    dead, survivor = RedisRegistry(redis_server, lease_seconds=lease), RedisRegistry(redis_server)
+
+    async def scenario():
+        await populate(dead)
+        added = time.monotonic()
+        assert (await survivor.overview(TRANSPORTS)).total == 3
+        # The process dies without removing anything: its renewals stop.
+        await dead.close()
+        await wait_until_empty(survivor, within=lease + 2)
+        assert time.monotonic() - added >= lease * 0.9
+        await assert_empty(survivor)
+
+    run(scenario, dead, survivor)
+
+
+@pytest.mark.redis
+def test_a_live_process_renews_its_leases(redis_server):
+    lease = 0.5
+    live, observer = RedisRegistry(redis_server, lease_seconds=lease), RedisRegistry(redis_server)
+
+    async def scenario():
+        first, second, third = await populate(live)
+        # Time itself is what is tested: three leases pass while the renewer runs.
+        await asyncio.sleep(lease * 3)
+        assert (await observer.overview(TRANSPORTS)).total == 3
+        assert await observer.count_task(TASK_1) == 2
+        for connection, tasks in ((first, {TASK_1}), (second, {TASK_1}), (third, {TASK_2})):
+            await live.remove(connection, frozenset(tasks))
+        await assert_empty(observer)
+
+    run(scenario, live, observer)
