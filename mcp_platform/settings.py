@@ -96,13 +96,15 @@ STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
 
 REDIS_URL = env_str("REDIS_URL")
+# Names in Redis start with this, so deployments sharing one Redis stay apart.
+REDIS_PREFIX = env_str("REDIS_PREFIX", "mcp")
 if REDIS_URL:
     # The pub/sub layer sends a group message to Redis once and fans it out in each
     # process; the core layer copies it per channel and drops it when a channel is full.
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL]},
+            "CONFIG": {"hosts": [REDIS_URL], "prefix": f"{REDIS_PREFIX}:layer:"},
         }
     }
 else:
@@ -130,7 +132,7 @@ SIMPLE_JWT = {
 
 # Every REALTIME_* variable overrides the setting of the same name; realtime.conf
 # coerces each to its default's type and the system checks reject unknown names.
-REALTIME = {"REDIS_URL": REDIS_URL, **env_prefixed("REALTIME_")}
+REALTIME = {"REDIS_URL": REDIS_URL, "REDIS_PREFIX": REDIS_PREFIX, **env_prefixed("REALTIME_")}
 
 LOGGING = {
     "version": 1,

@@ -16,6 +16,8 @@ DEFAULTS: dict[str, Any] = {
     "TASK_SOURCE": "mcp_platform.tasks.realtime.TaskSource",
     # Redis server for the shared connection registry; empty: each process keeps its own.
     "REDIS_URL": "",
+    # Start of every Redis key the registry writes.
+    "REDIS_PREFIX": "mcp",
     # Task subscriptions one WebSocket connection may hold.
     "SUBSCRIPTION_LIMIT": 100,
     # Largest client frame, in bytes of UTF-8; a larger one closes the connection with 4009.

@@ -227,7 +227,11 @@ def make_registry() -> ConnectionRegistry:
     if url:
         from realtime.redis_registry import RedisRegistry
 
-        return RedisRegistry(url, lease_seconds=realtime_settings.CONNECTION_LEASE_SECONDS)
+        return RedisRegistry(
+            url,
+            lease_seconds=realtime_settings.CONNECTION_LEASE_SECONDS,
+            prefix=realtime_settings.REDIS_PREFIX,
+        )
     return LocalRegistry()
 
 

@@ -20,25 +20,13 @@ from realtime.registry import ConnectionRegistry, Entry, Overview
 
 logger = logging.getLogger(__name__)
 
-PREFIX = "realtime:registry:"
-
-
-def _transport_key(transport: str) -> str:
-    return f"{PREFIX}transport:{transport}"
-
-
-def _user_key(user_id: int) -> str:
-    return f"{PREFIX}user:{user_id}"
-
-
-def _task_key(task_id: uuid.UUID) -> str:
-    return f"{PREFIX}task:{task_id}"
-
 
 class RedisRegistry(ConnectionRegistry):
-    def __init__(self, url: str, *, lease_seconds: float = 60.0) -> None:
+    def __init__(self, url: str, *, lease_seconds: float = 60.0, prefix: str = "mcp") -> None:
         self.url = url
         self.lease_seconds = lease_seconds
+        #: Keys start with this, so deployments (and test runs) can share one Redis.
+        self.prefix = f"{prefix}:registry:"
         # A client is bound to the event loop it was made on.
         self._clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         # This process's live connections and their subscriptions, for lease renewal.
@@ -54,11 +42,20 @@ class RedisRegistry(ConnectionRegistry):
             client = self._clients[loop] = aioredis.Redis.from_url(self.url)
         return client
 
+    def _transport_key(self, transport: str) -> str:
+        return f"{self.prefix}transport:{transport}"
+
+    def _user_key(self, user_id: int) -> str:
+        return f"{self.prefix}user:{user_id}"
+
+    def _task_key(self, task_id: uuid.UUID) -> str:
+        return f"{self.prefix}task:{task_id}"
+
     def _expiry(self) -> float:
         return time.time() + self.lease_seconds
 
     def _entry_keys(self, entry: Entry) -> tuple[str, str]:
-        return _transport_key(entry.transport), _user_key(entry.user_id)
+        return self._transport_key(entry.transport), self._user_key(entry.user_id)
 
     def _ensure_renewer(self) -> None:
         if self._renewer is None or self._renewer.done():
@@ -80,7 +77,9 @@ class RedisRegistry(ConnectionRegistry):
             for connection_id, entry in list(self._local.items()):
                 member = str(connection_id)
                 keys = [*self._entry_keys(entry)]
-                keys += [_task_key(task_id) for task_id in self._local_tasks.get(connection_id, ())]
+                keys += [
+                    self._task_key(task_id) for task_id in self._local_tasks.get(connection_id, ())
+                ]
                 for key in keys:
                     pipe.zadd(key, {member: expiry}, xx=True)
                     touched.add(key)
@@ -105,12 +104,15 @@ class RedisRegistry(ConnectionRegistry):
         self._local_tasks.pop(entry.connection_id, None)
         member = str(entry.connection_id)
         async with self.client.pipeline(transaction=False) as pipe:
-            for key in (*self._entry_keys(entry), *(_task_key(task_id) for task_id in task_ids)):
+            for key in (
+                *self._entry_keys(entry),
+                *(self._task_key(task_id) for task_id in task_ids),
+            ):
                 pipe.zrem(key, member)
             await pipe.execute()
 
     async def add_subscription(self, entry: Entry, task_id: uuid.UUID) -> None:
-        key = _task_key(task_id)
+        key = self._task_key(task_id)
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.zadd(key, {str(entry.connection_id): self._expiry()})
             pipe.expire(key, int(self.lease_seconds * 2) + 1)
@@ -121,32 +123,34 @@ class RedisRegistry(ConnectionRegistry):
         tasks = self._local_tasks.get(entry.connection_id)
         if tasks is not None:
             tasks.discard(task_id)
-        await self.client.zrem(_task_key(task_id), str(entry.connection_id))
+        await self.client.zrem(self._task_key(task_id), str(entry.connection_id))
 
     async def _count(self, key: str) -> int:
         return await self.client.zcount(key, time.time(), "+inf")
 
     async def _counts(self, pattern: str) -> dict[str, int]:
-        """Live member counts of every key matching ``PREFIX + pattern``, by key suffix."""
-        keys = [key async for key in self.client.scan_iter(match=f"{PREFIX}{pattern}", count=500)]
+        """Live member counts of every key matching ``prefix + pattern``, by key suffix."""
+        keys = [
+            key async for key in self.client.scan_iter(match=f"{self.prefix}{pattern}", count=500)
+        ]
         now = time.time()
         async with self.client.pipeline(transaction=False) as pipe:
             for key in keys:
                 pipe.zcount(key, now, "+inf")
             counts = await pipe.execute()
-        start = len(PREFIX) + len(pattern) - 1
+        start = len(self.prefix) + len(pattern) - 1
         return {
             key.decode()[start:]: count for key, count in zip(keys, counts, strict=True) if count
         }
 
     async def count_transport(self, transport: str) -> int:
-        return await self._count(_transport_key(transport))
+        return await self._count(self._transport_key(transport))
 
     async def count_user(self, user_id: int) -> int:
-        return await self._count(_user_key(user_id))
+        return await self._count(self._user_key(user_id))
 
     async def count_task(self, task_id: uuid.UUID) -> int:
-        return await self._count(_task_key(task_id))
+        return await self._count(self._task_key(task_id))
 
     async def overview(self, transports: list[str]) -> Overview:
         by_user = await self._counts("user:*")
@@ -161,7 +165,7 @@ class RedisRegistry(ConnectionRegistry):
 
     async def flush(self) -> None:
         """Forget every entry of every process (tests)."""
-        keys = [key async for key in self.client.scan_iter(match=f"{PREFIX}*", count=500)]
+        keys = [key async for key in self.client.scan_iter(match=f"{self.prefix}*", count=500)]
         if keys:
             await self.client.delete(*keys)
         self._local.clear()

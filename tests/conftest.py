@@ -21,11 +21,23 @@ from django.contrib.auth.hashers import make_password
 from django.db import connection
 from rest_framework_simplejwt.tokens import AccessToken
 
-from realtime.connections import reset_connection_manager
+from realtime.conf import realtime_settings
+from realtime.connections import make_registry, reset_connection_manager
 from realtime.redis_registry import RedisRegistry
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = bool(os.environ.get("CI"))
+
+
+# Runs that share a Redis (a developer's beside a benchmark's, say) must not hear each
+# other's broadcasts or count each other's connections: each run gets its own prefix, in
+# this process's settings and in the environment of the servers it starts.
+REDIS_PREFIX = f"test{os.getpid()}"
+os.environ["REDIS_PREFIX"] = REDIS_PREFIX
+settings.REALTIME["REDIS_PREFIX"] = REDIS_PREFIX
+if "prefix" in settings.CHANNEL_LAYERS["default"].get("CONFIG", {}):
+    settings.CHANNEL_LAYERS["default"]["CONFIG"]["prefix"] = f"{REDIS_PREFIX}:layer:"
+realtime_settings.reload()
 
 
 def service_unavailable(message: str) -> None:
@@ -104,19 +116,25 @@ def fresh_realtime_state() -> Iterator[None]:
     """Each test gets new channel layers, a new connection manager and an empty registry."""
     channel_layers.backends = {}
     reset_connection_manager()
-    if settings.REALTIME.get("REDIS_URL"):
-        async_to_sync(RedisRegistry(settings.REALTIME["REDIS_URL"]).flush)()
+    registry = make_registry()
+    if isinstance(registry, RedisRegistry):
+        async_to_sync(registry.flush)()
     yield
     channel_layers.backends = {}
     reset_connection_manager()
 
 
+def make_communicator(path: str, *, headers: list | None = None) -> WebsocketCommunicator:
+    """A communicator on the full ASGI application (origin check, auth, routing)."""
+    from mcp_platform.asgi import application
+
+    return WebsocketCommunicator(application, path, headers=headers or [])
+
+
 @asynccontextmanager
 async def open_websocket(path: str, *, headers: list | None = None):
     """A communicator on the full ASGI application; always disconnected afterwards."""
-    from mcp_platform.asgi import application
-
-    communicator = WebsocketCommunicator(application, path, headers=headers or [])
+    communicator = make_communicator(path, headers=headers)
     try:
         yield communicator
     finally:
