@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 from asgiref.sync import async_to_sync
 
+from realtime.conf import realtime_settings
 from realtime.redis_registry import RedisRegistry
 from realtime.registry import ConnectionRegistry, Entry, LocalRegistry, Overview
 
@@ -20,13 +21,18 @@ def entry(user_id: int, transport: str) -> Entry:
 
 
 @pytest.fixture(params=["local", pytest.param("redis", marks=pytest.mark.redis)])
-def registry_factory(request) -> Callable[..., ConnectionRegistry]:
-    """Makes registries of one backend; Redis ones share a server, as processes do."""
+def registry(request) -> ConnectionRegistry:
+    """A registry of each backend."""
     if request.param == "local":
-        local = LocalRegistry()
-        return lambda **options: local
-    url = request.getfixturevalue("redis_server")
-    return lambda lease_seconds=60.0: RedisRegistry(url, lease_seconds=lease_seconds)
+        return LocalRegistry()
+    return redis_registry_factory(request.getfixturevalue("redis_server"))()
+
+
+def redis_registry_factory(url: str) -> Callable[..., RedisRegistry]:
+    """Registries of this test run (its own key prefix), as its server processes use."""
+    return lambda lease_seconds=60.0: RedisRegistry(
+        url, lease_seconds=lease_seconds, prefix=realtime_settings.REDIS_PREFIX
+    )
 
 
 def run(scenario: Callable[[], Awaitable[None]], *registries: ConnectionRegistry) -> None:
@@ -63,9 +69,7 @@ async def assert_empty(registry: ConnectionRegistry) -> None:
     )
 
 
-def test_counts_by_transport_user_and_task(registry_factory):
-    registry = registry_factory()
-
+def test_counts_by_transport_user_and_task(registry):
     async def scenario():
         await populate(registry)
         assert await registry.count_transport("websocket") == 2
@@ -85,9 +89,7 @@ def test_counts_by_transport_user_and_task(registry_factory):
     run(scenario, registry)
 
 
-def test_unsubscribe_and_disconnect_remove_everything(registry_factory):
-    registry = registry_factory()
-
+def test_unsubscribe_and_disconnect_remove_everything(registry):
     async def scenario():
         first, second, third = await populate(registry)
         await registry.remove_subscription(first, TASK_1)
@@ -105,7 +107,8 @@ def test_unsubscribe_and_disconnect_remove_everything(registry_factory):
 
 @pytest.mark.redis
 def test_counts_are_shared_by_every_process(redis_server):
-    one, other = RedisRegistry(redis_server), RedisRegistry(redis_server)
+    make = redis_registry_factory(redis_server)
+    one, other = make(), make()
 
     async def scenario():
         await populate(one)
@@ -129,7 +132,8 @@ async def wait_until_empty(registry: ConnectionRegistry, within: float) -> float
 @pytest.mark.redis
 def test_entries_of_a_dead_process_lapse_after_one_lease(redis_server):
     lease = 0.5
-    dead, survivor = RedisRegistry(redis_server, lease_seconds=lease), RedisRegistry(redis_server)
+    make = redis_registry_factory(redis_server)
+    dead, survivor = make(lease_seconds=lease), make()
 
     async def scenario():
         await populate(dead)
@@ -147,7 +151,8 @@ def test_entries_of_a_dead_process_lapse_after_one_lease(redis_server):
 @pytest.mark.redis
 def test_a_live_process_renews_its_leases(redis_server):
     lease = 0.5
-    live, observer = RedisRegistry(redis_server, lease_seconds=lease), RedisRegistry(redis_server)
+    make = redis_registry_factory(redis_server)
+    live, observer = make(lease_seconds=lease), make()
 
     async def scenario():
         first, second, third = await populate(live)
