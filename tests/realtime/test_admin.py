@@ -7,7 +7,7 @@ from django.contrib.messages import get_messages
 
 from mcp_platform.tasks import services
 from realtime.models import Broadcast
-from tests.conftest import connect_user, open_websocket, token_for
+from tests.conftest import connect_user, free_port, open_websocket, token_for
 
 pytestmark = pytest.mark.django_db
 
@@ -51,6 +51,16 @@ def test_staff_sends_a_broadcast_and_sees_the_count(client, staff_user, user):
     async_to_sync(scenario)()
     record = Broadcast.objects.get()
     assert (record.sent_by, record.recipients) == (staff_user, 1)
+
+
+def test_unreachable_redis_is_reported_and_nothing_recorded(client, staff_user, settings):
+    settings.REALTIME = {**settings.REALTIME, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    client.force_login(staff_user)
+    response = client.post(SEND_URL, {"message": "m", "type": "announcement"})
+    assert response.status_code == 200
+    [message] = messages_of(response)
+    assert message.startswith("Nothing was sent. Could not reach the channel layer")
+    assert not Broadcast.objects.exists()
 
 
 def test_send_form_renders_for_staff(client, staff_user):

@@ -15,7 +15,7 @@ from rest_framework.test import APIClient
 from realtime import broadcasts
 from realtime.connections import Transport, get_connection_manager
 from realtime.models import Broadcast
-from tests.conftest import connect_user, open_websocket, token_for
+from tests.conftest import connect_user, free_port, open_websocket, token_for
 
 pytestmark = pytest.mark.django_db
 
@@ -216,6 +216,28 @@ def test_message_of_2000_characters_is_accepted(staff_user):
 def test_missing_message_names_the_field(staff_user):
     body = post(api_client(staff_user), {}).json()
     assert body["errors"] == {"message": ["This field is required."]}
+
+
+def test_form_encoded_body_is_415(staff_user):
+    response = api_client(staff_user).post("/broadcast", {"message": "m"}, format="multipart")
+    assert response.status_code == 415
+    assert response.json()["code"] == "unsupported_media_type"
+
+
+def test_bad_token_is_401(staff_user):
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION="Bearer not-a-token")
+    response = post(client, {"message": "m"})
+    assert response.status_code == 401
+    assert response.json()["code"] == "token_not_valid"
+
+
+def test_unreachable_redis_is_503_and_nothing_recorded(staff_user, settings):
+    settings.REALTIME = {**settings.REALTIME, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    response = post(api_client(staff_user), {"message": "m"})
+    assert response.status_code == 503
+    assert response.json()["code"] == "service_unavailable"
+    assert not Broadcast.objects.exists()
 
 
 def test_only_post_is_allowed(staff_user):
