@@ -169,15 +169,48 @@ def _sse_field(value: str) -> str:
 
 
 def sse_event(event: str, data: str, event_id: str | None = None) -> bytes:
-    """One event block. ``data`` is sent on as many ``data:`` lines as it has lines."""
+    """One event block. ``data`` is sent on as many ``data:`` lines as it has lines.
+
+    A lone surrogate (JSON may carry one) becomes ``?``: the stream is UTF-8, and one bad
+    string must not end it.
+    """
     lines = [f"event: {_sse_field(event)}"]
     if event_id is not None:
         lines.append(f"id: {_sse_field(event_id)}")
     lines.extend(
         f"data: {line}" for line in data.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     )
-    return ("\n".join(lines) + "\n\n").encode()
+    return ("\n".join(lines) + "\n\n").encode("utf-8", "replace")
 
 
 def sse_retry(milliseconds: int) -> bytes:
     return f"retry: {milliseconds}\n\n".encode()
+
+
+#: Milliseconds an ``EventSource`` waits before reconnecting; the first field of a stream.
+SSE_RETRY_MILLISECONDS = 3000
+
+
+class SseEvent(enum.StrEnum):
+    """The ``event:`` names of the SSE stream."""
+
+    CONNECTED = "connected"
+    TASK_UPDATE = "task_update"
+    BROADCAST = "broadcast"
+    MESSAGE = "message"
+    HEARTBEAT = "heartbeat"
+
+
+def sse_connected(connection_id: uuid.UUID, user_id: int) -> bytes:
+    """The first bytes of every stream: the reconnection delay, then ``connected``."""
+    data = encode({"connection_id": str(connection_id), "user_id": user_id})
+    return sse_retry(SSE_RETRY_MILLISECONDS) + sse_event(SseEvent.CONNECTED, data)
+
+
+def sse_task_update(task_id: str, seq: int, text: str) -> bytes:
+    """A task update, with the WebSocket's JSON text as data and ``<task_id>:<seq>`` as id."""
+    return sse_event(SseEvent.TASK_UPDATE, text, f"{task_id}:{seq}")
+
+
+def sse_heartbeat() -> bytes:
+    return sse_event(SseEvent.HEARTBEAT, encode({"timestamp": now_iso()}))
