@@ -1,0 +1,639 @@
+"""``GET /events`` in-process through the full ASGI application, and the event-stream
+parser the tests read it with."""
+
+import asyncio
+import gc
+import uuid
+from datetime import datetime, timedelta
+
+import pytest
+from asgiref.sync import async_to_sync
+from channels.db import database_sync_to_async
+from django.conf import settings
+from django.test import AsyncRequestFactory, Client, override_settings
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+from rest_framework_simplejwt.tokens import AccessToken
+
+from mcp_platform.tasks import services
+from realtime import api, protocol, sse
+from realtime.connections import ConnectionManager, Transport, get_connection_manager
+from realtime.sources import TaskSnapshot
+from tests.conftest import token_for
+from tests.sse import Event, EventStreamParser, InProcessStream, bearer, parse_all
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+STREAM_HEADERS = {
+    "Content-Type": ["text/event-stream"],
+    "Cache-Control": ["no-cache"],
+    "X-Accel-Buffering": ["no"],
+    "Connection": ["keep-alive"],
+}
+
+
+def run(coroutine_function):
+    return async_to_sync(coroutine_function)()
+
+
+def realtime_override(**values):
+    return override_settings(REALTIME={**settings.REALTIME, **values})
+
+
+def assert_stream_headers(stream: InProcessStream) -> None:
+    assert stream.status == 200
+    for name, values in STREAM_HEADERS.items():
+        assert stream.header(name) == values, name
+
+
+async def assert_no_connections(task_ids=()) -> None:
+    manager = get_connection_manager()
+    assert await manager.count_connections() == 0
+    for task_id in task_ids:
+        assert await manager.count_task_subscribers(task_id) == 0
+
+
+@pytest.fixture
+def task(user):
+    return services.create_task(owner=user, name="watched")
+
+
+@pytest.fixture
+def disconnected(monkeypatch):
+    """Every connection the manager disconnects, as left afterwards."""
+    connections = []
+    disconnect = ConnectionManager.disconnect
+
+    async def spy(self, connection):
+        await disconnect(self, connection)
+        connections.append(connection)
+
+    monkeypatch.setattr(ConnectionManager, "disconnect", spy)
+    return connections
+
+
+# The parser, against the examples and rules of the HTML standard
+
+
+def test_parser_dispatches_per_blank_line_and_joins_data_lines():
+    _, events = parse_all(
+        b": comment\ndata: YHOO\ndata: +2\ndata: 10\n\ndata:test\n\ndata: test\n\n"
+    )
+    assert [(event.type, event.data) for event in events] == [
+        ("message", "YHOO\n+2\n10"),
+        ("message", "test"),
+        ("message", "test"),
+    ]
+
+
+def test_parser_empty_data_and_unterminated_block():
+    # The standard's example: an empty event, one with a single newline, and a last block
+    # that is discarded because no blank line ends it.
+    _, events = parse_all(b"data\n\ndata\ndata\n\ndata:")
+    assert [event.data for event in events] == ["", "\n"]
+
+
+def test_parser_line_endings_split_across_chunks():
+    parser = EventStreamParser()
+    events = []
+    for chunk in (b"\xef\xbb\xbfevent: a\r", b"\ndata: 1\r", b"\rdata: \xc3", b"\xa9\n\n"):
+        events += parser.feed(chunk)
+    assert events == [Event("a", "1", ""), Event("message", "\u00e9", "")]
+
+
+def test_parser_id_persists_and_bad_fields_are_ignored():
+    parser, events = parse_all(
+        b"retry: 3000\n\nid: a\ndata: 1\n\ndata: 2\n\nid: b\0c\nretry: 1x\ndata: 3\n\n"
+        b"event\nid\ndata: 4\n\n"
+    )
+    assert parser.retry == 3000
+    assert [(event.type, event.data, event.last_event_id) for event in events] == [
+        ("message", "1", "a"),
+        ("message", "2", "a"),
+        ("message", "3", "a"),
+        ("message", "4", ""),
+    ]
+
+
+field_text = st.text(st.characters(exclude_characters="\r\n\0"), min_size=1).filter(
+    lambda text: not text.startswith(" ")
+)
+
+
+def as_sent(text: str) -> str:
+    """Text as the UTF-8 stream carries it: lone surrogates become ``?``."""
+    return text.encode("utf-8", "replace").decode()
+
+
+@given(event=field_text, data=st.text(), event_id=st.none() | field_text)
+def test_sse_framing_round_trips_through_the_parser(event, data, event_id):
+    parser, events = parse_all(protocol.sse_event(event, data, event_id))
+    expected_data = as_sent(data.replace("\r\n", "\n").replace("\r", "\n"))
+    assert events == [Event(as_sent(event), expected_data, as_sent(event_id or ""))]
+    assert parser.feed(b"") == []
+
+
+# Opening the stream
+
+
+def test_first_bytes_are_retry_then_connected(user):
+    async def scenario():
+        async with InProcessStream({"token": token_for(user)}) as stream:
+            connected = await stream.next_of("connected")
+            assert_stream_headers(stream)
+            assert stream.parser.retry == 3000
+            data = connected.json()
+            assert stream.body == (
+                b"retry: 3000\n\nevent: connected\ndata: "
+                + protocol.encode(data).encode()
+                + b"\n\n"
+            )
+            assert set(data) == {"connection_id", "user_id"}
+            assert data["user_id"] == user.pk
+            uuid.UUID(data["connection_id"])
+            manager = get_connection_manager()
+            assert await manager.count_connections(Transport.SSE) == 1
+            assert await manager.count_user_connections(user.pk) == 1
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("how", ["header", "query", "session"])
+def test_each_way_of_authenticating(user, how):
+    headers, query = [], {}
+    if how == "header":
+        headers = bearer(token_for(user))
+    elif how == "query":
+        query = {"token": token_for(user)}
+    else:
+        client = Client()
+        client.force_login(user)
+        cookie = client.cookies[settings.SESSION_COOKIE_NAME]
+        headers = [(b"cookie", f"{cookie.key}={cookie.value}".encode())]
+
+    async def scenario():
+        async with InProcessStream(query, headers=headers) as stream:
+            assert (await stream.next_of("connected")).json()["user_id"] == user.pk
+
+    run(scenario)
+
+
+def test_header_token_wins_over_query_token(user, other_user):
+    async def scenario():
+        async with InProcessStream(
+            {"token": token_for(other_user)}, headers=bearer(token_for(user))
+        ) as stream:
+            assert (await stream.next_of("connected")).json()["user_id"] == user.pk
+
+    run(scenario)
+
+
+def test_other_authorization_schemes_are_left_to_the_token_or_session(user):
+    async def scenario():
+        async with InProcessStream(
+            {"token": token_for(user)}, headers=[(b"authorization", b"Basic dXNlcjpwdw==")]
+        ) as stream:
+            assert (await stream.next_of("connected")).json()["user_id"] == user.pk
+
+    run(scenario)
+
+
+def expired_token(user) -> str:
+    token = AccessToken.for_user(user)
+    token.set_exp(lifetime=-timedelta(seconds=1))
+    return str(token)
+
+
+@pytest.mark.parametrize(
+    "credentials, code",
+    [
+        ("none", "not_authenticated"),
+        ("empty query token", "authentication_failed"),
+        ("garbage query token", "authentication_failed"),
+        ("garbage header token", "authentication_failed"),
+        ("empty bearer header", "authentication_failed"),
+        ("expired token", "authentication_failed"),
+        ("inactive user", "authentication_failed"),
+        ("bad token beside a valid session", "authentication_failed"),
+    ],
+)
+def test_missing_or_bad_credentials_are_401_json_without_a_stream(
+    make_user, credentials, code, disconnected
+):
+    user = make_user()
+    query, headers = {}, []
+    if credentials == "empty query token":
+        query = {"token": ""}
+    elif credentials == "garbage query token":
+        query = {"token": "not-a-jwt"}
+    elif credentials == "garbage header token":
+        headers = bearer("not-a-jwt")
+    elif credentials == "empty bearer header":
+        headers = [(b"authorization", b"Bearer")]
+    elif credentials == "expired token":
+        query = {"token": expired_token(user)}
+    elif credentials == "inactive user":
+        query = {"token": token_for(make_user(is_active=False))}
+    elif credentials == "bad token beside a valid session":
+        client = Client()
+        client.force_login(user)
+        cookie = client.cookies[settings.SESSION_COOKIE_NAME]
+        query = {"token": "not-a-jwt"}
+        headers = [(b"cookie", f"{cookie.key}={cookie.value}".encode())]
+
+    async def scenario():
+        async with InProcessStream(query, headers=headers) as stream:
+            assert stream.status == 401
+            assert stream.header("Content-Type") == ["application/json"]
+            assert stream.header("WWW-Authenticate") == ['Bearer realm="api"']
+            body = stream.json()
+            assert body["code"] == code and body["detail"]
+            assert "not-a-jwt" not in body["detail"]
+        await assert_no_connections()
+
+    run(scenario)
+    assert disconnected == []
+
+
+def test_other_methods_are_405_json(user):
+    async def scenario():
+        from channels.testing import HttpCommunicator
+
+        from mcp_platform.asgi import application
+
+        communicator = HttpCommunicator(
+            application,
+            "POST",
+            f"/events?token={token_for(user)}",
+            headers=[(b"host", b"testserver")],
+        )
+        response = await communicator.get_response(timeout=5)
+        assert response["status"] == 405
+        assert (b"Allow", b"GET") in response["headers"]
+        assert b'"code": "method_not_allowed"' in response["body"]
+
+    run(scenario)
+
+
+# task_id
+
+
+@pytest.mark.parametrize("value", ["", "42", "not-a-uuid", "a" * 300])
+def test_task_id_that_is_not_a_uuid_is_400(user, task, value, disconnected):
+    async def scenario():
+        query = [("token", token_for(user)), ("task_id", str(task.pk)), ("task_id", value)]
+        async with InProcessStream(query) as stream:
+            assert stream.status == 400
+            assert stream.json() == {
+                "code": "invalid_task_id",
+                "detail": "task_id must be a UUID.",
+            }
+        await assert_no_connections([task.pk])
+
+    run(scenario)
+    # Refused before connecting: nothing to undo.
+    assert disconnected == []
+
+
+def test_unknown_task_and_another_users_task_are_the_same_404(user, other_user, task, disconnected):
+    foreign = services.create_task(owner=other_user, name="not yours")
+
+    async def refusal(task_ids):
+        query = [("token", token_for(user))] + [("task_id", str(t)) for t in task_ids]
+        async with InProcessStream(query) as stream:
+            assert stream.status == 404
+            return stream.json(), stream.header("Content-Type")
+
+    async def scenario():
+        unknown = await refusal([task.pk, uuid.uuid4()])
+        another = await refusal([task.pk, foreign.pk])
+        assert (
+            unknown
+            == another
+            == ({"code": "not_found", "detail": "No such task."}, ["application/json"])
+        )
+        await assert_no_connections([task.pk, foreign.pk])
+
+    run(scenario)
+    # Each refused stream had connected and subscribed to the first task, then let go.
+    assert len(disconnected) == 2
+    assert all(not c.groups and not c.last_seq for c in disconnected)
+
+
+def test_more_task_ids_than_the_subscription_limit_is_400(user, disconnected):
+    tasks = [services.create_task(owner=user, name=f"t{i}") for i in range(3)]
+
+    async def scenario():
+        query = [("token", token_for(user))] + [("task_id", str(t.pk)) for t in tasks]
+        async with InProcessStream(query) as stream:
+            assert stream.status == 400
+            assert stream.json()["code"] == "subscription_limit"
+        await assert_no_connections([t.pk for t in tasks])
+
+    with realtime_override(SUBSCRIPTION_LIMIT=2):
+        run(scenario)
+    assert [c.groups for c in disconnected] == [set()]
+
+
+def test_repeated_task_ids_count_once(user, task):
+    async def scenario():
+        query = [("token", token_for(user)), ("task_id", str(task.pk)), ("task_id", str(task.pk))]
+        async with InProcessStream(query) as stream:
+            await stream.next_of("connected")
+            assert await get_connection_manager().count_task_subscribers(task.pk) == 1
+
+    with realtime_override(SUBSCRIPTION_LIMIT=1):
+        run(scenario)
+
+
+def test_staff_may_follow_another_users_task(staff_user, task):
+    async def scenario():
+        async with InProcessStream({"token": token_for(staff_user), "task_id": str(task.pk)}) as s:
+            await s.next_of("connected")
+            await database_sync_to_async(services.update_task)(task=task, progress=5)
+            assert (await s.next_of("task_update")).last_event_id == f"{task.pk}:2"
+
+    run(scenario)
+
+
+# What the stream carries
+
+
+def snapshot(task, seq, **state):
+    return TaskSnapshot(
+        task_id=task.pk,
+        owner_id=task.owner_id,
+        seq=seq,
+        state={"status": "running", "progress": 0, **state},
+    )
+
+
+def test_task_ids_limit_the_stream_to_those_tasks(user, task):
+    other = services.create_task(owner=user, name="unwatched")
+
+    async def scenario():
+        async with InProcessStream({"token": token_for(user), "task_id": str(task.pk)}) as s:
+            await s.next_of("connected")
+            await api.apublish_task_update(snapshot(other, 2))
+            # Seq 1 is in the state the subscription started from, so it is not new.
+            await api.apublish_task_update(snapshot(task, 1))
+            await api.apublish_task_update(snapshot(task, 3, progress=30))
+            await api.apublish_task_update(snapshot(task, 2))
+            update = await s.next_of("task_update")
+            assert update.last_event_id == f"{task.pk}:3"
+            assert update.json()["task"]["progress"] == 30
+            await get_connection_manager().send_personal_message(user.pk, {"end": True})
+            assert (await s.next_of("message")).json()["payload"] == {"end": True}
+
+    run(scenario)
+
+
+def test_without_task_ids_the_stream_follows_the_users_own_tasks(user, other_user, task):
+    foreign = services.create_task(owner=other_user, name="not yours")
+
+    async def scenario():
+        async with InProcessStream({"token": token_for(user)}) as s:
+            await s.next_of("connected")
+            await database_sync_to_async(services.update_task)(task=foreign, progress=1)
+            await database_sync_to_async(services.update_task)(task=task, progress=50)
+            update = await s.next_of("task_update")
+            assert update.last_event_id == f"{task.pk}:2"
+            assert update.json()["task"]["progress"] == 50
+
+    run(scenario)
+
+
+def test_staff_without_task_ids_follow_every_task(staff_user, task):
+    async def scenario():
+        async with InProcessStream({"token": token_for(staff_user)}) as s:
+            await s.next_of("connected")
+            await database_sync_to_async(services.update_task)(task=task, status="running")
+            assert (await s.next_of("task_update")).json()["status"] == "running"
+
+    run(scenario)
+
+
+def test_broadcast_and_personal_message_pass_their_text_through(user, other_user):
+    async def scenario():
+        async with InProcessStream({"token": token_for(user)}) as s:
+            await s.next_of("connected")
+            recipients = await api.asend_broadcast({"type": "announcement", "message": "hi\nthere"})
+            assert recipients.sse == 1
+            broadcast = await s.next_of("broadcast")
+            assert broadcast.json()["payload"] == {"type": "announcement", "message": "hi\nthere"}
+            assert broadcast.json()["type"] == "broadcast"
+            manager = get_connection_manager()
+            await manager.send_personal_message(other_user.pk, {"for": "someone else"})
+            await manager.send_personal_message(user.pk, {"for": "you"})
+            assert (await s.next_of("message")).json()["payload"] == {"for": "you"}
+
+    run(scenario)
+
+
+def test_heartbeat_when_idle(user):
+    async def scenario():
+        async with InProcessStream({"token": token_for(user)}) as s:
+            await s.next_of("connected")
+            first = await s.next_of("heartbeat", timeout=2)
+            second = await s.next_of("heartbeat", timeout=2)
+            times = [datetime.fromisoformat(e.json()["timestamp"]) for e in (first, second)]
+            assert set(first.json()) == {"timestamp"}
+            assert timedelta(seconds=0.1) <= times[1] - times[0] < timedelta(seconds=2)
+
+    with realtime_override(SSE_HEARTBEAT_SECONDS=0.2):
+        run(scenario)
+
+
+@pytest.mark.parametrize(
+    "http_version, connection", [("1.0", None), ("1.1", b"close"), ("2", None)]
+)
+def test_keep_alive_only_where_http_allows_it(user, http_version, connection):
+    headers = [] if connection is None else [(b"connection", connection)]
+
+    async def scenario():
+        async with InProcessStream(
+            {"token": token_for(user)}, headers=headers, http_version=http_version
+        ) as stream:
+            await stream.next_of("connected")
+            assert stream.header("Connection") == []
+            assert stream.header("Content-Type") == ["text/event-stream"]
+
+    run(scenario)
+
+
+# Cleanup
+
+
+def layer_state(layer) -> tuple[set[str], set[str]]:
+    """The channels this process's layer holds, and those in any group (its internals:
+    the in-memory layer's own, or the Redis pub/sub layer's for the running loop)."""
+    local = layer._get_layer() if hasattr(layer, "_get_layer") else layer
+    return set(local.channels), {c for members in local.groups.values() for c in members}
+
+
+def test_disconnect_leaves_every_group_and_registry_entry(user, task, disconnected):
+    async def scenario():
+        manager = get_connection_manager()
+        stream = InProcessStream({"token": token_for(user), "task_id": str(task.pk)})
+        async with stream:
+            connected = (await stream.next_of("connected")).json()
+            assert await manager.count_task_subscribers(task.pk) == 1
+        # Leaving sent http.disconnect and waited for the application to finish.
+        await assert_no_connections([task.pk])
+        assert await manager.count_user_connections(user.pk) == 0
+        [connection] = disconnected
+        assert str(connection.connection_id) == connected["connection_id"]
+        assert connection.groups == set() and connection.last_seq == {}
+        # Nothing reaches the channel any more.
+        await api.apublish_task_update(snapshot(task, 5))
+        await api.asend_broadcast({"message": "anyone?"})
+        await manager.send_personal_message(user.pk, {"x": 1})
+        # The layer of this process holds neither the channel nor any membership of it.
+        channels, members = layer_state(manager.layer)
+        assert connection.channel_name not in channels | members
+
+    run(scenario)
+
+
+def test_response_dropped_before_streaming_still_cleans_up(user, task):
+    """A client gone after the view answered but before the first byte was sent."""
+
+    async def scenario():
+        request = AsyncRequestFactory().get(
+            "/events", {"token": token_for(user), "task_id": str(task.pk)}
+        )
+        response = await sse.events(request)
+        assert response.status_code == 200
+        manager = get_connection_manager()
+        assert await manager.count_connections() == 1
+        del response
+        gc.collect()
+        # asyncio closes the dropped, started generator in a task of its own.
+        for _ in range(100):
+            if await manager.count_connections() == 0:
+                break
+            await asyncio.sleep(0.01)
+        await assert_no_connections([task.pk])
+
+    run(scenario)
+
+
+# Property 46
+
+
+STATUSES = ["pending", "running", "completed", "failed", "cancelled"]
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=6,
+)
+states = st.fixed_dictionaries(
+    {
+        "status": st.sampled_from(STATUSES),
+        "progress": st.integers(0, 100),
+        "name": st.text(max_size=40),
+    },
+    optional={"result": json_values},
+)
+
+
+def operations(n_tasks):
+    update = st.tuples(st.just("update"), st.integers(0, n_tasks - 1), st.integers(1, 6), states)
+    broadcast = st.tuples(
+        st.just("broadcast"), st.fixed_dictionaries({"message": st.text(min_size=1)})
+    )
+    message = st.tuples(
+        st.just("message"), st.dictionaries(st.text(max_size=5), json_values, max_size=2)
+    )
+    return st.lists(st.one_of(update, broadcast, message), max_size=12)
+
+
+@pytest.fixture
+def property_world(make_user):
+    owner, stranger, staff = make_user(), make_user(), make_user(is_staff=True)
+    tasks = [services.create_task(owner=owner, name=f"t{i}") for i in range(3)]
+    tasks.append(services.create_task(owner=stranger, name="stranger's"))
+    return {"owner": owner, "staff": staff, "tasks": tasks}
+
+
+@hypothesis_settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    data=st.data(),
+    as_staff=st.booleans(),
+    via_header=st.booleans(),
+    ops=operations(4),
+)
+def test_property_46_events_parse_into_the_expected_event_id_and_data(
+    property_world, data, as_staff, via_header, ops
+):
+    """For any set of updates, an SSE subscriber receives events whose wire format parses
+    per WHATWG event-stream rules into the expected event, id and JSON data."""
+    tasks = property_world["tasks"]
+    viewer = property_world["staff" if as_staff else "owner"]
+    visible = range(len(tasks)) if as_staff else range(3)
+    subscribed = data.draw(st.none() | st.sets(st.sampled_from(visible), min_size=1))
+    token = token_for(viewer)
+    query = [("task_id", str(tasks[i].pk)) for i in sorted(subscribed or ())]
+    headers = bearer(token) if via_header else []
+    if not via_header:
+        query.append(("token", token))
+
+    # The model: what a browser's EventSource would dispatch, in order.
+    watched = set(visible) if subscribed is None else subscribed
+    seen = {} if subscribed is None else {i: 1 for i in subscribed}
+    expected, last_id = [], ""
+    for op in ops:
+        if op[0] == "update":
+            _, index, seq, state = op
+            if index in watched and seq > seen.get(index, 0):
+                seen[index] = seq
+                last_id = f"{tasks[index].pk}:{seq}"
+                expected.append(("task_update", last_id, (index, seq, state)))
+        else:
+            expected.append((op[0], last_id, op[1]))
+    expected.append(("message", last_id, {"end": True}))
+
+    async def scenario():
+        manager = get_connection_manager()
+        async with InProcessStream(query, headers=headers) as stream:
+            assert_stream_headers(stream)
+            connected = await stream.next_of("connected")
+            assert connected.json()["user_id"] == viewer.pk
+            for op in ops:
+                if op[0] == "update":
+                    _, index, seq, state = op
+                    await api.apublish_task_update(snapshot(tasks[index], seq, **state))
+                elif op[0] == "broadcast":
+                    await api.asend_broadcast(op[1])
+                else:
+                    await manager.send_personal_message(viewer.pk, op[1])
+            await manager.send_personal_message(viewer.pk, {"end": True})
+            received = [await stream.next_event() for _ in expected]
+        assert stream.parser.retry == 3000
+        # One event per block, its JSON on one data line.
+        for block in stream.body.split(b"\n\n")[1:-1]:
+            assert sum(line.startswith(b"data:") for line in block.split(b"\n")) == 1
+        for event, (event_type, last_event_id, content) in zip(received, expected, strict=True):
+            assert (event.type, event.last_event_id) == (event_type, last_event_id)
+            body = event.json()
+            if event_type == "task_update":
+                index, seq, state = content
+                assert body["task_id"] == str(tasks[index].pk)
+                assert (body["seq"], body["status"], body["progress"]) == (
+                    seq,
+                    state["status"],
+                    state["progress"],
+                )
+                assert body["task"] == state
+            else:
+                assert body["type"] == ("broadcast" if event_type == "broadcast" else "message")
+                assert body["payload"] == content
+            datetime.fromisoformat(body["timestamp"])
+        await assert_no_connections()
+
+    run(scenario)

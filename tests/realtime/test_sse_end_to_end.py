@@ -1,0 +1,220 @@
+"""``GET /events`` over a real Daphne, read by aiohttp and by a plain socket.
+
+Task changes are made through the server's REST API, so they travel the server's own
+publish path; the server's registry is read back through ``POST /broadcast``, whose answer
+counts the live SSE streams of every process.
+"""
+
+import asyncio
+import json
+from datetime import datetime
+from itertools import pairwise
+
+import aiohttp
+import pytest
+from asgiref.sync import async_to_sync
+
+from mcp_platform.tasks import services
+from tests.conftest import start_server, token_for
+from tests.sse import EventReader, RawResponse
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+#: The heartbeat of the server started here, in seconds; short, so tests see several.
+HEARTBEAT = 1.0
+
+
+@pytest.fixture(scope="module")
+def heartbeat_server(django_db_setup, django_db_blocker, tmp_path_factory):
+    server = start_server(
+        tmp_path_factory.mktemp("sse-heartbeat"),
+        {"REALTIME_SSE_HEARTBEAT_SECONDS": str(HEARTBEAT)},
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def task(user):
+    return services.create_task(owner=user, name="streamed")
+
+
+async def patch_task(base: str, token: str, task_id, changes: dict) -> dict:
+    async with aiohttp.ClientSession() as session:
+        async with session.patch(
+            f"{base}/api/tasks/{task_id}/",
+            json=changes,
+            headers={"Authorization": f"Bearer {token}"},
+        ) as response:
+            assert response.status == 200, await response.text()
+            return await response.json()
+
+
+async def sse_count(base: str, staff_token: str) -> int:
+    """The live SSE streams the server's registry counts, as a broadcast reports them."""
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{base}/broadcast",
+            json={"message": "census"},
+            headers={"Authorization": f"Bearer {staff_token}"},
+        ) as response:
+            assert response.status == 200, await response.text()
+            return (await response.json())["sse"]
+
+
+def assert_update(event, task, patched: dict, seq: int) -> None:
+    assert event.type == "task_update"
+    assert event.last_event_id == f"{task.pk}:{seq}"
+    body = event.json()
+    assert (body["type"], body["task_id"], body["seq"]) == ("task_update", str(task.pk), seq)
+    assert (body["status"], body["progress"]) == (patched["status"], patched["progress"])
+    assert body["task"] == patched
+
+
+async def header_auth_round_trip(stream_base: str, patch_base: str, user, task) -> None:
+    token = token_for(user)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(
+            f"{stream_base}/events",
+            params={"task_id": str(task.pk)},
+            headers={"Authorization": f"Bearer {token}", "Accept": "text/event-stream"},
+        ) as response:
+            assert response.status == 200
+            assert response.headers.getall("Content-Type") == ["text/event-stream"]
+            assert response.headers.getall("Cache-Control") == ["no-cache"]
+            assert response.headers.getall("X-Accel-Buffering") == ["no"]
+            assert response.headers.getall("Connection") == ["keep-alive"]
+            assert response.headers.getall("Transfer-Encoding") == ["chunked"]
+            events = EventReader(response.content.iter_any())
+            connected = (await events.next_of("connected")).json()
+            assert connected["user_id"] == user.pk
+            assert events.parser.retry == 3000
+            patched = await patch_task(
+                patch_base, token, task.pk, {"status": "running", "progress": 40}
+            )
+            assert_update(await events.next_event(), task, patched, seq=2)
+
+
+def test_header_auth_stream_carries_a_rest_patch(daphne_server, user, task):
+    async_to_sync(header_auth_round_trip)(
+        daphne_server.http_url, daphne_server.http_url, user, task
+    )
+
+
+@pytest.mark.redis
+def test_patch_in_one_process_reaches_stream_of_another(daphne_redis_servers, user, task):
+    first, second = daphne_redis_servers
+    async_to_sync(header_auth_round_trip)(second.http_url, first.http_url, user, task)
+
+
+def test_query_token_stream_wire_format(daphne_server, user, task):
+    """What a browser's ``EventSource`` sends and gets: the exact header lines and bytes."""
+
+    async def scenario():
+        token = token_for(user)
+        response = await RawResponse.get(
+            daphne_server.port,
+            f"/events?token={token}",
+            {"Accept": "text/event-stream", "Cache-Control": "no-cache"},
+        )
+        try:
+            assert response.status_line == "HTTP/1.1 200 OK"
+            assert response.header("Content-Type") == ["text/event-stream"]
+            assert response.header("Cache-Control") == ["no-cache"]
+            assert response.header("X-Accel-Buffering") == ["no"]
+            assert response.header("Connection") == ["keep-alive"]
+            assert response.header("Transfer-Encoding") == ["chunked"]
+            assert response.header("Content-Length") == []
+            events = EventReader(response.chunks())
+            connected = await events.next_of("connected")
+            assert events.body == (
+                b"retry: 3000\n\nevent: connected\ndata: "
+                + json.dumps(connected.json(), separators=(",", ":")).encode()
+                + b"\n\n"
+            )
+            assert list(connected.json()) == ["connection_id", "user_id"]
+            # Without task_id the stream follows every task the user owns.
+            patched = await patch_task(daphne_server.http_url, token, task.pk, {"progress": 7})
+            update = await events.next_event()
+            assert_update(update, task, patched, seq=2)
+            block = events.body.split(b"\n\n")[-2]
+            assert block.split(b"\n")[:2] == [b"event: task_update", f"id: {task.pk}:2".encode()]
+            assert len(block.split(b"\n")) == 3  # the JSON is on one data line
+        finally:
+            await response.close()
+
+    async_to_sync(scenario)()
+
+
+def test_heartbeat_with_a_short_interval(heartbeat_server, user):
+    async def scenario():
+        response = await RawResponse.get(heartbeat_server.port, f"/events?token={token_for(user)}")
+        try:
+            events = EventReader(response.chunks())
+            loop = asyncio.get_running_loop()
+            await events.next_of("connected")
+            arrivals, stamps = [loop.time()], []
+            for _ in range(2):
+                heartbeat = await events.next_of("heartbeat", timeout=HEARTBEAT + 5)
+                arrivals.append(loop.time())
+                stamps.append(datetime.fromisoformat(heartbeat.json()["timestamp"]))
+            gaps = [later - earlier for earlier, later in pairwise(arrivals)]
+            assert all(0.8 * HEARTBEAT <= gap < HEARTBEAT + 2 for gap in gaps), gaps
+            assert stamps[0] < stamps[1]
+        finally:
+            await response.close()
+
+    async_to_sync(scenario)()
+
+
+def test_closing_the_stream_removes_it_from_the_servers_registry(
+    heartbeat_server, user, staff_user, task
+):
+    """Within one heartbeat of the client closing, the server counts the stream no more."""
+
+    async def scenario():
+        base, staff_token = heartbeat_server.http_url, token_for(staff_user)
+        before = await sse_count(base, staff_token)
+        response = await RawResponse.get(
+            heartbeat_server.port, f"/events?token={token_for(user)}&task_id={task.pk}"
+        )
+        events = EventReader(response.chunks())
+        await events.next_of("connected")
+        assert await sse_count(base, staff_token) == before + 1
+        # The census reached this very stream.
+        assert (await events.next_of("broadcast")).json()["payload"]["message"] == "census"
+        await response.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + HEARTBEAT
+        while (count := await sse_count(base, staff_token)) != before:
+            assert loop.time() < deadline, f"still counted {count - before} stream(s)"
+            await asyncio.sleep(0.05)
+
+    async_to_sync(scenario)()
+
+
+async def refusal(base: str, query: str, headers: dict | None = None) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{base}/events{query}", headers=headers or {}) as response:
+            assert response.headers.getall("Content-Type") == ["application/json"]
+            return response.status, await response.json()
+
+
+def test_bad_requests_get_json_errors_and_no_stream(daphne_server, user, other_user, task):
+    foreign = services.create_task(owner=other_user, name="not yours")
+
+    async def scenario():
+        base, token = daphne_server.http_url, token_for(user)
+        status, body = await refusal(base, "")
+        assert (status, body["code"]) == (401, "not_authenticated")
+        status, body = await refusal(base, "?token=garbage")
+        assert (status, body["code"]) == (401, "authentication_failed")
+        status, body = await refusal(base, "", {"Authorization": "Bearer garbage"})
+        assert (status, body["code"]) == (401, "authentication_failed")
+        status, body = await refusal(base, f"?token={token}&task_id=nope")
+        assert (status, body["code"]) == (400, "invalid_task_id")
+        absent = await refusal(base, f"?token={token}&task_id=00000000-0000-4000-8000-000000000000")
+        foreign_task = await refusal(base, f"?token={token}&task_id={foreign.pk}")
+        assert absent == foreign_task == (404, {"code": "not_found", "detail": "No such task."})
+
+    async_to_sync(scenario)()
