@@ -38,13 +38,10 @@ def _coerce(name: str, value: Any) -> Any:
     if not isinstance(value, str) or isinstance(default, str):
         return value
     try:
-        if isinstance(default, bool):
-            return value.strip().lower() in {"1", "true", "yes", "on"}
         return type(default)(value)
     except ValueError:
-        raise ImproperlyConfigured(
-            f"REALTIME_{name} must be a {type(default).__name__}, not {value!r}."
-        ) from None
+        kind = {int: "an integer", float: "a number"}[type(default)]
+        raise ImproperlyConfigured(f"REALTIME_{name} must be {kind}, not {value!r}.") from None
 
 
 class RealtimeSettings:

@@ -1,0 +1,143 @@
+"""Every way of changing a task publishes through the one path, once, after commit."""
+
+import io
+
+import pytest
+from asgiref.sync import async_to_sync
+from channels.db import database_sync_to_async
+from django.core.management import CommandError, call_command
+from django.db import transaction
+
+from mcp_platform.tasks import services
+from mcp_platform.tasks.models import Task
+from tests.conftest import connect_user, open_websocket, token_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def watch(user, task, change, *, expect_update: bool = True):
+    """Subscribe to ``task``, run the sync ``change()``, and return what arrives."""
+
+    async def scenario():
+        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+            await connect_user(ws)
+            await ws.send_json_to({"action": "subscribe", "task_id": str(task.pk)})
+            assert (await ws.receive_json_from(timeout=5))["type"] == "subscribed"
+            await database_sync_to_async(change)()
+            if not expect_update:
+                assert await ws.receive_nothing(timeout=0.3)
+                return None
+            update = await ws.receive_json_from(timeout=5)
+            assert await ws.receive_nothing(timeout=0.1)
+            return update
+
+    return async_to_sync(scenario)()
+
+
+@pytest.fixture
+def task(user):
+    return services.create_task(owner=user, name="watched")
+
+
+def test_plain_model_save_publishes(user, task):
+    def change():
+        task.progress = 30
+        task.save()
+
+    update = watch(user, task, change)
+    assert (update["type"], update["seq"], update["progress"]) == ("task_update", 2, 30)
+    assert update["task"]["progress"] == 30 and update["task"]["seq"] == 2
+
+
+def test_update_with_update_fields_still_advances_seq(user, task):
+    def change():
+        task.status = "running"
+        task.save(update_fields=["status"])
+
+    assert watch(user, task, change)["seq"] == 2
+    assert Task.objects.get(pk=task.pk).seq == 2
+
+
+def test_rolled_back_change_publishes_nothing(user, task):
+    def change():
+        with pytest.raises(RuntimeError), transaction.atomic():
+            services.update_task(task=task, progress=99)
+            raise RuntimeError("roll back")
+
+    watch(user, task, change, expect_update=False)
+    assert Task.objects.get(pk=task.pk).seq == 1
+
+
+def test_changes_in_one_transaction_publish_each_seq_in_order(user, task):
+    def change():
+        with transaction.atomic():
+            services.update_task(task=task, progress=10)
+            services.update_task(task=task, progress=20)
+
+    async def scenario():
+        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+            await connect_user(ws)
+            await ws.send_json_to({"action": "subscribe", "task_id": str(task.pk)})
+            await ws.receive_json_from(timeout=5)
+            await database_sync_to_async(change)()
+            first = await ws.receive_json_from(timeout=5)
+            second = await ws.receive_json_from(timeout=5)
+            return [(first["seq"], first["progress"]), (second["seq"], second["progress"])]
+
+    assert async_to_sync(scenario)() == [(2, 10), (3, 20)]
+
+
+def test_admin_change_publishes(admin_client, user, task):
+    def change():
+        response = admin_client.post(
+            f"/admin/tasks/task/{task.pk}/change/",
+            {"owner": user.pk, "name": "renamed", "status": "running", "progress": 55, "error": ""},
+        )
+        assert response.status_code == 302, response.content[:2000]
+
+    update = watch(user, task, change)
+    assert (update["status"], update["progress"], update["task"]["name"]) == (
+        "running",
+        55,
+        "renamed",
+    )
+
+
+def test_admin_rejects_leaving_a_finished_state(admin_client, user):
+    done = services.create_task(owner=user, name="done", status="completed")
+    response = admin_client.post(
+        f"/admin/tasks/task/{done.pk}/change/",
+        {"owner": user.pk, "name": "done", "status": "running", "progress": 0, "error": ""},
+    )
+    assert response.status_code == 200 and b"cannot become running" in response.content
+    assert Task.objects.get(pk=done.pk).status == "completed"
+
+
+def test_management_command_publishes(user, task):
+    out = io.StringIO()
+    update = watch(
+        user,
+        task,
+        lambda: call_command(
+            "update_task", str(task.pk), "--status", "failed", "--error", "boom", stdout=out
+        ),
+    )
+    assert (update["status"], update["task"]["error"], update["seq"]) == ("failed", "boom", 2)
+    assert "failed" in out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "Nothing to change"),
+        (["--progress", "500"], "100"),
+    ],
+)
+def test_management_command_bad_input(task, args, message):
+    with pytest.raises(CommandError, match=message):
+        call_command("update_task", str(task.pk), *args)
+
+
+def test_management_command_unknown_task():
+    with pytest.raises(CommandError, match="No such task"):
+        call_command("update_task", "00000000-0000-0000-0000-000000000000", "--progress", "1")

@@ -1,0 +1,123 @@
+"""Settings come from the environment, with safe defaults (each case in a fresh process)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+BASE_ENV = {"PATH": os.environ.get("PATH", ""), "DJANGO_SETTINGS_MODULE": "mcp_platform.settings"}
+
+
+def settings_of(env: dict[str, str], expression: str) -> subprocess.CompletedProcess:
+    code = (
+        "import django, json; django.setup(); from django.conf import settings; "
+        f"from realtime.conf import realtime_settings; print(json.dumps({expression}, default=str))"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env={**BASE_ENV, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+
+
+def value_of(env: dict[str, str], expression: str):
+    result = settings_of(env, expression)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_refuses_to_start_with_debug_off_and_no_secret_key():
+    result = settings_of({"DJANGO_DEBUG": "0"}, "1")
+    assert result.returncode != 0
+    assert "DJANGO_SECRET_KEY must be set" in result.stderr
+
+
+def test_debug_is_off_by_default():
+    assert value_of({"DJANGO_SECRET_KEY": "k" * 40}, "settings.DEBUG") is False
+
+
+def test_jwt_signing_key_defaults_to_the_secret_key_and_can_be_set():
+    env = {"DJANGO_SECRET_KEY": "s" * 40}
+    assert value_of(env, "settings.SIMPLE_JWT['SIGNING_KEY']") == "s" * 40
+    env["JWT_SIGNING_KEY"] = "j" * 40
+    assert value_of(env, "settings.SIMPLE_JWT['SIGNING_KEY']") == "j" * 40
+
+
+def test_environment_drives_hosts_lifetimes_database_and_layer():
+    env = {
+        "DJANGO_DEBUG": "true",
+        "DJANGO_ALLOWED_HOSTS": "a.example, b.example",
+        "JWT_ACCESS_LIFETIME_SECONDS": "60",
+        "JWT_REFRESH_LIFETIME_SECONDS": "120",
+        "DATABASE_URL": "postgres://u:p@db.internal:5433/platform",
+        "REDIS_URL": "redis://cache.internal:6380/0",
+    }
+    values = value_of(
+        env,
+        "[settings.ALLOWED_HOSTS, settings.SIMPLE_JWT['ACCESS_TOKEN_LIFETIME'].total_seconds(),"
+        " settings.SIMPLE_JWT['REFRESH_TOKEN_LIFETIME'].total_seconds(),"
+        " settings.DATABASES['default']['HOST'], settings.DATABASES['default']['NAME'],"
+        " settings.CHANNEL_LAYERS['default']['BACKEND']]",
+    )
+    assert values == [
+        ["a.example", "b.example"],
+        60,
+        120,
+        "db.internal",
+        "platform",
+        "channels_redis.pubsub.RedisPubSubChannelLayer",
+    ]
+
+
+def test_embedded_defaults_are_sqlite_and_an_in_process_layer():
+    values = value_of(
+        {"DJANGO_DEBUG": "1"},
+        "[settings.DATABASES['default']['ENGINE'], settings.CHANNEL_LAYERS['default']['BACKEND']]",
+    )
+    assert values[0] == "django.db.backends.sqlite3"
+    assert "InMemoryChannelLayer" in values[1]
+
+
+def test_realtime_settings_come_from_same_named_variables_with_their_types():
+    env = {
+        "DJANGO_DEBUG": "1",
+        "REALTIME_SUBSCRIPTION_LIMIT": "7",
+        "REALTIME_SSE_HEARTBEAT_SECONDS": "2.5",
+    }
+    assert value_of(
+        env, "[realtime_settings.SUBSCRIPTION_LIMIT, realtime_settings.SSE_HEARTBEAT_SECONDS]"
+    ) == [7, 2.5]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"DJANGO_DEBUG": "maybe"}, "DJANGO_DEBUG must be a boolean"),
+        ({"DJANGO_DEBUG": "1", "JWT_ACCESS_LIFETIME_SECONDS": "soon"}, "must be an integer"),
+        (
+            {"DJANGO_DEBUG": "1", "REALTIME_SUBSCRIPTION_LIMIT": "many"},
+            "REALTIME_SUBSCRIPTION_LIMIT must be an integer",
+        ),
+    ],
+)
+def test_malformed_values_are_refused_with_the_variable_named(env, message):
+    result = settings_of(env, "realtime_settings.SUBSCRIPTION_LIMIT")
+    assert result.returncode != 0 and message in result.stderr
+
+
+def test_unknown_realtime_variable_fails_the_system_checks():
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        env={**BASE_ENV, "DJANGO_DEBUG": "1", "REALTIME_SUBSCRIPTON_LIMIT": "5"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert "realtime.E001" in result.stderr and "SUBSCRIPTON_LIMIT" in result.stderr
