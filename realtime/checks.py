@@ -5,7 +5,7 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import Error, Warning, register
 
-from realtime.conf import DEFAULTS
+from realtime.conf import DEFAULTS, realtime_settings
 
 
 @register()
@@ -18,6 +18,14 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list:
                 f"Unknown realtime settings: {', '.join(unknown)}.",
                 hint=f"Known settings: {', '.join(sorted(DEFAULTS))}.",
                 id="realtime.E001",
+            )
+        )
+    if realtime_settings.SSE_HEARTBEAT_SECONDS <= 0:
+        messages.append(
+            Error(
+                "SSE_HEARTBEAT_SECONDS must be greater than 0.",
+                hint="At 0 or below, idle SSE streams would send heartbeats without pause.",
+                id="realtime.E002",
             )
         )
     backend = settings.CHANNEL_LAYERS.get("default", {}).get("BACKEND", "")

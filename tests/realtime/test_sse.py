@@ -18,6 +18,7 @@ from rest_framework_simplejwt.tokens import AccessToken
 
 from mcp_platform.tasks import services
 from realtime import api, protocol, sse
+from realtime.checks import check_settings
 from realtime.connections import ConnectionManager, Transport, get_connection_manager
 from realtime.sources import TaskSnapshot
 from tests.conftest import token_for
@@ -443,6 +444,13 @@ def test_heartbeat_when_idle(user):
 
     with realtime_override(SSE_HEARTBEAT_SECONDS=0.2):
         run(scenario)
+
+
+@pytest.mark.parametrize("seconds, refused", [(0.0, True), (-1.0, True), (0.5, False)])
+def test_a_heartbeat_that_is_not_positive_fails_the_system_check(seconds, refused):
+    with realtime_override(SSE_HEARTBEAT_SECONDS=seconds):
+        ids = [message.id for message in check_settings()]
+    assert ("realtime.E002" in ids) is refused
 
 
 @pytest.mark.parametrize(
