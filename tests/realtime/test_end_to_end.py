@@ -2,11 +2,16 @@
 
 import asyncio
 import json
+import os
+import sys
 
 import aiohttp
 import pytest
 import websockets
 from asgiref.sync import async_to_sync
+
+from mcp_platform.tasks import services
+from tests.conftest import ROOT, server_database_url, token_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -69,3 +74,74 @@ def test_change_in_one_process_reaches_client_of_another(daphne_redis_servers, u
     async_to_sync(rest_to_websocket_round_trip)(
         first.http_url, second.ws_url, first.http_url, user.username
     )
+
+
+async def expect_close(url: str, code: int, frame: str | None = None, **connect_options) -> None:
+    async with websockets.connect(url, max_size=None, **connect_options) as ws:
+        if frame is not None:
+            assert (await receive_type(ws, "connected"))["type"] == "connected"
+            await ws.send(frame)
+        with pytest.raises(websockets.ConnectionClosed) as caught:
+            await asyncio.wait_for(ws.recv(), 10)
+        assert caught.value.rcvd.code == code
+
+
+def test_bad_token_is_closed_4401_over_daphne(daphne_server):
+    async_to_sync(expect_close)(f"{daphne_server.ws_url}/ws?token=forged", 4401)
+
+
+def test_oversize_frame_is_closed_4009_over_daphne(daphne_server, user):
+    url = f"{daphne_server.ws_url}/ws?token={token_for(user)}"
+    async_to_sync(expect_close)(url, 4009, frame="x" * 65537)
+
+
+def test_foreign_origin_is_refused_403_and_no_origin_is_allowed(daphne_server, user):
+    url = f"{daphne_server.ws_url}/ws?token={token_for(user)}"
+
+    async def scenario():
+        with pytest.raises(websockets.InvalidStatus) as caught:
+            async with websockets.connect(url, origin="https://evil.example"):
+                pass
+        assert caught.value.response.status_code == 403
+        async with websockets.connect(url, origin=f"http://127.0.0.1:{daphne_server.port}") as ws:
+            await receive_type(ws, "connected")
+        async with websockets.connect(url) as ws:  # no Origin header at all
+            await receive_type(ws, "connected")
+
+    async_to_sync(scenario)()
+
+
+@pytest.mark.redis
+def test_management_command_in_another_process_reaches_websocket_client(
+    daphne_redis_servers, redis_server, user
+):
+    task = services.create_task(owner=user, name="from a command")
+    server = daphne_redis_servers[0]
+
+    async def scenario():
+        async with websockets.connect(f"{server.ws_url}/ws?token={token_for(user)}") as ws:
+            await receive_type(ws, "connected")
+            await ws.send(json.dumps({"action": "subscribe", "task_id": str(task.pk)}))
+            await receive_type(ws, "subscribed")
+            command = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "manage.py",
+                "update_task",
+                str(task.pk),
+                "--progress",
+                "75",
+                cwd=ROOT,
+                env={
+                    **os.environ,
+                    "REDIS_URL": redis_server,
+                    "DATABASE_URL": server_database_url(),
+                },
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            _, stderr = await asyncio.wait_for(command.communicate(), 60)
+            assert command.returncode == 0, stderr.decode()
+            update = await receive_type(ws, "task_update", timeout=20)
+            assert (update["progress"], update["seq"]) == (75, 2)
+
+    async_to_sync(scenario)()
