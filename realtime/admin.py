@@ -20,8 +20,10 @@ from realtime.models import Broadcast, LiveConnections
 class BroadcastForm(forms.Form):
     message = forms.CharField(widget=forms.Textarea(attrs={"rows": 4, "cols": 60}), strip=False)
     type = forms.CharField(initial=broadcasts.DEFAULT_TYPE)
-    data = forms.JSONField(
-        required=False, help_text="Optional: a JSON object of further fields for the payload."
+    data = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 4, "cols": 60}),
+        required=False,
+        help_text="Optional: a JSON object of further fields for the payload.",
     )
 
     def clean(self) -> dict[str, Any]:

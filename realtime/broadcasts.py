@@ -2,6 +2,7 @@
 records it. The REST view, the admin and the ``broadcast`` command all call ``send()``."""
 
 import json
+import math
 from typing import Any
 
 from django.contrib.auth.base_user import AbstractBaseUser
@@ -15,6 +16,8 @@ from realtime.models import Broadcast
 DEFAULT_TYPE = "announcement"
 MESSAGE_MAX_LENGTH = 2000
 TYPE_MAX_LENGTH = 64
+#: Deepest nesting of the payload's values; JSON as deep as Python can parse is refused.
+MAX_DEPTH = 32
 SEND_PERMISSION = "realtime.send_broadcast"
 
 
@@ -42,12 +45,43 @@ def _text_error(payload: dict[str, Any], name: str, max_length: int) -> Validati
     return None
 
 
+def _check_values(value: Any, depth: int = 0) -> None:
+    """Refuse what JSON allows but a transport or the database cannot carry."""
+    if depth > MAX_DEPTH:
+        raise ValidationError(f"Values may nest at most {MAX_DEPTH} levels.", code="invalid")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_values(key, depth)
+            _check_values(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_values(item, depth + 1)
+    elif isinstance(value, str):
+        # PostgreSQL's jsonb refuses NUL; lone surrogates (from "\ud800" escapes) are not
+        # UTF-8 and no transport can send them.
+        if "\x00" in value or (not value.isascii() and not _is_utf8(value)):
+            raise ValidationError(
+                "Text must not contain NUL characters or lone surrogates.", code="invalid"
+            )
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValidationError("Numbers must be finite.", code="invalid")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def validate_payload(data: Any) -> dict[str, Any]:
     """The payload clients receive: ``data`` with ``type`` defaulted to ``announcement``.
 
     ``data`` must be a JSON object with a ``message`` of 1-2000 characters, an optional
-    ``type`` of 1-64, and encode to at most ``BROADCAST_MAX_BYTES``; otherwise
-    ``ValidationError`` (keyed by field where one is at fault).
+    ``type`` of 1-64, values that every transport and database can carry, and encode to
+    at most ``BROADCAST_MAX_BYTES``; otherwise ``ValidationError`` (keyed by field where
+    one is at fault).
     """
     if not isinstance(data, dict):
         raise ValidationError("A broadcast must be a JSON object.", code="invalid")
@@ -59,10 +93,8 @@ def validate_payload(data: Any) -> dict[str, Any]:
     }
     if errors:
         raise ValidationError(errors)
-    try:
-        encoded = json.dumps(payload, ensure_ascii=False, allow_nan=False).encode()
-    except ValueError:
-        raise ValidationError("Numbers must be finite.", code="invalid") from None
+    _check_values(payload)
+    encoded = json.dumps(payload, ensure_ascii=False).encode()
     if len(encoded) > realtime_settings.BROADCAST_MAX_BYTES:
         raise ValidationError(
             f"A broadcast must encode to at most {realtime_settings.BROADCAST_MAX_BYTES} bytes.",
@@ -71,17 +103,27 @@ def validate_payload(data: Any) -> dict[str, Any]:
     return payload
 
 
-def compose(*, message: str, type: str | None = None, data: Any = None) -> dict[str, Any]:
-    """A payload from separate parts (admin form, command line): ``data``, a JSON object,
-    adds fields besides ``message`` and ``type``. Raises ``ValidationError``."""
-    data = {} if data is None else data
-    if not isinstance(data, dict):
-        raise ValidationError({"data": ValidationError("Must be a JSON object.", code="invalid")})
-    if clash := sorted({"message", "type"} & data.keys()):
-        raise ValidationError(
-            {"data": ValidationError(f"Must not set {' or '.join(clash)}.", code="invalid")}
-        )
-    return {**data, "message": message, **({} if type is None else {"type": type})}
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def compose(*, message: str, type: str | None = None, data: str | None = None) -> dict[str, Any]:
+    """A payload from separate parts (admin form, command line). ``data`` is the JSON text
+    of an object whose fields join ``message`` and ``type``. Raises ``ValidationError``
+    (keyed ``data`` for a fault of ``data``); ``validate_payload()`` checks the rest."""
+
+    def data_error(text: str) -> ValidationError:
+        return ValidationError({"data": ValidationError(text, code="invalid")})
+
+    try:
+        fields = json.loads(data or "{}", parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise data_error(f"Not valid JSON: {exc}") from None
+    if not isinstance(fields, dict):
+        raise data_error("Must be a JSON object.")
+    if clash := sorted({"message", "type"} & fields.keys()):
+        raise data_error(f"Must not set {' or '.join(clash)}.")
+    return {**fields, "message": message, **({} if type is None else {"type": type})}
 
 
 def send(*, payload: Any, sent_by: AbstractBaseUser | None = None) -> Broadcast:

@@ -80,6 +80,8 @@ def test_send_form_renders_for_staff(client, staff_user):
         ({"message": "m", "type": "announcement", "data": "{oops"}, "data"),
         ({"message": "m", "type": "announcement", "data": "[1, 2]"}, "data"),
         ({"message": "m", "type": "announcement", "data": '{"message": "x"}'}, "data"),
+        ({"message": "m", "type": "announcement", "data": "[" * 5000}, "data"),
+        ({"message": "m", "type": "announcement", "data": '{"x": "\\u0000"}'}, "__all__"),
     ],
 )
 def test_bad_form_input_is_shown_and_nothing_sent(client, staff_user, form, field):

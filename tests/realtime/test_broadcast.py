@@ -8,11 +8,12 @@ import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 from django.contrib.auth.models import Permission
 from django.core.exceptions import ValidationError
+from django.db import transaction
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rest_framework.test import APIClient
 
-from realtime import broadcasts
+from realtime import broadcasts, protocol
 from realtime.connections import Transport, get_connection_manager
 from realtime.models import Broadcast
 from tests.conftest import connect_user, free_port, open_websocket, token_for
@@ -64,7 +65,6 @@ def test_bad_fields_are_named_with_a_code(data, field, code):
     [
         (["message"], "invalid"),
         ("message", "invalid"),
-        ({"message": "m", "x": float("nan")}, "invalid"),
         ({"message": "m", "padding": "p" * 16384}, "payload_too_large"),
     ],
 )
@@ -75,16 +75,70 @@ def test_bad_payloads_as_a_whole(data, code):
 
 
 def test_compose_merges_data_and_rejects_clashes_and_non_objects():
-    assert broadcasts.compose(message="m", type="t", data={"k": 1}) == {
+    assert broadcasts.compose(message="m", type="t", data='{"k": 1}') == {
         "k": 1,
         "message": "m",
         "type": "t",
     }
-    assert broadcasts.compose(message="m") == {"message": "m"}
-    for data in ([1], "x", {"message": "other"}, {"type": "other"}):
+    assert (
+        broadcasts.compose(message="m")
+        == broadcasts.compose(message="m", data="")
+        == {"message": "m"}
+    )
+    for data in ("[1]", '"x"', "{oops", '{"x": NaN}', "[" * 5000, '{"message": "other"}'):
         with pytest.raises(ValidationError) as caught:
             broadcasts.compose(message="m", data=data)
-        assert list(caught.value.error_dict) == ["data"]
+        assert list(caught.value.error_dict) == ["data"], data
+
+
+JSON_TEXT = st.text(st.one_of(st.characters(), st.characters(categories=["Cs", "Cc"])))
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | JSON_TEXT,
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(JSON_TEXT, children, max_size=3)
+    ),
+    max_leaves=12,
+)
+BODIES = st.dictionaries(
+    st.sampled_from(["message", "type"]) | JSON_TEXT, JSON_VALUES | JSON_TEXT, max_size=4
+) | st.fixed_dictionaries({"message": JSON_TEXT}, optional={"x": JSON_VALUES})
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=BODIES | JSON_VALUES)
+def test_what_validation_accepts_every_layer_can_carry(data):
+    """Anything accepted encodes to UTF-8 JSON that decodes back to it, and stores."""
+    try:
+        payload = broadcasts.validate_payload(data)
+    except ValidationError:
+        return
+    text = protocol.encode(protocol.broadcast(payload))
+    assert json.loads(text.encode("utf-8"))["payload"] == payload
+    with transaction.atomic():
+        record = Broadcast.objects.create(payload=payload, recipients=0, websocket=0, sse=0)
+    record.refresh_from_db()
+    assert record.payload == payload
+
+
+def nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["nul \x00 inside", "lone \ud800 surrogate", {"key \x00": 1}, float("inf"), nested(40)],
+)
+def test_values_no_transport_or_database_can_carry_are_refused(value):
+    with pytest.raises(ValidationError) as caught:
+        broadcasts.validate_payload({"message": "m", "x": value})
+    assert caught.value.code == "invalid"
+
+
+def test_nesting_up_to_the_limit_is_accepted():
+    assert broadcasts.validate_payload({"message": "m", "x": nested(broadcasts.MAX_DEPTH)})
 
 
 def test_who_may_send(user, staff_user, make_user):
@@ -200,6 +254,10 @@ def test_body_at_the_limit_is_accepted(staff_user):
         ({"message": "x" * 2001}, "max_length"),
         ({"message": "m", "type": "t" * 65}, "max_length"),
         (b"{not json", "parse_error"),
+        (b"[" * 5000 + b"]" * 5000, "parse_error"),
+        (b'{"message": "m", "x": "\\u0000"}', "invalid"),
+        (b'{"message": "\\ud800"}', "invalid"),
+        (b'{"message": "m", "x": NaN}', "parse_error"),
     ],
 )
 def test_bad_bodies_get_400_with_a_code(staff_user, body, code):

@@ -74,8 +74,10 @@ def test_type_defaults_to_announcement(capsys):
         (["m", "--data", "[1]"], "--data: Must be a JSON object."),
         (["m", "--data", '"text"'], "--data: Must be a JSON object."),
         (["m", "--data", '{"message": "again"}'], "--data: Must not set message."),
-        (["m", "--data", '{"x": NaN}'], "--data is not valid JSON: NaN is not JSON"),
-        (["m", "--data", "{oops"], "--data is not valid JSON: Expecting property name"),
+        (["m", "--data", '{"x": NaN}'], "--data: Not valid JSON: NaN is not JSON"),
+        (["m", "--data", "[" * 5000], "--data: Not valid JSON: maximum recursion depth"),
+        (["m", "--data", '{"x": "\\u0000"}'], "Text must not contain NUL"),
+        (["m", "--data", "{oops"], "--data: Not valid JSON: Expecting property name"),
         (["m", "--data", '{"pad": "' + "p" * 16384 + '"}'], "A broadcast must encode to at most"),
     ],
 )

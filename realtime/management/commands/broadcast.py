@@ -1,13 +1,7 @@
-import json
-
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from realtime import broadcasts
-
-
-def reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
 
 
 class Command(BaseCommand):
@@ -20,11 +14,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, message: str, type: str | None, data: str | None, **options) -> None:
         try:
-            extra = None if data is None else json.loads(data, parse_constant=reject_constant)
-        except ValueError as exc:
-            raise CommandError(f"--data is not valid JSON: {exc}") from None
-        try:
-            payload = broadcasts.compose(message=message, type=type, data=extra)
+            payload = broadcasts.compose(message=message, type=type, data=data)
             broadcast = broadcasts.send(payload=payload)
         except ValidationError as exc:
             raise CommandError(describe(exc)) from None
