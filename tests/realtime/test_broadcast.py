@@ -9,7 +9,7 @@ from asgiref.sync import async_to_sync, sync_to_async
 from django.contrib.auth.models import Permission
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from rest_framework.test import APIClient
 
@@ -17,6 +17,7 @@ from realtime import broadcasts, protocol
 from realtime.connections import Transport, get_connection_manager
 from realtime.models import Broadcast
 from tests.conftest import connect_user, free_port, open_websocket, token_for
+from tests.sse import InProcessStream
 
 pytestmark = pytest.mark.django_db
 
@@ -307,45 +308,80 @@ def test_only_post_is_allowed(staff_user):
 # Property 48
 
 
-def _transport_counts(live: list) -> dict[Transport, int]:
-    return {transport: sum(1 for t, _ in live if t == transport) for transport in Transport}
+class WebSocketClient:
+    transport = Transport.WEBSOCKET
+
+    def __init__(self, communicator) -> None:
+        self.communicator = communicator
+
+    @classmethod
+    async def open(cls, stack: AsyncExitStack, token: str) -> "WebSocketClient":
+        communicator = await stack.enter_async_context(open_websocket(f"/ws?token={token}"))
+        await connect_user(communicator)
+        return cls(communicator)
+
+    async def next_broadcast(self) -> dict:
+        return await self.communicator.receive_json_from(timeout=5)
+
+    async def has_nothing_more(self) -> bool:
+        return await self.communicator.receive_nothing(timeout=0.01)
+
+    async def close(self) -> None:
+        await self.communicator.disconnect()
 
 
-async def _open(stack: AsyncExitStack, transport: Transport, token: str):
-    websocket = await stack.enter_async_context(open_websocket(f"/ws?token={token}"))
-    await connect_user(websocket)
-    return websocket
+class SseClient:
+    transport = Transport.SSE
+
+    def __init__(self, stream: InProcessStream) -> None:
+        self.stream = stream
+
+    @classmethod
+    async def open(cls, stack: AsyncExitStack, token: str) -> "SseClient":
+        stream = await stack.enter_async_context(InProcessStream({"token": token}))
+        assert stream.status == 200
+        await stream.next_of("connected")
+        return cls(stream)
+
+    async def next_broadcast(self) -> dict:
+        return (await self.stream.next_of("broadcast")).json()
+
+    async def has_nothing_more(self) -> bool:
+        return not self.stream.pending and await self.stream.communicator.receive_nothing(0.01)
+
+    async def close(self) -> None:
+        await self.stream.close()
 
 
-async def _churn_then_broadcast(ops: list, tokens: list[str], sender) -> None:
-    manager = get_connection_manager()
+CLIENTS = {client.transport: client for client in (WebSocketClient, SseClient)}
+
+
+async def churn_then_broadcast(ops: list, tokens: list[str]) -> None:
+    """Open and close clients as ``ops`` say, broadcast, and check who got it."""
+    message = f"after {len(ops)} steps"
     async with AsyncExitStack() as stack:
         live: list = []
         for step, (op, arg) in enumerate(ops):
             if op == "open":
-                live.append((arg, await _open(stack, arg, tokens[step % len(tokens)])))
+                live.append(await CLIENTS[arg].open(stack, tokens[step % len(tokens)]))
             elif live:
-                _, client = live.pop(arg % len(live))
-                await client.disconnect()
-        record = await sync_to_async(broadcasts.send)(payload={"message": f"after {len(ops)}"})
-        expected = _transport_counts(live)
-        assert (record.websocket, record.sse) == (
-            expected[Transport.WEBSOCKET],
-            expected[Transport.SSE],
-        )
+                await live.pop(arg % len(live)).close()
+        record = await sync_to_async(broadcasts.send)(payload={"message": message})
         assert record.recipients == len(live)
-        for _, client in live:
-            message = await client.receive_json_from(timeout=5)
-            assert message["type"] == "broadcast"
-            assert message["payload"] == {"message": f"after {len(ops)}", "type": "announcement"}
-        for _, client in live:
-            assert await client.receive_nothing(timeout=0.01)
-    assert await manager.count_connections() == 0
+        assert record.websocket == sum(client.transport == Transport.WEBSOCKET for client in live)
+        assert record.sse == sum(client.transport == Transport.SSE for client in live)
+        for client in live:
+            received = await client.next_broadcast()
+            assert received["type"] == "broadcast"
+            assert received["payload"] == {"message": message, "type": "announcement"}
+        for client in live:
+            assert await client.has_nothing_more()
+    assert await get_connection_manager().count_connections() == 0
 
 
 CHURN = st.lists(
     st.one_of(
-        st.tuples(st.just("open"), st.just(Transport.WEBSOCKET)),
+        st.tuples(st.just("open"), st.sampled_from(Transport)),
         st.tuples(st.just("close"), st.integers(min_value=0, max_value=20)),
     ),
     max_size=10,
@@ -359,6 +395,9 @@ CHURN = st.lists(
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(ops=CHURN)
+@example(ops=[])
+@example(ops=[("open", Transport.SSE), ("open", Transport.WEBSOCKET), ("close", 0), ("close", 0)])
 def test_property_48_broadcast_reaches_exactly_the_live_connections(ops, user, other_user):
-    tokens = [token_for(user), token_for(other_user)]
-    async_to_sync(_churn_then_broadcast)(ops, tokens, None)
+    """For any WebSocket and SSE clients (none included) after connect/disconnect churn, a
+    broadcast reaches exactly the live ones, and ``recipients`` counts them."""
+    async_to_sync(churn_then_broadcast)(ops, [token_for(user), token_for(other_user)])
