@@ -8,6 +8,7 @@ from django.contrib.messages import get_messages
 from mcp_platform.tasks import services
 from realtime.models import Broadcast
 from tests.conftest import connect_user, free_port, open_websocket, token_for
+from tests.sse import InProcessStream
 
 pytestmark = pytest.mark.django_db
 
@@ -130,24 +131,29 @@ def test_history_is_read_only(client, staff_user):
 
 
 @live_db
-def test_live_connections_page_counts_a_connected_client(client, staff_user, user):
+def test_live_connections_page_counts_connected_clients(client, staff_user, user):
     task = services.create_task(owner=user, name="watched")
     client.force_login(staff_user)
 
     async def scenario():
-        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+        query = {"token": token_for(user), "task_id": str(task.pk)}
+        async with (
+            open_websocket(f"/ws?token={token_for(user)}") as ws,
+            InProcessStream(query) as stream,
+        ):
             await connect_user(ws)
             await ws.send_json_to({"action": "subscribe", "task_id": str(task.pk)})
             assert (await ws.receive_json_from(timeout=5))["type"] == "subscribed"
+            await stream.next_of("connected")
             return await sync_to_async(client.get)(LIVE_URL)
 
     response = async_to_sync(scenario)()
     assert response.status_code == 200
     context = response.context
-    assert dict(context["by_transport"]) == {"websocket": 1, "sse": 0}
-    assert context["total"] == 1
-    assert context["by_user"] == [(user, user.pk, 1)]
-    assert context["by_task"] == [(task.pk, 1)]
+    assert dict(context["by_transport"]) == {"websocket": 1, "sse": 1}
+    assert context["total"] == 2
+    assert context["by_user"] == [(user, user.pk, 2)]
+    assert context["by_task"] == [(task.pk, 2)]
     content = response.content.decode()
     assert user.username in content and str(task.pk) in content
 
