@@ -232,10 +232,15 @@ class RawResponse:
 
     @classmethod
     async def get(
-        cls, port: int, target: str, headers: dict[str, str] | None = None
+        cls,
+        port: int,
+        target: str,
+        headers: dict[str, str] | None = None,
+        *,
+        http_version: str = "1.1",
     ) -> "RawResponse":
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        lines = [f"GET {target} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
+        lines = [f"GET {target} HTTP/{http_version}", f"Host: 127.0.0.1:{port}"]
         lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         await writer.drain()
@@ -254,10 +259,15 @@ class RawResponse:
         return values
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The body: chunked transfer coding decoded, else read until the server closes."""
+        """The body: chunked transfer coding decoded, else ``Content-Length`` bytes, else
+        what arrives until the server closes."""
         if self.header("Transfer-Encoding") != ["chunked"]:
             length = self.header("Content-Length")
-            yield await (self.reader.readexactly(int(length[0])) if length else self.reader.read())
+            if length:
+                yield await self.reader.readexactly(int(length[0]))
+                return
+            while chunk := await self.reader.read(65536):
+                yield chunk
             return
         while True:
             size = int((await self.reader.readuntil(b"\r\n"))[:-2].split(b";")[0], 16)

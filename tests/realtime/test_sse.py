@@ -24,7 +24,8 @@ from realtime.sources import TaskSnapshot
 from tests.conftest import token_for
 from tests.sse import Event, EventStreamParser, InProcessStream, bearer, parse_all
 
-pytestmark = pytest.mark.django_db(transaction=True)
+#: The endpoint's tests: the application reaches the database from threads of its own.
+transactional = pytest.mark.django_db(transaction=True)
 
 STREAM_HEADERS = {
     "Content-Type": ["text/event-stream"],
@@ -138,6 +139,7 @@ def test_sse_framing_round_trips_through_the_parser(event, data, event_id):
 # Opening the stream
 
 
+@transactional
 def test_first_bytes_are_retry_then_connected(user):
     async def scenario():
         async with InProcessStream({"token": token_for(user)}) as stream:
@@ -160,6 +162,7 @@ def test_first_bytes_are_retry_then_connected(user):
     run(scenario)
 
 
+@transactional
 @pytest.mark.parametrize("how", ["header", "query", "session"])
 def test_each_way_of_authenticating(user, how):
     headers, query = [], {}
@@ -180,6 +183,7 @@ def test_each_way_of_authenticating(user, how):
     run(scenario)
 
 
+@transactional
 def test_header_token_wins_over_query_token(user, other_user):
     async def scenario():
         async with InProcessStream(
@@ -190,6 +194,7 @@ def test_header_token_wins_over_query_token(user, other_user):
     run(scenario)
 
 
+@transactional
 def test_other_authorization_schemes_are_left_to_the_token_or_session(user):
     async def scenario():
         async with InProcessStream(
@@ -206,6 +211,7 @@ def expired_token(user) -> str:
     return str(token)
 
 
+@transactional
 @pytest.mark.parametrize(
     "credentials, code",
     [
@@ -257,6 +263,7 @@ def test_missing_or_bad_credentials_are_401_json_without_a_stream(
     assert disconnected == []
 
 
+@transactional
 def test_other_methods_are_405_json(user):
     async def scenario():
         from channels.testing import HttpCommunicator
@@ -280,6 +287,7 @@ def test_other_methods_are_405_json(user):
 # task_id
 
 
+@transactional
 @pytest.mark.parametrize("value", ["", "42", "not-a-uuid", "a" * 300])
 def test_task_id_that_is_not_a_uuid_is_400(user, task, value, disconnected):
     async def scenario():
@@ -297,6 +305,7 @@ def test_task_id_that_is_not_a_uuid_is_400(user, task, value, disconnected):
     assert disconnected == []
 
 
+@transactional
 def test_unknown_task_and_another_users_task_are_the_same_404(user, other_user, task, disconnected):
     foreign = services.create_task(owner=other_user, name="not yours")
 
@@ -322,6 +331,7 @@ def test_unknown_task_and_another_users_task_are_the_same_404(user, other_user, 
     assert all(not c.groups and not c.last_seq for c in disconnected)
 
 
+@transactional
 def test_more_task_ids_than_the_subscription_limit_is_400(user, disconnected):
     tasks = [services.create_task(owner=user, name=f"t{i}") for i in range(3)]
 
@@ -337,6 +347,7 @@ def test_more_task_ids_than_the_subscription_limit_is_400(user, disconnected):
     assert [c.groups for c in disconnected] == [set()]
 
 
+@transactional
 def test_repeated_task_ids_count_once(user, task):
     async def scenario():
         query = [("token", token_for(user)), ("task_id", str(task.pk)), ("task_id", str(task.pk))]
@@ -348,6 +359,7 @@ def test_repeated_task_ids_count_once(user, task):
         run(scenario)
 
 
+@transactional
 def test_staff_may_follow_another_users_task(staff_user, task):
     async def scenario():
         async with InProcessStream({"token": token_for(staff_user), "task_id": str(task.pk)}) as s:
@@ -370,6 +382,7 @@ def snapshot(task, seq, **state):
     )
 
 
+@transactional
 def test_task_ids_limit_the_stream_to_those_tasks(user, task):
     other = services.create_task(owner=user, name="unwatched")
 
@@ -390,6 +403,7 @@ def test_task_ids_limit_the_stream_to_those_tasks(user, task):
     run(scenario)
 
 
+@transactional
 def test_without_task_ids_the_stream_follows_the_users_own_tasks(user, other_user, task):
     foreign = services.create_task(owner=other_user, name="not yours")
 
@@ -405,6 +419,7 @@ def test_without_task_ids_the_stream_follows_the_users_own_tasks(user, other_use
     run(scenario)
 
 
+@transactional
 def test_staff_without_task_ids_follow_every_task(staff_user, task):
     async def scenario():
         async with InProcessStream({"token": token_for(staff_user)}) as s:
@@ -415,6 +430,7 @@ def test_staff_without_task_ids_follow_every_task(staff_user, task):
     run(scenario)
 
 
+@transactional
 def test_broadcast_and_personal_message_pass_their_text_through(user, other_user):
     async def scenario():
         async with InProcessStream({"token": token_for(user)}) as s:
@@ -432,6 +448,7 @@ def test_broadcast_and_personal_message_pass_their_text_through(user, other_user
     run(scenario)
 
 
+@transactional
 def test_heartbeat_when_idle(user):
     async def scenario():
         async with InProcessStream({"token": token_for(user)}) as s:
@@ -453,6 +470,7 @@ def test_a_heartbeat_that_is_not_positive_fails_the_system_check(seconds, refuse
     assert ("realtime.E002" in ids) is refused
 
 
+@transactional
 @pytest.mark.parametrize(
     "http_version, connection", [("1.0", None), ("1.1", b"close"), ("2", None)]
 )
@@ -480,6 +498,7 @@ def layer_state(layer) -> tuple[set[str], set[str]]:
     return set(local.channels), {c for members in local.groups.values() for c in members}
 
 
+@transactional
 def test_disconnect_leaves_every_group_and_registry_entry(user, task, disconnected):
     async def scenario():
         manager = get_connection_manager()
@@ -504,6 +523,7 @@ def test_disconnect_leaves_every_group_and_registry_entry(user, task, disconnect
     run(scenario)
 
 
+@transactional
 def test_response_dropped_before_streaming_still_cleans_up(user, task):
     """A client gone after the view answered but before the first byte was sent."""
 
@@ -565,6 +585,7 @@ def property_world(make_user):
     return {"owner": owner, "staff": staff, "tasks": tasks}
 
 
+@transactional
 @hypothesis_settings(
     max_examples=100,
     deadline=None,

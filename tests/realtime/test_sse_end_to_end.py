@@ -146,6 +146,38 @@ def test_query_token_stream_wire_format(daphne_server, user, task):
     async_to_sync(scenario)()
 
 
+@pytest.mark.parametrize(
+    "http_version, headers, connection, transfer_encoding",
+    [
+        ("1.1", {"Connection": "close"}, ["close"], ["chunked"]),
+        ("1.0", {}, [], []),
+    ],
+)
+def test_daphne_manages_the_connection_where_keep_alive_is_not_true(
+    daphne_server, user, http_version, headers, connection, transfer_encoding
+):
+    """Daphne answers ``Connection: close`` itself, and streams HTTP/1.0 unchunked until
+    it closes; the view adds no ``keep-alive`` to either."""
+
+    async def scenario():
+        response = await RawResponse.get(
+            daphne_server.port,
+            f"/events?token={token_for(user)}",
+            headers,
+            http_version=http_version,
+        )
+        try:
+            assert response.status_line == f"HTTP/{http_version} 200 OK"
+            assert response.header("Connection") == connection
+            assert response.header("Transfer-Encoding") == transfer_encoding
+            events = EventReader(response.chunks())
+            assert (await events.next_of("connected")).json()["user_id"] == user.pk
+        finally:
+            await response.close()
+
+    async_to_sync(scenario)()
+
+
 def test_heartbeat_with_a_short_interval(heartbeat_server, user):
     async def scenario():
         response = await RawResponse.get(heartbeat_server.port, f"/events?token={token_for(user)}")
@@ -158,9 +190,11 @@ def test_heartbeat_with_a_short_interval(heartbeat_server, user):
                 heartbeat = await events.next_of("heartbeat", timeout=HEARTBEAT + 5)
                 arrivals.append(loop.time())
                 stamps.append(datetime.fromisoformat(heartbeat.json()["timestamp"]))
+            # The server's clock says the interval was kept; the client's, that each
+            # heartbeat came about when due (delivery may only add delay).
+            assert (stamps[1] - stamps[0]).total_seconds() >= HEARTBEAT
             gaps = [later - earlier for earlier, later in pairwise(arrivals)]
-            assert all(0.8 * HEARTBEAT <= gap < HEARTBEAT + 2 for gap in gaps), gaps
-            assert stamps[0] < stamps[1]
+            assert all(gap < HEARTBEAT + 2 for gap in gaps), gaps
         finally:
             await response.close()
 
