@@ -1,0 +1,3 @@
+from bench.reference.server import main
+
+main()
