@@ -110,3 +110,7 @@ class TaskConsumer(AsyncWebsocketConsumer):
             await self.send(text_data=event["text"])
 
     realtime_message = realtime_broadcast
+
+    async def realtime_overflow(self, event: dict[str, Any]) -> None:
+        """Messages for this client piled up faster than it read them (see realtime.layers)."""
+        await self.close(code=CloseCode.SLOW_CLIENT.value)
