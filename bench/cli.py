@@ -9,7 +9,8 @@ from pathlib import Path
 
 from bench import report
 from bench.config import RESULTS_DIR, from_args
-from bench.runner import progress, run_benchmark
+from bench.console import progress
+from bench.runner import run_benchmark
 from bench.servers import stop_all
 
 

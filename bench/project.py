@@ -9,6 +9,7 @@ the caller's shell cannot change what is measured; ``--env`` adds variables on p
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -110,12 +111,16 @@ def describe_code(commit: str | None) -> dict[str, object]:
 
 
 def export_commit(commit: str, destination: Path) -> Path:
-    """Write the files of ``commit`` to ``destination``, leaving the repository untouched."""
+    """Write the files of ``commit`` to ``destination``, leaving the repository untouched.
+
+    The commit's own ``bench`` is left out: set-up and settings come from this benchmark.
+    """
     destination.mkdir(parents=True)
     archive = subprocess.run(
         ["git", "archive", "--format=tar", commit], cwd=ROOT, capture_output=True, check=True
     )
     subprocess.run(["tar", "-x", "-C", str(destination)], input=archive.stdout, check=True)
+    shutil.rmtree(destination / "bench", ignore_errors=True)
     return destination
 
 

@@ -9,7 +9,7 @@ DOCS = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 BEGIN = "<!-- bench:begin (written by python -m bench --update-docs) -->"
 END = "<!-- bench:end -->"
 
-#: (scenario, key, label); ``delivered`` is shown as delivered/expected, without a ratio.
+#: (scenario, key, label), in the order of the table.
 ROWS = [
     ("connect", "connect_per_s", "connections/s"),
     ("connect", "connect_p99_ms", "handshake p99 ms"),
@@ -38,7 +38,9 @@ ROWS = [
     ("sse", "p99_ms", "latency p99 ms"),
     ("sse", "delivered", "delivered"),
     ("sse", "server_cpu_s", "server CPU s"),
+    ("sustained", "updates", "updates sent"),
     ("sustained", "update_rate", "updates/s achieved"),
+    ("sustained", "failed", "update requests refused"),
     ("sustained", "delivered", "delivered"),
     ("sustained", "lost", "lost"),
     ("sustained", "out_of_order", "out of order"),
@@ -53,6 +55,8 @@ ROWS = [
 ]
 
 
+#: Figures shown as "value/whole", without a ratio.
+PAIRED = {"delivered": "expected", "updates": "planned"}
 #: Figures whose ratio to the reference means nothing.
 NO_RATIO = frozenset({"other_cpu_s"})
 
@@ -73,8 +77,8 @@ def cell(summary: dict[str, Any], reference: dict[str, Any] | None, key: str) ->
     value = summary[key]
     if isinstance(value, bool):
         return "yes" if value else "NO"
-    if key == "delivered":
-        return f"{value:,}/{summary.get('expected', 0):,}"
+    if key in PAIRED:
+        return f"{value:,}/{summary.get(PAIRED[key], 0):,}"
     text = number(value)
     if key in NO_RATIO or not reference or "skipped" in reference:
         return text
@@ -101,7 +105,7 @@ def rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             body.append([scenario, name, *cells])
     for label in labels:
         for error in summaries[label].get("errors", []):
-            body.append(["error", label, error[:120], *[""] * (len(labels) - 1)])
+            body.append(["error", "", *[error[:60] if x == label else "" for x in labels]])
     return ["scenario", "figure", *labels], body
 
 

@@ -10,7 +10,6 @@ import json
 import re
 import secrets
 import shutil
-import sys
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +19,7 @@ import aiohttp
 import redis
 
 from bench.config import RESULTS_DIR, Config, Target
+from bench.console import progress
 from bench.loadclient import raise_open_file_limit
 from bench.pool import ClientPool
 from bench.procstat import machine, wait_for_quiet
@@ -29,10 +29,6 @@ from bench.servers import ROOT, Server, start_profiler, start_server, stop_profi
 from bench.stats import summarize
 
 PROFILES_DIR = RESULTS_DIR / "profiles"
-
-
-def progress(text: str) -> None:
-    print(f"[bench] {text}", file=sys.stderr, flush=True)
 
 
 class Runner:

@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 
 from bench.config import Config
+from bench.console import progress
 from bench.pool import ClientPool
 from bench.procstat import CpuMeter, cpu_seconds, rss_kib
 from bench.project import Accounts
@@ -147,18 +148,26 @@ class Run:
         return await self.open("ws", [f"/ws?token={token}" for token in tokens], tokens)
 
     async def subscribe(self, task_id: str) -> dict[str, Any]:
-        """Subscribe every open WebSocket to the task; fails unless all are subscribed."""
+        """Subscribe every open WebSocket to the task.
+
+        A client the server fails to subscribe stays in the figures that follow, as one
+        that receives nothing: ``subscribe_failed`` tells why it did not.
+        """
         await self.pool.call_all("clear", kind="ws")
         began = time.monotonic()
         text = f'{{"action":"subscribe","task_id":"{task_id}"}}'
-        counts = await self.pool.call_all("send", kind="ws", text=text)
+        await self.pool.call_all("send", kind="ws", text=text)
         await self.pool.call_all("wait", kind="ws", count=1, timeout=self.config.timeout)
         elapsed = time.monotonic() - began
         logs = [log for share in await self.pool.call_all("collect", kind="ws") for log in share]
-        subscribed = sum(bool(log) and log[0][1] == "subscribed" for log in logs)
-        if subscribed != sum(counts):
-            raise RuntimeError(f"only {subscribed} of {sum(counts)} clients were subscribed")
-        return {"subscribe_per_s": subscribed / elapsed if elapsed > 0 else 0.0}
+        replies = Counter(log[0][1] if log else "no reply" for log in logs)
+        subscribed = replies.pop("subscribed", 0)
+        if replies:
+            progress(f"not subscribed: {dict(replies)}")
+        return {
+            "subscribe_per_s": subscribed / elapsed if elapsed > 0 else 0.0,
+            "subscribe_failed": dict(replies),
+        }
 
     async def deliver(
         self, kind: str, message_type: str, trigger: Callable[[], Awaitable[dict[str, Any]]]
@@ -324,7 +333,7 @@ class Run:
             "subscribers": connect["opened"],
             "planned": total,
             "updates": len(sent),
-            "failed": sum(refused.values()) + connect["failed"],
+            "failed": sum(refused.values()),
             "errors": {**connect["errors"], **refused},
             "update_rate": len(sent) / sending,
             **stream_figures(sent, logs),

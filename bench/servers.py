@@ -91,7 +91,17 @@ def server_command(kind: str, port: int, extra: list[str]) -> list[str]:
     """The command line of one server: ``daphne``, ``uvicorn`` or ``reference``."""
     python = sys.executable
     if kind == "daphne":
-        return [python, "-m", "daphne", "-b", HOST, "-p", str(port), *extra, APPLICATION]
+        return [
+            python,
+            "-m",
+            "mcp_platform.serve",
+            "-b",
+            HOST,
+            "-p",
+            str(port),
+            *extra,
+            APPLICATION,
+        ]
     if kind == "uvicorn":
         return [
             python,

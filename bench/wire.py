@@ -38,9 +38,15 @@ class Tally:
         if self.done >= self.size:
             self.event.set()
 
+    def lost(self) -> None:
+        """A connection closed short of the target: it cannot reach it, so stop waiting for it."""
+        self.size -= 1
+        if self.done >= self.size:
+            self.event.set()
+
     async def wait(self, receivers: "list[Receiver]", target: int, timeout: float) -> bool:
-        """Whether every receiver got ``target`` messages within ``timeout`` seconds."""
-        self.size = len(receivers)
+        """Whether every open receiver got ``target`` messages within ``timeout`` seconds."""
+        self.size = sum(r.transport is not None or len(r.messages) >= target for r in receivers)
         self.done = sum(len(r.messages) >= target for r in receivers)
         self.target = target
         self.event.clear()
@@ -76,6 +82,8 @@ class Receiver(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if 0 < self.tally.target > len(self.messages):
+            self.tally.lost()
         if not self.opened.done():
             self.opened.set_exception(exc or ConnectionError("closed during the handshake"))
 
