@@ -30,6 +30,7 @@ from realtime.connections import (
     Transport,
     get_connection_manager,
 )
+from realtime.layers import OVERFLOW
 from realtime.protocol import ErrorCode, ProtocolError, SseEvent
 
 #: Layer messages whose text every stream sends as it is, and the event name of each.
@@ -126,9 +127,8 @@ async def event_stream(
     manager = get_connection_manager()
     layer = manager.layer
     channel_name = await layer.new_channel()
-    # One receive stays pending for the whole stream: the Redis pub/sub layer drops a
-    # channel whose receive is cancelled, so receive() is never put under a timeout.
-    # Cancelling it at the end is what releases the channel.
+    # One receive stays pending for the whole stream and is never put under a timeout:
+    # a layer drops a channel whose pending receive is cancelled (release_channel()).
     receiving = asyncio.ensure_future(layer.receive(channel_name))
     connection: Connection | None = None
     try:
@@ -149,6 +149,10 @@ async def event_stream(
             await asyncio.wait([receiving], timeout=deadline - loop.time())
             if receiving.done():
                 message = receiving.result()
+                if message.get("type") == OVERFLOW:
+                    # Messages piled up faster than they were sent, and some are lost: the
+                    # stream ends, and the client reconnects (after ``retry``) to resume.
+                    return
                 receiving = asyncio.ensure_future(layer.receive(channel_name))
                 data = frame(connection, message)
             else:
@@ -157,11 +161,28 @@ async def event_stream(
                 yield data
                 deadline = loop.time() + heartbeat
     finally:
-        receiving.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await receiving
-        if connection is not None:
-            await manager.disconnect(connection)
+        try:
+            if connection is not None:
+                await manager.disconnect(connection)
+        finally:
+            await release_channel(layer, channel_name, receiving)
+
+
+async def release_channel(layer: Any, channel_name: str, receiving: asyncio.Future) -> None:
+    """Make the layer forget a channel that has left its groups.
+
+    Layers have no call for this, but the Redis pub/sub layer and ``realtime.layers`` drop
+    a channel whose pending receive is cancelled. A receive is let start first (one
+    cancelled before it runs cleans nothing up), and while a receive finds a message
+    waiting another replaces it, so that the one cancelled is pending.
+    """
+    await asyncio.sleep(0)
+    while receiving.done() and not receiving.cancelled() and receiving.exception() is None:
+        receiving = asyncio.ensure_future(layer.receive(channel_name))
+        await asyncio.sleep(0)
+    receiving.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await receiving
 
 
 async def resume(head: bytes, stream: AsyncGenerator[bytes, None]) -> AsyncIterator[bytes]:

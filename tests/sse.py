@@ -193,6 +193,13 @@ class InProcessStream:
         assert event.type == event_type, event
         return event
 
+    async def until_end(self, timeout: float = 5) -> list[Event]:
+        """Every event not yet taken, once the application has ended the response."""
+        while not self.complete:
+            await self._read(timeout)
+        events, self.pending = self.pending, []
+        return events
+
 
 def bearer(token: str) -> list[tuple[bytes, bytes]]:
     return [(b"authorization", f"Bearer {token}".encode())]

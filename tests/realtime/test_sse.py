@@ -524,6 +524,31 @@ def test_disconnect_leaves_every_group_and_registry_entry(user, task, disconnect
 
 
 @transactional
+def test_a_stream_whose_messages_overflow_ends_and_cleans_up(user, disconnected):
+    """The in-process layer reports a full queue instead of dropping messages silently."""
+
+    async def scenario():
+        manager = get_connection_manager()
+        async with InProcessStream({"token": token_for(user)}) as stream:
+            await stream.next_of("connected")
+            # group_send does not yield, so the stream cannot drain its queue of 2 meanwhile.
+            for number in range(5):
+                await manager.send_personal_message(user.pk, {"number": number})
+            events = await stream.until_end()
+            assert [event.json()["payload"]["number"] for event in events] == [0]
+        await assert_no_connections()
+        [connection] = disconnected
+        channels, members = layer_state(manager.layer)
+        assert connection.channel_name not in channels | members
+
+    layers = {
+        "default": {"BACKEND": "realtime.layers.InMemoryChannelLayer", "CONFIG": {"capacity": 2}}
+    }
+    with override_settings(CHANNEL_LAYERS=layers):
+        run(scenario)
+
+
+@transactional
 def test_response_dropped_before_streaming_still_cleans_up(user, task):
     """A client gone after the view answered but before the first byte was sent."""
 
