@@ -9,6 +9,7 @@ import asyncio
 import json
 import re
 import secrets
+import shlex
 import shutil
 import tempfile
 from datetime import UTC, datetime
@@ -95,7 +96,8 @@ class Runner:
                 timeout = aiohttp.ClientTimeout(total=self.config.timeout)
                 async with aiohttp.ClientSession(timeout=timeout) as http:
                     run = Run(self.config, servers, pool, http, self.accounts, redis_pid)
-                    return await run.measure()
+                    command = shlex.join(["python", *servers[0].process.args[1:]])
+                    return {"server_command": command, **await run.measure()}
             finally:
                 await pool.close()
         except Exception as exc:

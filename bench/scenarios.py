@@ -97,9 +97,10 @@ class Run:
             raise RuntimeError(f"POST /api/tasks/ answered {status}: {body}")
         return body["id"]
 
-    async def update_task(self, task_id: str, progress: int) -> tuple[int, Any]:
+    async def update_task(self, task_id: str, number: int) -> tuple[int, Any]:
+        """PATCH the task (a new ``progress`` each time, though any save is a change)."""
         return await self.request(
-            "PATCH", f"/api/tasks/{task_id}/", {"status": "running", "progress": progress % 101}
+            "PATCH", f"/api/tasks/{task_id}/", {"status": "running", "progress": number % 101}
         )
 
     def spread(self, items: list[Any]) -> list[list[Any]]:
@@ -195,9 +196,9 @@ class Run:
         figures = fanout_figures(published, logs, message_type)
         return {**figures, "complete": complete, "closed_by_server": closed, **extra, **cpu}
 
-    def update_trigger(self, task_id: str, progress: int) -> Callable[[], Awaitable[dict]]:
+    def update_trigger(self, task_id: str, number: int) -> Callable[[], Awaitable[dict]]:
         async def trigger() -> dict[str, Any]:
-            status, body = await self.update_task(task_id, progress)
+            status, body = await self.update_task(task_id, number)
             if status != 200:
                 raise RuntimeError(f"PATCH answered {status}: {body}")
             return {}

@@ -87,21 +87,18 @@ def stop_all() -> None:
 atexit.register(stop_all)
 
 
-def server_command(kind: str, port: int, extra: list[str]) -> list[str]:
-    """The command line of one server: ``daphne``, ``uvicorn`` or ``reference``."""
+def server_command(kind: str, port: int, extra: list[str], cwd: Path) -> list[str]:
+    """The command line of one server: ``daphne``, ``uvicorn`` or ``reference``.
+
+    Daphne is started the project's way, ``python -m mcp_platform.serve`` (Daphne with the
+    project's reactor and logging adjustments), when the measured code has that module, and
+    as ``python -m daphne`` otherwise, as older commits need.
+    """
     python = sys.executable
     if kind == "daphne":
-        return [
-            python,
-            "-m",
-            "mcp_platform.serve",
-            "-b",
-            HOST,
-            "-p",
-            str(port),
-            *extra,
-            APPLICATION,
-        ]
+        has_serve = (cwd / "mcp_platform" / "serve.py").exists()
+        module = "mcp_platform.serve" if has_serve else "daphne"
+        return [python, "-m", module, "-b", HOST, "-p", str(port), *extra, APPLICATION]
     if kind == "uvicorn":
         return [
             python,
@@ -129,7 +126,7 @@ async def start_server(
     log_path = log_dir / f"{kind}-{port}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            server_command(kind, port, extra),
+            server_command(kind, port, extra, cwd),
             cwd=cwd,
             env=env,
             stdout=log,
