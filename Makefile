@@ -19,7 +19,7 @@ $(VENV)/.installed: requirements.txt
 run: install
 	$(DEV_ENV) $(BIN)/python manage.py migrate --noinput
 	$(DEV_ENV) $(BIN)/python manage.py demo_setup
-	$(DEV_ENV) $(BIN)/python manage.py runserver 127.0.0.1:8000
+	$(DEV_ENV) $(BIN)/python -m mcp_platform.serve -b 127.0.0.1 -p 8000 mcp_platform.asgi:application
 
 test: install
 	$(BIN)/pytest

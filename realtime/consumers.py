@@ -1,10 +1,14 @@
 """The WebSocket endpoint, ``/ws``: a thin adapter from frames to the connection manager."""
 
+import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from channels.consumer import get_handler_name
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.layers import get_channel_layer
 
 from realtime import protocol
 from realtime.conf import realtime_settings
@@ -21,10 +25,54 @@ def utf8_length_exceeds(text: str, limit: int) -> bool:
     return len(text.encode("utf-8", "surrogatepass")) > limit
 
 
+#: Messages a consumer takes in ahead of handling them; beyond it, the channel layer's own
+#: bounded queue fills up, and the slow-client policy applies (see realtime.layers).
+MAILBOX_SIZE = 16
+
+
+async def _pump(source: Callable[[], Awaitable[Any]], mailbox: asyncio.Queue) -> None:
+    """Move messages from ``source`` into ``mailbox``; a failure goes in as the last item."""
+    try:
+        while True:
+            await mailbox.put(await source())
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        await mailbox.put(exc)
+
+
 class TaskConsumer(AsyncWebsocketConsumer):
     """One client connection: authenticate, then serve subscribe/unsubscribe/ping."""
 
     connection: Connection | None = None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        # Channels' AsyncConsumer.__call__ with one change. Its await_many_dispatch() runs
+        # asyncio.wait() and creates a task for every message, which was most of the cost
+        # of a delivery in a fan-out (docs/performance.md). Here two long-lived pumps feed
+        # one small mailbox, which is handled in arrival order, one message at a time.
+        self.scope = scope
+        self.channel_layer = get_channel_layer(self.channel_layer_alias)
+        self.channel_name = await self.channel_layer.new_channel()
+        self.channel_receive = functools.partial(self.channel_layer.receive, self.channel_name)
+        self.base_send = send
+        mailbox: asyncio.Queue = asyncio.Queue(maxsize=MAILBOX_SIZE)
+        pumps = [
+            asyncio.ensure_future(_pump(receive, mailbox)),
+            asyncio.ensure_future(_pump(self.channel_receive, mailbox)),
+        ]
+        try:
+            while True:
+                message = await mailbox.get()
+                if isinstance(message, Exception):
+                    raise message
+                await self.dispatch(message)
+        except StopConsumer:
+            pass
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         # Channels awaits aclose_old_connections() (a hop through the single sync

@@ -111,8 +111,12 @@ def now_iso() -> str:
 
 
 def encode(message: dict[str, Any]) -> str:
-    """One server message as compact JSON text, the form both transports send."""
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+    """One server message as compact JSON text, the form both transports send.
+
+    Non-ASCII characters are escaped, so text that cannot be UTF-8 (a lone surrogate in a
+    client's echoed ``id``, say) still makes a valid frame.
+    """
+    return json.dumps(message, separators=(",", ":"))
 
 
 def _reply(message: dict[str, Any], request_id: RequestId) -> dict[str, Any]:

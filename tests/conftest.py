@@ -218,7 +218,8 @@ class LiveServer:
 
 
 def start_server(tmp_dir: Path, env: dict[str, str] | None = None) -> LiveServer:
-    """Start ``daphne mcp_platform.asgi:application`` on a free port and wait for it."""
+    """Serve ``mcp_platform.asgi:application`` with the project's Daphne launcher on a free
+    port, and wait until it listens."""
     port = free_port()
     log_path = tmp_dir / f"daphne-{port}.log"
     process_env = {**os.environ, "DATABASE_URL": server_database_url(), **(env or {})}
@@ -227,7 +228,7 @@ def start_server(tmp_dir: Path, env: dict[str, str] | None = None) -> LiveServer
             [
                 sys.executable,
                 "-m",
-                "daphne",
+                "mcp_platform.serve",
                 "-b",
                 "127.0.0.1",
                 "-p",

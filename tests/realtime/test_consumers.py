@@ -268,3 +268,15 @@ def test_disconnect_drops_registry_entries(user, task):
         assert await manager.count_task_subscribers(task.pk) == 0
 
     run(scenario)
+
+
+def test_lone_surrogate_in_an_echoed_id_is_escaped_not_fatal(user):
+    async def scenario():
+        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+            await connect_user(ws)
+            await ws.send_to(text_data='{"action": "ping", "id": "\\ud800é"}')
+            output = await ws.receive_output(timeout=5)
+            output["text"].encode("utf-8")  # a frame Daphne can send
+            assert json.loads(output["text"])["id"] == "\ud800é"
+
+    run(scenario)

@@ -1,0 +1,87 @@
+"""The Daphne launcher: its reactor writes every frame, and its access log hides tokens."""
+
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mcp_platform.serve import redact
+from tests.conftest import ROOT
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/events?token=abc.def.ghi", "/events?token=[redacted]"),
+        ("/events?task_id=1&token=abc&x=2", "/events?task_id=1&token=[redacted]&x=2"),
+        ("/ws?mytoken=keep", "/ws?mytoken=keep"),
+        ("/api/tasks/", "/api/tasks/"),
+    ],
+)
+def test_tokens_are_redacted_from_logged_paths(path, expected):
+    assert redact(path) == expected
+
+
+REACTOR_SCRIPT = r"""
+import socket, sys
+from realtime.reactor import CoalescingWriteReactor, install
+reactor = install()
+from twisted.internet import protocol
+
+size = int(sys.argv[1])
+payload = bytes(range(256)) * (size // 256)
+
+class Sender(protocol.Protocol):
+    def connectionMade(self):
+        for start in range(0, len(payload), 1000):
+            self.transport.write(payload[start:start + 1000])
+        self.transport.loseConnection()
+
+class Factory(protocol.ClientFactory):
+    protocol = Sender
+    def clientConnectionLost(self, connector, reason):
+        reactor.stop()
+
+reactor.connectTCP("127.0.0.1", int(sys.argv[2]), Factory())
+assert isinstance(reactor, CoalescingWriteReactor)
+reactor.run()
+"""
+
+
+@pytest.mark.parametrize("size", [25_600, 8_000_000])
+def test_reactor_delivers_every_byte_then_closes(size):
+    """Small writes go out in one flush; 8 MB overruns the socket buffer and must wait."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        sender = subprocess.Popen(
+            [sys.executable, "-c", REACTOR_SCRIPT, str(size), str(server.getsockname()[1])],
+            cwd=ROOT,
+        )
+        server.settimeout(30)
+        connection, _ = server.accept()
+        received = bytearray()
+        with connection:
+            connection.settimeout(30)
+            while chunk := connection.recv(1 << 20):
+                received += chunk
+        assert sender.wait(timeout=30) == 0
+    assert received == bytes(range(256)) * (size // 256)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_served_access_log_never_shows_a_query_token(daphne_server):
+    import urllib.error
+    import urllib.request
+
+    secret = "eyJhbGciOiJIUzI1NiJ9.not-a-real-token.but-secret"
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(f"{daphne_server.http_url}/events?token={secret}", timeout=10)
+    assert caught.value.code == 401
+    deadline = time.monotonic() + 10
+    while "/events?token=[redacted]" not in daphne_server.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log = daphne_server.log()
+    assert "/events?token=[redacted]" in log and secret not in log
