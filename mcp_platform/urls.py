@@ -11,5 +11,7 @@ urlpatterns = [
     path("", include("django_prometheus.urls")),
 ]
 
+handler400 = "mcp_platform.api.bad_request"
+handler403 = "mcp_platform.api.permission_denied"
 handler404 = "mcp_platform.api.not_found"
 handler500 = "mcp_platform.api.server_error"

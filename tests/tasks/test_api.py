@@ -164,3 +164,10 @@ def test_non_json_body_is_415_json(user):
 def test_malformed_json_is_400_json(user):
     response = api(user).post("/api/tasks/", "{nope", content_type="application/json")
     assert_error(response, 400, "parse_error")
+
+
+def test_django_level_errors_are_json_too(user):
+    # More query parameters than DATA_UPLOAD_MAX_NUMBER_FIELDS is refused by Django itself.
+    query = "&".join(f"f{i}=1" for i in range(1100))
+    response = APIClient(raise_request_exception=False).get(f"/events?{query}")
+    assert_error(response, 400, "bad_request")
