@@ -9,17 +9,25 @@ from asgiref.sync import async_to_sync, sync_to_async
 from django.core.management import CommandError, call_command
 
 from realtime.models import Broadcast
-from tests.conftest import ROOT, connect_user, free_port, open_websocket, token_for
+from tests.conftest import (
+    ROOT,
+    connect_user,
+    free_port,
+    open_websocket,
+    server_database_url,
+    token_for,
+)
 
 pytestmark = pytest.mark.django_db
 
 
 def run_command(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """``manage.py broadcast`` in a process of its own, as an operator runs it."""
+    """``manage.py broadcast`` in a process of its own, as an operator runs it, on the
+    test database."""
     return subprocess.run(
         [sys.executable, "manage.py", "broadcast", *args],
         cwd=ROOT,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "DATABASE_URL": server_database_url(), **(env or {})},
         capture_output=True,
         text=True,
         timeout=60,
@@ -100,3 +108,9 @@ def test_unreachable_redis_is_one_line_on_stderr():
         result, "Nothing was sent. Could not reach the channel layer or connection registry:"
     )
     assert not Broadcast.objects.exists()
+
+
+def test_unreachable_database_is_one_line_on_stderr():
+    closed = f"postgres://postgres@127.0.0.1:{free_port()}/nothing"
+    result = run_command("hi", env={"DATABASE_URL": closed})
+    assert_one_line_error(result, "Could not record the broadcast: connection failed:")

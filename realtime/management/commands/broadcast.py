@@ -1,5 +1,6 @@
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DatabaseError
 
 from realtime import broadcasts
 
@@ -20,6 +21,10 @@ class Command(BaseCommand):
             raise CommandError(describe(exc)) from None
         except broadcasts.BroadcastUnavailable as exc:
             raise CommandError(f"Nothing was sent. {exc}") from None
+        except DatabaseError as exc:
+            raise CommandError(
+                f"Could not record the broadcast: {' '.join(str(exc).split())}"
+            ) from None
         self.stdout.write(f"Broadcast sent to {broadcast.describe_reach()}.")
 
 
