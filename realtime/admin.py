@@ -132,7 +132,9 @@ class LiveConnectionsAdmin(admin.ModelAdmin):
         view = self.admin_site.admin_view(self.changelist_view)
         return [path("", view, name="realtime_liveconnections_changelist")]
 
-    def changelist_view(self, request: HttpRequest, extra_context: dict | None = None):
+    def changelist_view(
+        self, request: HttpRequest, extra_context: dict | None = None
+    ) -> TemplateResponse:
         if not self.has_view_permission(request):
             raise PermissionDenied
         overview = async_to_sync(get_connection_manager().overview)()
