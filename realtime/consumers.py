@@ -13,6 +13,7 @@ from channels.layers import get_channel_layer
 from realtime import protocol
 from realtime.conf import realtime_settings
 from realtime.connections import Connection, Transport, get_connection_manager
+from realtime.layers import InMemoryChannelLayer
 from realtime.protocol import Action, ClientMessage, CloseCode, ErrorCode, ProtocolError
 
 
@@ -30,15 +31,17 @@ def utf8_length_exceeds(text: str, limit: int) -> bool:
 MAILBOX_SIZE = 16
 
 
-async def _pump(source: Callable[[], Awaitable[Any]], mailbox: asyncio.Queue) -> None:
-    """Move messages from ``source`` into ``mailbox``; a failure goes in as the last item."""
+async def _pump(
+    source: Callable[[], Awaitable[Any]], put: Callable[[Any], Awaitable[None]]
+) -> None:
+    """Move messages from ``source`` to ``put``; a failure is put in as the last item."""
     try:
         while True:
-            await mailbox.put(await source())
+            await put(await source())
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        await mailbox.put(exc)
+        await put(exc)
 
 
 class TaskConsumer(AsyncWebsocketConsumer):
@@ -49,21 +52,32 @@ class TaskConsumer(AsyncWebsocketConsumer):
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         # Channels' AsyncConsumer.__call__ with one change. Its await_many_dispatch() runs
         # asyncio.wait() and creates a task for every message, which was most of the cost
-        # of a delivery in a fan-out (docs/performance.md). Here two long-lived pumps feed
-        # one small mailbox, which is handled in arrival order, one message at a time.
+        # of a delivery in a fan-out (docs/performance.md). Here long-lived pumps feed one
+        # queue, which is handled in arrival order, one message at a time.
         self.scope = scope
         self.channel_layer = get_channel_layer(self.channel_layer_alias)
         self.channel_name = await self.channel_layer.new_channel()
         self.channel_receive = functools.partial(self.channel_layer.receive, self.channel_name)
         self.base_send = send
-        mailbox: asyncio.Queue = asyncio.Queue(maxsize=MAILBOX_SIZE)
-        pumps = [
-            asyncio.ensure_future(_pump(receive, mailbox)),
-            asyncio.ensure_future(_pump(self.channel_receive, mailbox)),
-        ]
+        layer = self.channel_layer
+        if isinstance(layer, InMemoryChannelLayer):
+            # Client frames join the channel's own queue: one wake-up per delivery.
+            next_message = self.channel_receive
+            pumps = [
+                asyncio.ensure_future(
+                    _pump(receive, functools.partial(layer.inject, self.channel_name))
+                )
+            ]
+        else:
+            mailbox: asyncio.Queue = asyncio.Queue(maxsize=MAILBOX_SIZE)
+            next_message = mailbox.get
+            pumps = [
+                asyncio.ensure_future(_pump(receive, mailbox.put)),
+                asyncio.ensure_future(_pump(self.channel_receive, mailbox.put)),
+            ]
         try:
             while True:
-                message = await mailbox.get()
+                message = await next_message()
                 if isinstance(message, Exception):
                     raise message
                 await self.dispatch(message)
@@ -73,6 +87,8 @@ class TaskConsumer(AsyncWebsocketConsumer):
             for pump in pumps:
                 pump.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
+            if isinstance(layer, InMemoryChannelLayer):
+                layer.discard_channel(self.channel_name)
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         # Channels awaits aclose_old_connections() (a hop through the single sync

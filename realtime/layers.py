@@ -67,13 +67,22 @@ class InMemoryChannelLayer(BaseChannelLayer):
                 if expires >= time.monotonic():
                     return message
         except asyncio.CancelledError:
-            self._drop(channel)
+            self.discard_channel(channel)
             raise
+
+    async def inject(self, channel: str, message: Any) -> None:
+        """Queue ``message`` on ``channel`` behind what is there, waiting while it is full.
+
+        Consumers feed their client's frames in here, so that one queue, and one wake-up
+        per message, serves both sources in arrival order (see ``TaskConsumer``).
+        """
+        await self._queue(channel).put((float("inf"), message))
 
     async def new_channel(self, prefix: str = "specific.") -> str:
         return f"{prefix}inmemory!{uuid.uuid4().hex}"
 
-    def _drop(self, channel: str) -> None:
+    def discard_channel(self, channel: str) -> None:
+        """Forget a channel: its queue and its group memberships."""
         self.channels.pop(channel, None)
         self._overflowed.discard(channel)
         for group in self._memberships.pop(channel, ()):

@@ -30,12 +30,13 @@ PROPERTY = hypothesis_settings(
 )
 
 
-def layer_memberships() -> dict[str, set[str]]:
-    """Every non-empty group of the default layer in this process, with its channels."""
+def layer_state() -> tuple[dict[str, set[str]], set[str]]:
+    """The default layer's non-empty groups (with their channels) and its live channels."""
     layer = get_channel_layer()
     if hasattr(layer, "_get_layer"):  # channels_redis pub/sub: one layer per event loop
         layer = layer._get_layer()
-    return {group: set(channels) for group, channels in layer.groups.items() if channels}
+    groups = {group: set(channels) for group, channels in layer.groups.items() if channels}
+    return groups, set(layer.channels)
 
 
 # 44: valid tokens connect, invalid ones are closed with 4401.
@@ -213,7 +214,7 @@ def test_47_no_group_membership_or_entry_of_a_closed_connection_remains(user):
             finally:
                 for ws in open_clients.values():
                     await ws.disconnect()
-            assert layer_memberships() == {}
+            assert layer_state() == ({}, set())
             assert await manager.count_connections() == 0
             overview = await manager.overview()
             assert (overview.total, overview.by_user, overview.by_task) == (0, {}, {})
