@@ -2,7 +2,6 @@
 records it. The REST view, the admin and the ``broadcast`` command all call ``send()``."""
 
 import json
-import math
 from typing import Any
 
 from django.contrib.auth.base_user import AbstractBaseUser
@@ -13,6 +12,7 @@ from redis.exceptions import RedisError
 from realtime import api
 from realtime.conf import realtime_settings
 from realtime.models import Broadcast
+from realtime.validators import validate_transportable_json
 
 DEFAULT_TYPE = "announcement"
 MESSAGE_MAX_LENGTH = 2000
@@ -46,36 +46,6 @@ def _text_error(payload: dict[str, Any], name: str, max_length: int) -> Validati
     return None
 
 
-def _check_values(value: Any, depth: int = 0) -> None:
-    """Refuse what JSON allows but a transport or the database cannot carry."""
-    if depth > MAX_DEPTH:
-        raise ValidationError(f"Values may nest at most {MAX_DEPTH} levels.", code="invalid")
-    if isinstance(value, dict):
-        for key, item in value.items():
-            _check_values(key, depth)
-            _check_values(item, depth + 1)
-    elif isinstance(value, list):
-        for item in value:
-            _check_values(item, depth + 1)
-    elif isinstance(value, str):
-        # PostgreSQL's jsonb refuses NUL; lone surrogates (from "\ud800" escapes) are not
-        # UTF-8 and no transport can send them.
-        if "\x00" in value or (not value.isascii() and not _is_utf8(value)):
-            raise ValidationError(
-                "Text must not contain NUL characters or lone surrogates.", code="invalid"
-            )
-    elif isinstance(value, float) and not math.isfinite(value):
-        raise ValidationError("Numbers must be finite.", code="invalid")
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def validate_payload(data: Any) -> dict[str, Any]:
     """The payload clients receive: ``data`` with ``type`` defaulted to ``announcement``.
 
@@ -94,7 +64,7 @@ def validate_payload(data: Any) -> dict[str, Any]:
     }
     if errors:
         raise ValidationError(errors)
-    _check_values(payload)
+    validate_transportable_json(payload, max_depth=MAX_DEPTH)
     encoded = json.dumps(payload, ensure_ascii=False).encode()
     if len(encoded) > realtime_settings.BROADCAST_MAX_BYTES:
         raise ValidationError(

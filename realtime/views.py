@@ -1,6 +1,6 @@
 """``POST /broadcast``: the REST entry point to ``realtime.broadcasts``."""
 
-from rest_framework import exceptions, parsers, status
+from rest_framework import exceptions, status
 from rest_framework.permissions import BasePermission, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -8,6 +8,7 @@ from rest_framework.views import APIView
 
 from realtime import broadcasts
 from realtime.conf import realtime_settings
+from realtime.parsers import JSONParser
 
 
 class PayloadTooLarge(exceptions.APIException):
@@ -20,16 +21,6 @@ class LayerUnavailable(exceptions.APIException):
     status_code = status.HTTP_503_SERVICE_UNAVAILABLE
     default_detail = "The channel layer could not be reached; nothing was sent."
     default_code = "service_unavailable"
-
-
-class JSONParser(parsers.JSONParser):
-    """DRF's, except that JSON nested too deeply for Python's parser is a 400, not a 500."""
-
-    def parse(self, stream, media_type=None, parser_context=None):
-        try:
-            return super().parse(stream, media_type, parser_context)
-        except RecursionError:
-            raise exceptions.ParseError("JSON parse error - nested too deeply.") from None
 
 
 class CanSendBroadcast(BasePermission):

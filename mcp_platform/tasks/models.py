@@ -5,6 +5,8 @@ from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models, transaction
 
+from realtime.validators import validate_transportable_json
+
 
 class Status(models.TextChoices):
     PENDING = "pending"
@@ -35,7 +37,7 @@ class Task(models.Model):
     progress = models.PositiveSmallIntegerField(
         default=0, validators=[MinValueValidator(0), MaxValueValidator(100)]
     )
-    result = models.JSONField(null=True, blank=True)
+    result = models.JSONField(null=True, blank=True, validators=[validate_transportable_json])
     error = models.TextField(blank=True, default="")
     #: Number of saved changes; the first save is 1. Clients order updates by it.
     seq = models.PositiveIntegerField(default=0, editable=False)

@@ -1,5 +1,6 @@
 """The REST API: tokens, tasks, visibility, transitions and the one error shape."""
 
+import json
 import uuid
 
 import pytest
@@ -169,5 +170,26 @@ def test_malformed_json_is_400_json(user):
 def test_django_level_errors_are_json_too(user):
     # More query parameters than DATA_UPLOAD_MAX_NUMBER_FIELDS is refused by Django itself.
     query = "&".join(f"f{i}=1" for i in range(1100))
-    response = APIClient(raise_request_exception=False).get(f"/events?{query}")
+    response = APIClient(raise_request_exception=False).get(f"/api/tasks/?{query}")
     assert_error(response, 400, "bad_request")
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        {"text": "nul\u0000inside"},
+        {"text": "lone \ud800"},
+        [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]],
+    ],
+)
+def test_result_that_cannot_be_stored_or_sent_is_400(user, result):
+    task = services.create_task(owner=user, name="t")
+    body = json.dumps({"result": result})  # escapes the surrogate, as a client's JSON would
+    response = api(user).patch(f"/api/tasks/{task.pk}/", body, content_type="application/json")
+    assert_error(response, 400, "invalid")
+
+
+def test_json_nested_too_deeply_to_parse_is_400(user):
+    body = "[" * 100_000 + "]" * 100_000
+    response = api(user).post("/api/tasks/", body, content_type="application/json")
+    assert_error(response, 400, "parse_error")
