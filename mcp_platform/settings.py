@@ -132,7 +132,12 @@ SIMPLE_JWT = {
 
 # Every REALTIME_* variable overrides the setting of the same name; realtime.conf
 # coerces each to its default's type and the system checks reject unknown names.
-REALTIME = {"REDIS_URL": REDIS_URL, "REDIS_PREFIX": REDIS_PREFIX, **env_prefixed("REALTIME_")}
+REALTIME = {
+    "TASK_SOURCE": "mcp_platform.tasks.realtime.TaskSource",
+    "REDIS_URL": REDIS_URL,
+    "REDIS_PREFIX": REDIS_PREFIX,
+    **env_prefixed("REALTIME_"),
+}
 
 LOGGING = {
     "version": 1,

@@ -28,6 +28,14 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list:
                 id="realtime.E002",
             )
         )
+    if not realtime_settings.TASK_SOURCE:
+        messages.append(
+            Error(
+                "REALTIME['TASK_SOURCE'] is not set.",
+                hint="Name the project's subclass of realtime.sources.TaskSource.",
+                id="realtime.E003",
+            )
+        )
     backend = settings.CHANNEL_LAYERS.get("default", {}).get("BACKEND", "")
     if not settings.DEBUG and backend.endswith("InMemoryChannelLayer"):
         messages.append(

@@ -12,8 +12,8 @@ from django.core.signals import setting_changed
 from django.utils.module_loading import import_string
 
 DEFAULTS: dict[str, Any] = {
-    # Dotted path of the realtime.sources.TaskSource that answers for the project's tasks.
-    "TASK_SOURCE": "mcp_platform.tasks.realtime.TaskSource",
+    # Dotted path of the project's realtime.sources.TaskSource subclass (required).
+    "TASK_SOURCE": "",
     # Redis server for the shared connection registry; empty: each process keeps its own.
     "REDIS_URL": "",
     # Start of every Redis key the registry writes.

@@ -121,3 +121,14 @@ def test_unknown_realtime_variable_fails_the_system_checks():
     )
     assert result.returncode != 0
     assert "realtime.E001" in result.stderr and "SUBSCRIPTON_LIMIT" in result.stderr
+
+
+def test_missing_task_source_fails_the_system_checks():
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        env={**BASE_ENV, "DJANGO_DEBUG": "1", "REALTIME_TASK_SOURCE": ""},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0 and "realtime.E003" in result.stderr

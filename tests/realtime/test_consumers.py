@@ -1,17 +1,17 @@
 """The WebSocket consumer through the full ASGI stack (origin check, auth, routing)."""
 
+import asyncio
 import json
 import uuid
 
 import pytest
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
-from django.test import override_settings
 
 from mcp_platform.tasks import services
 from realtime.connections import get_connection_manager
 from realtime.protocol import CloseCode
-from tests.conftest import connect_user, open_websocket, token_for
+from tests.conftest import connect_user, make_communicator, open_websocket, token_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -210,8 +210,8 @@ def test_staff_may_subscribe_to_any_task(staff_user, task):
     run(scenario)
 
 
-@override_settings(REALTIME={"SUBSCRIPTION_LIMIT": 2})
-def test_subscription_limit(user):
+def test_subscription_limit(user, settings):
+    settings.REALTIME = {**settings.REALTIME, "SUBSCRIPTION_LIMIT": 2}
     tasks = [services.create_task(owner=user, name=f"t{i}") for i in range(3)]
 
     async def scenario():
@@ -278,5 +278,20 @@ def test_lone_surrogate_in_an_echoed_id_is_escaped_not_fatal(user):
             output = await ws.receive_output(timeout=5)
             output["text"].encode("utf-8")  # a frame Daphne can send
             assert json.loads(output["text"])["id"] == "\ud800é"
+
+    run(scenario)
+
+
+def test_a_failing_channel_layer_ends_the_consumer_instead_of_hanging(user, settings):
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "tests.realtime.broken_layer.BrokenLayer"}}
+    from channels.layers import channel_layers
+
+    channel_layers.backends = {}
+
+    async def scenario():
+        ws = make_communicator(f"/ws?token={token_for(user)}")
+        await connect_user(ws)
+        with pytest.raises(ConnectionError, match="layer is down"):
+            await asyncio.wait_for(asyncio.shield(ws.future), 5)
 
     run(scenario)

@@ -141,3 +141,16 @@ def test_management_command_bad_input(task, args, message):
 def test_management_command_unknown_task():
     with pytest.raises(CommandError, match="No such task"):
         call_command("update_task", "00000000-0000-0000-0000-000000000000", "--progress", "1")
+
+
+def test_admin_lists_filters_and_searches_tasks(admin_client, user, other_user):
+    services.create_task(owner=user, name="alpha job")
+    services.create_task(owner=other_user, name="beta job", status="running")
+    listing = admin_client.get("/admin/tasks/task/")
+    assert listing.status_code == 200 and b"alpha job" in listing.content
+    filtered = admin_client.get("/admin/tasks/task/", {"status__exact": "running"})
+    assert b"beta job" in filtered.content and b"alpha job" not in filtered.content
+    by_owner = admin_client.get("/admin/tasks/task/", {"owner__id__exact": user.pk})
+    assert b"alpha job" in by_owner.content and b"beta job" not in by_owner.content
+    searched = admin_client.get("/admin/tasks/task/", {"q": "beta"})
+    assert b"beta job" in searched.content and b"alpha job" not in searched.content
