@@ -69,6 +69,13 @@ def number(value: float) -> str:
     return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
 
 
+def ratio(value: float) -> str:
+    """Two significant digits, however small or large: 0.0043x, 0.43x, 4.3x, 430x."""
+    if value >= 100:
+        return f"{value:.0f}x"
+    return f"{float(f'{value:.2g}'):g}x"
+
+
 def cell(summary: dict[str, Any], reference: dict[str, Any] | None, key: str) -> str:
     if "skipped" in summary:
         return "skipped"
@@ -84,7 +91,7 @@ def cell(summary: dict[str, Any], reference: dict[str, Any] | None, key: str) ->
         return text
     ref = reference.get(key)
     if isinstance(ref, int | float) and ref and not math.isnan(ref) and not math.isnan(value):
-        text += f" ({value / ref:.2f}x)"
+        text += f" ({ratio(value / ref)})"
     return text
 
 

@@ -134,6 +134,7 @@ class Runner:
                 progress(f"run {repeat + 1}/{config.repeats}: {target.label}")
                 busy = await wait_for_quiet(config.wait_quiet) if config.wait_quiet else None
                 result = await self.run(target, repeat + 1)
+                progress(f"  {headline(result)}")
                 if busy is not None:
                     result["machine_busy_cores_before"] = busy
                 runs[target.label].append(result)
@@ -157,6 +158,27 @@ class Runner:
             progress(f"server logs kept in {self.workdir}")
         else:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def headline(result: dict[str, Any]) -> str:
+    """A run's main figures on one line, for progress."""
+    if "error" in result:
+        return result["error"]
+    parts = []
+    for scenario, key, unit in HEADLINE:
+        value = result.get(scenario, {}).get(key)
+        if isinstance(value, int | float):
+            parts.append(f"{scenario} {value:,.1f} {unit}")
+    return ", ".join(parts)
+
+
+HEADLINE = [
+    ("connect", "connect_per_s", "conn/s"),
+    ("fanout", "deliveries_per_s", "deliveries/s"),
+    ("broadcast", "deliveries_per_s", "deliveries/s"),
+    ("sse", "deliveries_per_s", "deliveries/s"),
+    ("sustained", "lost", "lost"),
+]
 
 
 def summary_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
