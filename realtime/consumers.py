@@ -1,7 +1,5 @@
 """The WebSocket endpoint, ``/ws``: a thin adapter from frames to the connection manager."""
 
-import asyncio
-import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -13,7 +11,7 @@ from channels.layers import get_channel_layer
 from realtime import protocol
 from realtime.conf import realtime_settings
 from realtime.connections import Connection, Transport, get_connection_manager
-from realtime.layers import InMemoryChannelLayer
+from realtime.inbox import Inbox
 from realtime.protocol import Action, ClientMessage, CloseCode, ErrorCode, ProtocolError
 
 
@@ -26,69 +24,29 @@ def utf8_length_exceeds(text: str, limit: int) -> bool:
     return len(text.encode("utf-8", "surrogatepass")) > limit
 
 
-#: Messages a consumer takes in ahead of handling them; beyond it, the channel layer's own
-#: bounded queue fills up, and the slow-client policy applies (see realtime.layers).
-MAILBOX_SIZE = 16
-
-
-async def _pump(
-    source: Callable[[], Awaitable[Any]], put: Callable[[Any], Awaitable[None]]
-) -> None:
-    """Move messages from ``source`` to ``put``; a failure is put in as the last item."""
-    try:
-        while True:
-            await put(await source())
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:
-        await put(exc)
-
-
 class TaskConsumer(AsyncWebsocketConsumer):
     """One client connection: authenticate, then serve subscribe/unsubscribe/ping."""
 
     connection: Connection | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        # Channels' AsyncConsumer.__call__ with one change. Its await_many_dispatch() runs
-        # asyncio.wait() and creates a task for every message, which was most of the cost
-        # of a delivery in a fan-out (docs/performance.md). Here long-lived pumps feed one
-        # queue, which is handled in arrival order, one message at a time.
+        # Channels' AsyncConsumer.__call__, reading one Inbox instead of running
+        # await_many_dispatch(), which costs a task and an asyncio.wait() per message
+        # (realtime.inbox, docs/performance.md). Messages are still handled one at a time,
+        # in arrival order.
         self.scope = scope
         self.channel_layer = get_channel_layer(self.channel_layer_alias)
         self.channel_name = await self.channel_layer.new_channel()
-        self.channel_receive = functools.partial(self.channel_layer.receive, self.channel_name)
         self.base_send = send
-        layer = self.channel_layer
-        if isinstance(layer, InMemoryChannelLayer):
-            # Client frames join the channel's own queue: one wake-up per delivery.
-            next_message = self.channel_receive
-            pumps = [
-                asyncio.ensure_future(
-                    _pump(receive, functools.partial(layer.inject, self.channel_name))
-                )
-            ]
-        else:
-            mailbox: asyncio.Queue = asyncio.Queue(maxsize=MAILBOX_SIZE)
-            next_message = mailbox.get
-            pumps = [
-                asyncio.ensure_future(_pump(receive, mailbox.put)),
-                asyncio.ensure_future(_pump(self.channel_receive, mailbox.put)),
-            ]
+        inbox = Inbox(self.channel_layer, self.channel_name)
+        inbox.feed_from(receive)
         try:
             while True:
-                message = await next_message()
-                if isinstance(message, Exception):
-                    raise message
-                await self.dispatch(message)
+                await self.dispatch(await inbox.get())
         except StopConsumer:
             pass
         finally:
-            for pump in pumps:
-                pump.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
-            if isinstance(layer, InMemoryChannelLayer):
-                layer.discard_channel(self.channel_name)
+            await inbox.close()
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         # Channels awaits aclose_old_connections() (a hop through the single sync

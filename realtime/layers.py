@@ -73,10 +73,14 @@ class InMemoryChannelLayer(BaseChannelLayer):
     async def inject(self, channel: str, message: Any) -> None:
         """Queue ``message`` on ``channel`` behind what is there, waiting while it is full.
 
-        Consumers feed their client's frames in here, so that one queue, and one wake-up
-        per message, serves both sources in arrival order (see ``TaskConsumer``).
+        A connection's local items (client frames, heartbeats) go in here, so that one
+        queue, and one wake-up per message, serves every source (``realtime.inbox``).
         """
         await self._queue(channel).put((float("inf"), message))
+
+    def inject_nowait(self, channel: str, message: Any) -> None:
+        """``inject()`` that raises ``asyncio.QueueFull`` instead of waiting."""
+        self._queue(channel).put_nowait((float("inf"), message))
 
     async def new_channel(self, prefix: str = "specific.") -> str:
         return f"{prefix}inmemory!{uuid.uuid4().hex}"

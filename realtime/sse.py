@@ -30,8 +30,13 @@ from realtime.connections import (
     Transport,
     get_connection_manager,
 )
+from realtime.inbox import Inbox
 from realtime.layers import OVERFLOW
 from realtime.protocol import ErrorCode, ProtocolError, SseEvent
+
+#: What the stream's own timer puts in its inbox when it has been idle for an interval.
+HEARTBEAT = "realtime.heartbeat"
+HEARTBEAT_MESSAGE = {"type": HEARTBEAT}
 
 #: Layer messages whose text every stream sends as it is, and the event name of each.
 PASS_THROUGH = {BROADCAST: SseEvent.BROADCAST, PERSONAL: SseEvent.MESSAGE}
@@ -125,11 +130,23 @@ async def event_stream(
     and the registry before the generator finishes.
     """
     manager = get_connection_manager()
-    layer = manager.layer
-    channel_name = await layer.new_channel()
-    # One receive stays pending for the whole stream and is never put under a timeout:
-    # a layer drops a channel whose pending receive is cancelled (release_channel()).
-    receiving = asyncio.ensure_future(layer.receive(channel_name))
+    channel_name = await manager.layer.new_channel()
+    inbox = Inbox(manager.layer, channel_name)
+    loop = asyncio.get_running_loop()
+    heartbeat = realtime_settings.SSE_HEARTBEAT_SECONDS
+    last_sent = loop.time()
+    timer: asyncio.TimerHandle | None = None
+
+    def tick() -> None:
+        # A heartbeat goes in only after a whole interval without a frame; a full inbox
+        # has frames on the way, so none is needed then.
+        nonlocal timer
+        idle = loop.time() - last_sent
+        if idle >= heartbeat:
+            inbox.put_nowait(HEARTBEAT_MESSAGE)
+            idle = 0.0
+        timer = loop.call_later(heartbeat - idle, tick)
+
     connection: Connection | None = None
     try:
         connection = await manager.connect(
@@ -141,48 +158,27 @@ async def event_stream(
         # that the checks used (a no-op for persistent connections, CONN_MAX_AGE > 0).
         await sync_to_async(close_old_connections)()
         yield protocol.sse_connected(connection.connection_id, user.pk)
-
-        heartbeat = realtime_settings.SSE_HEARTBEAT_SECONDS
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + heartbeat
+        last_sent = loop.time()
+        timer = loop.call_later(heartbeat, tick)
         while True:
-            await asyncio.wait([receiving], timeout=deadline - loop.time())
-            if receiving.done():
-                message = receiving.result()
-                if message.get("type") == OVERFLOW:
-                    # Messages piled up faster than they were sent, and some are lost: the
-                    # stream ends, and the client reconnects (after ``retry``) to resume.
-                    return
-                receiving = asyncio.ensure_future(layer.receive(channel_name))
-                data = frame(connection, message)
-            else:
-                data = protocol.sse_heartbeat()
+            message = await inbox.get()
+            kind = message.get("type")
+            if kind == OVERFLOW:
+                # Messages piled up faster than they were sent, and some are lost: the
+                # stream ends, and the client reconnects (after ``retry``) to resume.
+                return
+            data = protocol.sse_heartbeat() if kind == HEARTBEAT else frame(connection, message)
             if data is not None:
                 yield data
-                deadline = loop.time() + heartbeat
+                last_sent = loop.time()
     finally:
+        if timer is not None:
+            timer.cancel()
         try:
             if connection is not None:
                 await manager.disconnect(connection)
         finally:
-            await release_channel(layer, channel_name, receiving)
-
-
-async def release_channel(layer: Any, channel_name: str, receiving: asyncio.Future) -> None:
-    """Make the layer forget a channel that has left its groups.
-
-    Layers have no call for this, but the Redis pub/sub layer and ``realtime.layers`` drop
-    a channel whose pending receive is cancelled. A receive is let start first (one
-    cancelled before it runs cleans nothing up), and while a receive finds a message
-    waiting another replaces it, so that the one cancelled is pending.
-    """
-    await asyncio.sleep(0)
-    while receiving.done() and not receiving.cancelled() and receiving.exception() is None:
-        receiving = asyncio.ensure_future(layer.receive(channel_name))
-        await asyncio.sleep(0)
-    receiving.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await receiving
+            await inbox.close()
 
 
 async def resume(head: bytes, stream: AsyncGenerator[bytes, None]) -> AsyncIterator[bytes]:

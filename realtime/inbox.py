@@ -1,0 +1,93 @@
+"""One queue from which a connection reads everything, in arrival order.
+
+A connection has two sources: its channel in the channel layer, and something local (a
+WebSocket's client frames, an SSE stream's heartbeats). Channels' consumers wait on both
+with ``asyncio.wait()`` and a new task per message, which was most of the cost of one
+delivery in a fan-out (docs/performance.md). An ``Inbox`` is read with a plain ``await``.
+
+On ``realtime.layers.InMemoryChannelLayer`` the inbox *is* the channel's queue: local items
+join it, so a delivery wakes one task. On other layers one long-lived task moves channel
+messages into a small local queue; past that queue, the layer's own bounds apply.
+"""
+
+import asyncio
+import contextlib
+from typing import Any
+
+from realtime.layers import InMemoryChannelLayer
+
+#: Channel messages taken in ahead of handling them, on layers other than the in-process one.
+LOCAL_QUEUE_SIZE = 16
+
+
+class Inbox:
+    def __init__(self, layer: Any, channel_name: str) -> None:
+        self.layer = layer
+        self.channel_name = channel_name
+        self._tasks: list[asyncio.Task] = []
+        if isinstance(layer, InMemoryChannelLayer):
+            self._queue = None
+        else:
+            self._queue = asyncio.Queue(maxsize=LOCAL_QUEUE_SIZE)
+            self._tasks.append(asyncio.ensure_future(self._pump(self._receive_channel)))
+
+    async def _receive_channel(self) -> Any:
+        return await self.layer.receive(self.channel_name)
+
+    async def _pump(self, source: Any) -> None:
+        """Move items from ``source`` in; a failure goes in as the last item, and is raised
+        to the reader by ``get()``."""
+        try:
+            while True:
+                await self.put(await source())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self.put(exc)
+
+    def feed_from(self, source: Any) -> None:
+        """Put in everything ``source()`` returns, until the inbox is closed."""
+        self._tasks.append(asyncio.ensure_future(self._pump(source)))
+
+    async def put(self, item: Any) -> None:
+        """Put in a local item, waiting while the queue is full."""
+        if self._queue is None:
+            await self.layer.inject(self.channel_name, item)
+        else:
+            await self._queue.put(item)
+
+    def put_nowait(self, item: Any) -> bool:
+        """Put in a local item unless the queue is full; says whether it went in."""
+        try:
+            if self._queue is None:
+                self.layer.inject_nowait(self.channel_name, item)
+            else:
+                self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            return False
+        return True
+
+    async def get(self) -> Any:
+        """The next item; an exception from a source is raised here."""
+        if self._queue is None:
+            item = await self.layer.receive(self.channel_name)
+        else:
+            item = await self._queue.get()
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    async def close(self) -> None:
+        """Stop the sources and make the layer forget the channel.
+
+        Layers have no call for the latter; the in-process layer has ``discard_channel()``,
+        and channels-redis's pub/sub layer drops a channel whose pending receive is
+        cancelled, which stopping the pump does.
+        """
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._queue is None:
+            self.layer.discard_channel(self.channel_name)
