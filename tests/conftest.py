@@ -19,6 +19,7 @@ from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.contrib.auth.hashers import make_password
 from django.db import connection
+from rest_framework.test import APIClient
 from rest_framework_simplejwt.tokens import AccessToken
 
 from realtime.conf import realtime_settings
@@ -106,6 +107,14 @@ def staff_user(make_user):
 
 def token_for(user: Any) -> str:
     return str(AccessToken.for_user(user))
+
+
+def api_client(user: Any = None) -> APIClient:
+    """A REST client, authenticated with an access token when ``user`` is given."""
+    client = APIClient()
+    if user is not None:
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {token_for(user)}")
+    return client
 
 
 # Channel layer and connection manager

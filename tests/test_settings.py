@@ -111,24 +111,20 @@ def test_malformed_values_are_refused_with_the_variable_named(env, message):
     assert result.returncode != 0 and message in result.stderr
 
 
-def test_unknown_realtime_variable_fails_the_system_checks():
+@pytest.mark.parametrize(
+    ("variable", "value", "check"),
+    [
+        ("REALTIME_SUBSCRIPTON_LIMIT", "5", "realtime.E001"),
+        ("REALTIME_TASK_SOURCE", "", "realtime.E003"),
+    ],
+    ids=["unknown-name", "no-task-source"],
+)
+def test_bad_realtime_variables_fail_the_system_checks(variable, value, check):
     result = subprocess.run(
         [sys.executable, "manage.py", "check"],
-        env={**BASE_ENV, "DJANGO_DEBUG": "1", "REALTIME_SUBSCRIPTON_LIMIT": "5"},
+        env={**BASE_ENV, "DJANGO_DEBUG": "1", variable: value},
         cwd=ROOT,
         capture_output=True,
         text=True,
     )
-    assert result.returncode != 0
-    assert "realtime.E001" in result.stderr and "SUBSCRIPTON_LIMIT" in result.stderr
-
-
-def test_missing_task_source_fails_the_system_checks():
-    result = subprocess.run(
-        [sys.executable, "manage.py", "check"],
-        env={**BASE_ENV, "DJANGO_DEBUG": "1", "REALTIME_TASK_SOURCE": ""},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode != 0 and "realtime.E003" in result.stderr
+    assert result.returncode != 0 and check in result.stderr

@@ -16,17 +16,10 @@ from rest_framework.test import APIClient
 from realtime import broadcasts, protocol
 from realtime.connections import Transport, get_connection_manager
 from realtime.models import Broadcast
-from tests.conftest import connect_user, free_port, open_websocket, token_for
+from tests.conftest import api_client, connect_user, free_port, open_websocket, token_for
 from tests.sse import InProcessStream
 
 pytestmark = pytest.mark.django_db
-
-
-def api_client(user=None) -> APIClient:
-    client = APIClient()
-    if user is not None:
-        client.credentials(HTTP_AUTHORIZATION=f"Bearer {token_for(user)}")
-    return client
 
 
 def post(client: APIClient, body, path: str = "/broadcast"):

@@ -7,16 +7,9 @@ import pytest
 from rest_framework.test import APIClient
 
 from mcp_platform.tasks import services
-from tests.conftest import PASSWORD, token_for
+from tests.conftest import PASSWORD, api_client
 
 pytestmark = pytest.mark.django_db
-
-
-def api(user=None) -> APIClient:
-    client = APIClient()
-    if user is not None:
-        client.credentials(HTTP_AUTHORIZATION=f"Bearer {token_for(user)}")
-    return client
 
 
 def assert_error(response, status: int, code: str) -> dict:
@@ -28,7 +21,7 @@ def assert_error(response, status: int, code: str) -> dict:
 
 
 def test_token_pair_and_refresh(user):
-    client = api()
+    client = api_client()
     pair = client.post(
         "/api/token/", {"username": user.username, "password": PASSWORD}, format="json"
     )
@@ -40,14 +33,14 @@ def test_token_pair_and_refresh(user):
 
 
 def test_wrong_password_is_401_json(user):
-    response = api().post(
+    response = api_client().post(
         "/api/token/", {"username": user.username, "password": "nope"}, format="json"
     )
     assert_error(response, 401, "no_active_account")
 
 
 def test_unauthenticated_is_401_json():
-    assert_error(api().get("/api/tasks/"), 401, "not_authenticated")
+    assert_error(api_client().get("/api/tasks/"), 401, "not_authenticated")
 
 
 def test_bad_bearer_token_is_401_json():
@@ -57,7 +50,7 @@ def test_bad_bearer_token_is_401_json():
 
 
 def test_create_answers_201_with_seq_1(user):
-    response = api(user).post("/api/tasks/", {"name": "build"}, format="json")
+    response = api_client(user).post("/api/tasks/", {"name": "build"}, format="json")
     assert response.status_code == 201
     task = response.json()
     assert task["owner"] == user.pk and task["status"] == "pending" and task["seq"] == 1
@@ -66,26 +59,26 @@ def test_create_answers_201_with_seq_1(user):
 
 
 def test_create_needs_a_name(user):
-    body = assert_error(api(user).post("/api/tasks/", {}, format="json"), 400, "required")
+    body = assert_error(api_client(user).post("/api/tasks/", {}, format="json"), 400, "required")
     assert "name" in body["errors"]
 
 
 def test_users_see_their_own_tasks_and_staff_see_all(user, other_user, staff_user):
     mine = services.create_task(owner=user, name="mine")
     theirs = services.create_task(owner=other_user, name="theirs")
-    assert [t["id"] for t in api(user).get("/api/tasks/").json()] == [str(mine.pk)]
-    assert {t["id"] for t in api(staff_user).get("/api/tasks/").json()} == {
+    assert [t["id"] for t in api_client(user).get("/api/tasks/").json()] == [str(mine.pk)]
+    assert {t["id"] for t in api_client(staff_user).get("/api/tasks/").json()} == {
         str(mine.pk),
         str(theirs.pk),
     }
-    assert_error(api(user).get(f"/api/tasks/{theirs.pk}/"), 404, "not_found")
+    assert_error(api_client(user).get(f"/api/tasks/{theirs.pk}/"), 404, "not_found")
     assert_error(
-        api(user).patch(f"/api/tasks/{theirs.pk}/", {"progress": 5}, format="json"),
+        api_client(user).patch(f"/api/tasks/{theirs.pk}/", {"progress": 5}, format="json"),
         404,
         "not_found",
     )
     assert (
-        api(staff_user)
+        api_client(staff_user)
         .patch(f"/api/tasks/{theirs.pk}/", {"progress": 5}, format="json")
         .status_code
         == 200
@@ -93,13 +86,13 @@ def test_users_see_their_own_tasks_and_staff_see_all(user, other_user, staff_use
 
 
 def test_unknown_task_and_unknown_path_are_404_json(user):
-    assert_error(api(user).get(f"/api/tasks/{uuid.uuid4()}/"), 404, "not_found")
-    assert_error(api(user).get("/api/no-such-thing/"), 404, "not_found")
+    assert_error(api_client(user).get(f"/api/tasks/{uuid.uuid4()}/"), 404, "not_found")
+    assert_error(api_client(user).get("/api/no-such-thing/"), 404, "not_found")
 
 
 def test_patch_changes_and_advances_seq(user):
     task = services.create_task(owner=user, name="t")
-    response = api(user).patch(
+    response = api_client(user).patch(
         f"/api/tasks/{task.pk}/",
         {"status": "completed", "progress": 100, "result": {"rows": 3}},
         format="json",
@@ -118,7 +111,7 @@ def test_patch_changes_and_advances_seq(user):
 def test_leaving_a_finished_state_is_400(user, finished):
     task = services.create_task(owner=user, name="t", status=finished)
     body = assert_error(
-        api(user).patch(f"/api/tasks/{task.pk}/", {"status": "running"}, format="json"),
+        api_client(user).patch(f"/api/tasks/{task.pk}/", {"status": "running"}, format="json"),
         400,
         "invalid_transition",
     )
@@ -132,14 +125,16 @@ def test_leaving_a_finished_state_is_400(user, finished):
 )
 def test_progress_outside_0_to_100_is_400(user, progress, code):
     task = services.create_task(owner=user, name="t")
-    response = api(user).patch(f"/api/tasks/{task.pk}/", {"progress": progress}, format="json")
+    response = api_client(user).patch(
+        f"/api/tasks/{task.pk}/", {"progress": progress}, format="json"
+    )
     assert_error(response, 400, code)
 
 
 def test_unknown_status_is_400(user):
     task = services.create_task(owner=user, name="t")
     assert_error(
-        api(user).patch(f"/api/tasks/{task.pk}/", {"status": "exploded"}, format="json"),
+        api_client(user).patch(f"/api/tasks/{task.pk}/", {"status": "exploded"}, format="json"),
         400,
         "invalid_choice",
     )
@@ -147,23 +142,23 @@ def test_unknown_status_is_400(user):
 
 def test_put_and_delete_are_not_allowed(user):
     task = services.create_task(owner=user, name="t")
-    assert_error(api(user).delete(f"/api/tasks/{task.pk}/"), 405, "method_not_allowed")
+    assert_error(api_client(user).delete(f"/api/tasks/{task.pk}/"), 405, "method_not_allowed")
     assert_error(
-        api(user).put(f"/api/tasks/{task.pk}/", {"name": "x"}, format="json"),
+        api_client(user).put(f"/api/tasks/{task.pk}/", {"name": "x"}, format="json"),
         405,
         "method_not_allowed",
     )
 
 
 def test_non_json_body_is_415_json(user):
-    response = api(user).post(
+    response = api_client(user).post(
         "/api/tasks/", "name=x", content_type="application/x-www-form-urlencoded"
     )
     assert_error(response, 415, "unsupported_media_type")
 
 
 def test_malformed_json_is_400_json(user):
-    response = api(user).post("/api/tasks/", "{nope", content_type="application/json")
+    response = api_client(user).post("/api/tasks/", "{nope", content_type="application/json")
     assert_error(response, 400, "parse_error")
 
 
@@ -185,11 +180,13 @@ def test_django_level_errors_are_json_too(user):
 def test_result_that_cannot_be_stored_or_sent_is_400(user, result):
     task = services.create_task(owner=user, name="t")
     body = json.dumps({"result": result})  # escapes the surrogate, as a client's JSON would
-    response = api(user).patch(f"/api/tasks/{task.pk}/", body, content_type="application/json")
+    response = api_client(user).patch(
+        f"/api/tasks/{task.pk}/", body, content_type="application/json"
+    )
     assert_error(response, 400, "invalid")
 
 
 def test_json_nested_too_deeply_to_parse_is_400(user):
     body = "[" * 100_000 + "]" * 100_000
-    response = api(user).post("/api/tasks/", body, content_type="application/json")
+    response = api_client(user).post("/api/tasks/", body, content_type="application/json")
     assert_error(response, 400, "parse_error")
