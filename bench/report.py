@@ -127,6 +127,10 @@ def text_table(result: dict[str, Any]) -> str:
         for row in [header, *body]
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(
+        f"Medians of {result['config']['repeats']} runs (counts: totals); "
+        "(Nx) = the figure divided by the reference's."
+    )
     return "\n".join(lines)
 
 
@@ -160,8 +164,9 @@ def docs_section(result: dict[str, Any]) -> str:
         [
             BEGIN,
             f"Measured {result['started']} with `{result['command']}` "
-            f"({c['repeats']} runs of each target, interleaved; medians; "
-            f"ratios to the reference in parentheses).",
+            f"({c['repeats']} runs of each target, interleaved; medians, except counts such "
+            f"as delivered/expected, which are totals over the runs; ratios to the "
+            f"reference in parentheses).",
             "",
             f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB, "
             f"Python {m['python']}, Linux {m['kernel']}; "

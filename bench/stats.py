@@ -7,7 +7,17 @@ from typing import Any
 
 #: Counts that add up over updates and runs; every other number is a median.
 SUMMED = frozenset(
-    {"expected", "delivered", "lost", "out_of_order", "duplicates", "unexpected", "failed"}
+    {
+        "expected",
+        "delivered",
+        "lost",
+        "out_of_order",
+        "duplicates",
+        "unexpected",
+        "failed",
+        "planned",
+        "updates",
+    }
 )
 
 #: What a load client reduces a message to: arrival time, type, seq (-1 if none).
