@@ -20,6 +20,11 @@ from realtime.registry import ConnectionRegistry, Entry, Overview
 
 logger = logging.getLogger(__name__)
 
+#: Redis connections one process's registry uses at most, per event loop.
+POOL_SIZE = 16
+#: Seconds to wait for a connection, a reply or a free pooled connection.
+REDIS_TIMEOUT_SECONDS = 5.0
+
 
 class RedisRegistry(ConnectionRegistry):
     def __init__(self, url: str, *, lease_seconds: float = 60.0, prefix: str = "mcp") -> None:
@@ -39,7 +44,17 @@ class RedisRegistry(ConnectionRegistry):
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None:
-            client = self._clients[loop] = aioredis.Redis.from_url(self.url)
+            # A bounded pool: thousands of connections subscribing at once wait for one of
+            # a few Redis connections rather than each opening its own (and running the
+            # process out of file descriptors). Timeouts turn a silent Redis into errors.
+            pool = aioredis.BlockingConnectionPool.from_url(
+                self.url,
+                max_connections=POOL_SIZE,
+                timeout=REDIS_TIMEOUT_SECONDS,
+                socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
+                socket_timeout=REDIS_TIMEOUT_SECONDS,
+            )
+            client = self._clients[loop] = aioredis.Redis.from_pool(pool)
         return client
 
     def _transport_key(self, transport: str) -> str:
