@@ -145,3 +145,35 @@ def test_management_command_in_another_process_reaches_websocket_client(
             assert (update["progress"], update["seq"]) == (75, 2)
 
     async_to_sync(scenario)()
+
+
+def test_concurrent_changes_of_one_task_all_succeed_and_arrive_in_order(daphne_server, user):
+    """Requests run in threads of their own; overlapping writers must queue, not fail."""
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            token = await obtain_token(session, daphne_server.http_url, user.username)
+            auth = {"Authorization": f"Bearer {token}"}
+            async with session.post(
+                f"{daphne_server.http_url}/api/tasks/", json={"name": "busy"}, headers=auth
+            ) as response:
+                task = await response.json()
+            async with websockets.connect(f"{daphne_server.ws_url}/ws?token={token}") as ws:
+                await receive_type(ws, "connected")
+                await ws.send(json.dumps({"action": "subscribe", "task_id": task["id"]}))
+                await receive_type(ws, "subscribed")
+
+                async def patch(progress: int) -> int:
+                    async with session.patch(
+                        f"{daphne_server.http_url}/api/tasks/{task['id']}/",
+                        json={"progress": progress},
+                        headers=auth,
+                    ) as response:
+                        return response.status
+
+                statuses = await asyncio.gather(*(patch(p) for p in range(1, 25)))
+                assert statuses == [200] * 24
+                seqs = [(await receive_type(ws, "task_update"))["seq"] for _ in range(24)]
+                assert seqs == list(range(2, 26))
+
+    async_to_sync(scenario)()
