@@ -29,6 +29,6 @@ def update_task(*, task: Task, **changes: Any) -> Task:
         Task.objects.select_for_update().filter(pk=task.pk).exists()
         for name, value in changes.items():
             setattr(task, name, value)
-        task.full_clean(exclude=["owner"])
+        task.full_clean(exclude=["owner"], validate_unique=False)  # only the pk is unique
         task.save()
     return task
