@@ -96,11 +96,15 @@ def test_bad_arguments_are_refused(args, error):
     assert not Broadcast.objects.exists()
 
 
+# The command is another process: it must be able to write to the database.
+@pytest.mark.django_db(transaction=True)
 def test_bad_argument_from_the_command_line_is_one_line_on_stderr():
     result = run_command("hi", "--data", "[1, 2]")
     assert_one_line_error(result, "--data: Must be a JSON object.")
 
 
+# The command is another process: it must be able to write to the database.
+@pytest.mark.django_db(transaction=True)
 def test_unreachable_redis_is_one_line_on_stderr():
     closed = f"redis://127.0.0.1:{free_port()}/0"
     result = run_command("hi", env={"REDIS_URL": closed})
@@ -110,6 +114,8 @@ def test_unreachable_redis_is_one_line_on_stderr():
     assert not Broadcast.objects.exists()
 
 
+# The command is another process: it must be able to write to the database.
+@pytest.mark.django_db(transaction=True)
 def test_unreachable_database_is_one_line_on_stderr():
     closed = f"postgres://postgres@127.0.0.1:{free_port()}/nothing"
     result = run_command("hi", env={"DATABASE_URL": closed})
