@@ -1,6 +1,7 @@
 """What one invocation measures: the command line, parsed into a ``Config``."""
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,7 @@ class Config:
     profile: str = ""
     commit: str | None = None
     wait_quiet: float = 0.0
+    from_json: Path | None = None
     command: str = ""
 
     @property
@@ -84,6 +86,21 @@ def positive_ints(text: str) -> list[int]:
     return values
 
 
+def positive(kind: type) -> Callable[[str], int | float]:
+    """An argument type for a number above zero."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError("must be above zero")
+        return value
+
+    return parse
+
+
 def key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -108,19 +125,29 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a small smoke run (200 clients, 1 repeat) that ends within a minute",
     )
-    p.add_argument("--clients", type=int, help="WebSocket clients (default 4000)")
-    p.add_argument("--sse-clients", type=int, help="event streams for sse (default 1000)")
-    p.add_argument("--stream-clients", type=int, help="subscribers for sustained (default 100)")
-    p.add_argument("--stream-rate", type=float, help="updates/s for sustained (default 200)")
-    p.add_argument("--stream-seconds", type=float, help="length of sustained (default 10)")
+    p.add_argument("--clients", type=positive(int), help="WebSocket clients (default 4000)")
+    p.add_argument("--sse-clients", type=positive(int), help="event streams for sse (default 1000)")
+    p.add_argument(
+        "--stream-clients", type=positive(int), help="subscribers for sustained (default 100)"
+    )
+    p.add_argument(
+        "--stream-rate", type=positive(float), help="updates/s for sustained (default 200)"
+    )
+    p.add_argument(
+        "--stream-seconds", type=positive(float), help="length of sustained (default 10)"
+    )
     p.add_argument(
         "--stream-in-flight",
-        type=int,
+        type=positive(int),
         default=8,
         help="update requests sustained keeps in flight at most (default 8)",
     )
-    p.add_argument("--updates", type=int, help="updates (and broadcasts) per run (default 3)")
-    p.add_argument("--repeats", type=int, help="runs of each target, interleaved (default 3)")
+    p.add_argument(
+        "--updates", type=positive(int), help="updates (and broadcasts) per run (default 3)"
+    )
+    p.add_argument(
+        "--repeats", type=positive(int), help="runs of each target, interleaved (default 3)"
+    )
     p.add_argument("--server", type=csv(SERVERS), default=["daphne"])
     p.add_argument("--layer", type=csv(LAYERS), default=["memory"])
     p.add_argument(
@@ -131,19 +158,24 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-reference", action="store_true", help="measure the project only")
     p.add_argument("--reference-only", action="store_true", help="measure the reference only")
-    p.add_argument("--users", type=int, default=50, help="watching users the clients share")
+    p.add_argument(
+        "--users", type=positive(int), default=50, help="watching users the clients share"
+    )
     p.add_argument(
         "--concurrency",
-        type=int,
+        type=positive(int),
         default=50,
         help="handshakes in flight per load client (default 50)",
     )
     p.add_argument(
-        "--timeout", type=float, default=60.0, help="seconds to wait for one fan-out (default 60)"
+        "--timeout",
+        type=positive(float),
+        default=60.0,
+        help="seconds to wait for one fan-out (default 60)",
     )
     p.add_argument(
         "--drain",
-        type=float,
+        type=positive(float),
         default=30.0,
         help="seconds sustained waits for stragglers after its last update",
     )
@@ -197,6 +229,12 @@ def parser() -> argparse.ArgumentParser:
         "--keep-logs", action="store_true", help="keep the servers' logs (printed at the end)"
     )
     p.add_argument(
+        "--from-json",
+        type=Path,
+        metavar="FILE",
+        help="measure nothing: print (and with --update-docs, document) a results file",
+    )
+    p.add_argument(
         "--update-docs",
         action="store_true",
         help="rewrite the figures section of docs/performance.md",
@@ -222,8 +260,6 @@ def from_args(argv: list[str] | None = None) -> Config:
     for name in quick:
         given = getattr(args, name)
         sizes[name] = given if given is not None else defaults.get(name, getattr(Config, name))
-    if min(sizes.values()) <= 0:
-        p.error("sizes, rates and counts must be positive")
     if args.no_reference and args.reference_only:
         p.error("--no-reference and --reference-only exclude each other")
     if "memory" in args.layer and max(args.processes) > 1:
@@ -257,5 +293,6 @@ def from_args(argv: list[str] | None = None) -> Config:
         profile=args.profile,
         commit=args.commit,
         wait_quiet=args.wait_quiet,
+        from_json=args.from_json,
         **sizes,
     )

@@ -1,9 +1,10 @@
 """The project's side of a run: its code, a fresh database, environment, users and tokens.
 
-The code is the working tree, or with ``--commit`` a snapshot of a commit (``git archive``),
-so a change can be measured against the code before it. Servers get a clean environment
-(nothing inherited but ``PATH`` and the locale) so a ``REDIS_URL`` or ``REALTIME_*`` in
-the caller's shell cannot change what is measured; ``--env`` adds variables on purpose.
+The code is a snapshot taken at the start: of the working tree, or with ``--commit`` of a
+commit (``git archive``), so a change can be measured against the code before it. Servers
+get a clean environment (nothing inherited but ``PATH`` and the locale) so a ``REDIS_URL``
+or ``REALTIME_*`` in the caller's shell cannot change what is measured; ``--env`` adds
+variables on purpose.
 """
 
 import json
@@ -95,31 +96,54 @@ def git(*args: str, cwd: Path = ROOT) -> str:
     ).stdout.strip()
 
 
+#: Not part of what the servers run; their changes do not change the figures.
+NOT_SERVED = ("bench/", "docs/", "tests/")
+
+
 def describe_code(commit: str | None) -> dict[str, object]:
-    """Which code was measured: a commit, or the working tree and whether it had changes."""
+    """Which code is measured: a commit, or the working tree and the served files changed."""
     try:
         if commit:
             return {"source": "commit", "commit": git("rev-parse", commit)}
-        changed = git("status", "--porcelain", "--untracked-files=no").splitlines()
-        return {
-            "source": "working tree",
-            "commit": git("rev-parse", "HEAD"),
-            "changed_files": [line[3:] for line in changed],
-        }
+        status = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout
+        changed = [line[3:] for line in status.splitlines() if not line[3:].startswith(NOT_SERVED)]
+        return {"source": "working tree", "commit": git("rev-parse", "HEAD"), "changed": changed}
     except (OSError, subprocess.CalledProcessError):
         return {"source": "working tree", "commit": "unknown"}
 
 
-def export_commit(commit: str, destination: Path) -> Path:
-    """Write the files of ``commit`` to ``destination``, leaving the repository untouched.
-
-    The commit's own ``bench`` is left out: set-up and settings come from this benchmark.
-    """
-    destination.mkdir(parents=True)
+def export_commit(commit: str, destination: Path) -> None:
+    """Write the files of ``commit`` to ``destination``, leaving the repository untouched."""
     archive = subprocess.run(
         ["git", "archive", "--format=tar", commit], cwd=ROOT, capture_output=True, check=True
     )
     subprocess.run(["tar", "-x", "-C", str(destination)], input=archive.stdout, check=True)
+
+
+def copy_working_tree(destination: Path) -> None:
+    """Copy the working tree's files (tracked or not, unless ignored) to ``destination``."""
+    listed = git("ls-files", "--cached", "--others", "--exclude-standard", "-z")
+    for name in filter(None, listed.split("\0")):
+        source = ROOT / name
+        if source.is_file():
+            target = destination / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+
+
+def snapshot(commit: str | None, destination: Path) -> Path:
+    """The code to serve, frozen for the whole invocation: a commit, or the working tree.
+
+    Someone may edit or commit while a long benchmark runs; every run must serve the same
+    code. The snapshot's own ``bench`` is left out: set-up and settings come from this one.
+    """
+    destination.mkdir(parents=True)
+    if commit:
+        export_commit(commit, destination)
+    else:
+        copy_working_tree(destination)
     shutil.rmtree(destination / "bench", ignore_errors=True)
     return destination
 
@@ -136,7 +160,7 @@ class Project:
         extra_env: dict[str, str],
         commit: str | None = None,
     ) -> None:
-        self.source = export_commit(commit, workdir / "source") if commit else ROOT
+        self.source = snapshot(commit, workdir / "source")
         self.postgres_url = postgres_url.rstrip("/")
         self.postgres_db = ""
         if database == "postgres":

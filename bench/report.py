@@ -152,9 +152,49 @@ def without_nan(value: Any) -> Any:
     return value
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """Results written by ``write_json()``, with missing figures as NaN again."""
+
+    def restore(value: Any) -> Any:
+        if value is None:
+            return math.nan
+        if isinstance(value, dict):
+            return {k: restore(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [restore(v) for v in value]
+        return value
+
+    return restore(json.loads(path.read_text()))
+
+
 def write_json(result: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(without_nan(result), indent=2) + "\n")
+
+
+def code_line(code: dict[str, Any]) -> str:
+    commit = str(code.get("commit", "unknown"))[:12]
+    if code.get("source") == "commit":
+        return f"Code: commit {commit}."
+    changed = code.get("changed") or []
+    return f"Code: the working tree at {commit}" + (
+        f", with changes to {', '.join(changed)}." if changed else " (no changes to served files)."
+    )
+
+
+def sizes_line(config: dict[str, Any]) -> str:
+    scenarios = config["scenarios"]
+    sizes = []
+    if {"connect", "fanout", "broadcast"} & set(scenarios):
+        sizes.append(f"{config['clients']:,} WebSocket clients")
+    if "sse" in scenarios:
+        sizes.append(f"{config['sse_clients']:,} event streams")
+    if "sustained" in scenarios:
+        sizes.append(
+            f"sustained {config['stream_rate']:g} updates/s for {config['stream_seconds']:g} s "
+            f"to {config['stream_clients']} subscribers"
+        )
+    return f"Scenarios: {', '.join(scenarios)}; {'; '.join(sizes)}."
 
 
 def docs_section(result: dict[str, Any]) -> str:
@@ -171,9 +211,8 @@ def docs_section(result: dict[str, Any]) -> str:
             f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB, "
             f"Python {m['python']}, Linux {m['kernel']}; "
             f"load average at the end {', '.join(f'{x:.2f}' for x in m['load_average'])}.",
-            f"Sizes: {c['clients']:,} WebSocket clients, {c['sse_clients']:,} event streams, "
-            f"sustained {c['stream_rate']:g} updates/s for {c['stream_seconds']:g} s "
-            f"to {c['stream_clients']} subscribers.",
+            code_line(result.get("code", {})),
+            sizes_line(c),
             "",
             markdown_table(result),
             END,

@@ -114,6 +114,7 @@ class Runner:
     async def benchmark(self) -> dict[str, Any]:
         config = self.config
         started = datetime.now(UTC)
+        code = describe_code(config.commit)
         if config.has_project:
             progress(f"creating the project's database and {config.users + 1} users")
             self.project = Project(
@@ -143,7 +144,7 @@ class Runner:
             "seconds": round((datetime.now(UTC) - started).total_seconds(), 1),
             "command": config.command,
             "machine": machine(),
-            "code": describe_code(config.commit),
+            "code": code,
             "config": settings_of(config),
             "results": {
                 label: {"summary": summary_of(target_runs), "runs": target_runs}

@@ -212,7 +212,8 @@ class Run:
                 raise Skip("POST /broadcast answered 404: not built yet")
             if status != 200:
                 raise RuntimeError(f"POST /broadcast answered {status}: {body}")
-            return {"recipients_ok": body.get("recipients") == expected}
+            recipients = body.get("recipients")
+            return {"recipients": recipients, "recipients_ok": recipients == expected}
 
         return trigger
 
