@@ -28,6 +28,8 @@ DEFAULTS: dict[str, Any] = {
     "CONNECTION_LEASE_SECONDS": 60.0,
     # Largest POST /broadcast body, in bytes.
     "BROADCAST_MAX_BYTES": 16384,
+    # Seconds an update that arrived ahead of a missing one waits for it before it is sent.
+    "REORDER_WINDOW_SECONDS": 0.5,
     # Messages a connection may have queued and unsent before it is closed as too slow.
     "SLOW_CLIENT_QUEUE_LIMIT": 1000,
 }

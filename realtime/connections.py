@@ -22,6 +22,8 @@ from realtime.sources import TaskSnapshot, get_task_source
 
 #: Channel-layer message types, and the consumer handler each one calls.
 TASK_UPDATE = "task.update"  # task_update()
+#: A transport's own reminder to stop waiting for a missing update (``release_held()``).
+RELEASE_HELD = "realtime.release_held"  # realtime_release_held()
 BROADCAST = "realtime.broadcast"  # realtime_broadcast()
 PERSONAL = "realtime.message"  # realtime_message()
 
@@ -43,6 +45,10 @@ class Connection:
     last_seq: dict[str, int] = field(default_factory=dict)
     #: Whether every task the user may see is followed, not just subscribed ones.
     follows_all: bool = False
+    #: Updates that arrived ahead of a missing one, by task id, then seq.
+    held: dict[str, dict[int, str]] = field(default_factory=dict)
+    #: Tasks whose held updates have a release timeout armed.
+    waiting: set[str] = field(default_factory=set)
 
     @property
     def connection_id(self) -> uuid.UUID:
@@ -52,20 +58,56 @@ class Connection:
     def user_id(self) -> int:
         return self.entry.user_id
 
-    def accept_update(self, task_id: str, seq: int) -> bool:
-        """Whether an update is new to this client; records it if so.
+    def receive_update(self, task_id: str, seq: int, text: str) -> list[tuple[int, str]]:
+        """The updates to deliver now, ``(seq, text)`` in ``seq`` order, after this one arrived.
 
         Drops updates of tasks not (or no longer) subscribed, and updates the client has
         already seen, whether delivered before or included in its ``subscribed`` state.
+        An update that arrives ahead of a missing one (changes committed at nearly the same
+        moment may be published out of order) is held until the missing one arrives, or
+        until ``release_held()`` gives up on it; ``seq`` has no gaps, so one is only ever
+        missing for a moment, unless its publication failed.
         """
         last = self.last_seq.get(task_id)
         if last is None:
             if not self.follows_all:
-                return False
-        elif seq <= last:
+                return []
+            last = seq - 1  # a followed task seen for the first time starts here
+        if seq <= last:
+            return []
+        held = self.held.setdefault(task_id, {})
+        held[seq] = text
+        ready = []
+        while last + 1 in held:
+            last += 1
+            ready.append((last, held.pop(last)))
+        if not held:
+            del self.held[task_id]
+        self.last_seq[task_id] = last
+        return ready
+
+    def starts_waiting(self, task_id: str) -> bool:
+        """True once when updates of a task begin to be held: time to arm a timeout that
+        calls ``release_held()``."""
+        if task_id not in self.held or task_id in self.waiting:
             return False
-        self.last_seq[task_id] = seq
+        self.waiting.add(task_id)
         return True
+
+    def release_held(self, task_id: str) -> list[tuple[int, str]]:
+        """Stop waiting for a task's missing updates: the held ones, in ``seq`` order."""
+        self.waiting.discard(task_id)
+        held = self.held.pop(task_id, None)
+        if not held or task_id not in self.last_seq:
+            return []
+        ready = sorted(held.items())
+        self.last_seq[task_id] = ready[-1][0]
+        return ready
+
+    def forget(self, task_id: str) -> None:
+        """Drop what is known of a task's updates (on unsubscribe)."""
+        self.last_seq.pop(task_id, None)
+        self.held.pop(task_id, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +171,7 @@ class ConnectionManager:
         for group in list(connection.groups):
             await self._leave(connection, group)
         connection.last_seq.clear()
+        connection.held.clear()
         await self.registry.remove(connection.entry, subscribed)
 
     async def subscribe_to_task(
@@ -156,14 +199,19 @@ class ConnectionManager:
                 await self._leave(connection, group)
             raise ProtocolError(ErrorCode.NOT_FOUND, "No such task.")
         connection.last_seq[key] = max(snapshot.seq, connection.last_seq.get(key, 0))
+        held = connection.held.get(key)
+        if held:
+            for seq in [seq for seq in held if seq <= connection.last_seq[key]]:
+                del held[seq]
         if is_new:
             await self.registry.add_subscription(connection.entry, task_id)
         return snapshot
 
     async def unsubscribe_from_task(self, connection: Connection, task_id: uuid.UUID) -> None:
         """Stop a subscription; doing so twice, or for a task never subscribed, is harmless."""
-        if connection.last_seq.pop(str(task_id), None) is None:
+        if str(task_id) not in connection.last_seq:
             return
+        connection.forget(str(task_id))
         await self._leave(connection, groups.task_group(task_id))
         await self.registry.remove_subscription(connection.entry, task_id)
 

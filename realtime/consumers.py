@@ -10,7 +10,7 @@ from channels.layers import get_channel_layer
 
 from realtime import protocol
 from realtime.conf import realtime_settings
-from realtime.connections import Connection, Transport, get_connection_manager
+from realtime.connections import RELEASE_HELD, Connection, Transport, get_connection_manager
 from realtime.inbox import Inbox
 from realtime.protocol import Action, ClientMessage, CloseCode, ErrorCode, ProtocolError
 
@@ -38,15 +38,15 @@ class TaskConsumer(AsyncWebsocketConsumer):
         self.channel_layer = get_channel_layer(self.channel_layer_alias)
         self.channel_name = await self.channel_layer.new_channel()
         self.base_send = send
-        inbox = Inbox(self.channel_layer, self.channel_name)
-        inbox.feed_from(receive)
+        self.inbox = Inbox(self.channel_layer, self.channel_name)
+        self.inbox.feed_from(receive)
         try:
             while True:
-                await self.dispatch(await inbox.get())
+                await self.dispatch(await self.inbox.get())
         except StopConsumer:
             pass
         finally:
-            await inbox.close()
+            await self.inbox.close()
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         # Channels awaits aclose_old_connections() (a hop through the single sync
@@ -129,10 +129,21 @@ class TaskConsumer(AsyncWebsocketConsumer):
     # Channel-layer handlers: the text was encoded once by the sender.
 
     async def task_update(self, event: dict[str, Any]) -> None:
-        if self.connection is not None and self.connection.accept_update(
-            event["task_id"], event["seq"]
-        ):
-            await self.send(text_data=event["text"])
+        connection = self.connection
+        if connection is None:
+            return
+        task_id = event["task_id"]
+        for _, text in connection.receive_update(task_id, event["seq"], event["text"]):
+            await self.send(text_data=text)
+        if connection.starts_waiting(task_id):
+            self.inbox.put_later(
+                realtime_settings.REORDER_WINDOW_SECONDS, {"type": RELEASE_HELD, "task_id": task_id}
+            )
+
+    async def realtime_release_held(self, event: dict[str, Any]) -> None:
+        if self.connection is not None:
+            for _, text in self.connection.release_held(event["task_id"]):
+                await self.send(text_data=text)
 
     async def realtime_broadcast(self, event: dict[str, Any]) -> None:
         if self.connection is not None:

@@ -25,6 +25,7 @@ class Inbox:
         self.layer = layer
         self.channel_name = channel_name
         self._tasks: list[asyncio.Task] = []
+        self._timers: set[asyncio.TimerHandle] = set()
         if isinstance(layer, InMemoryChannelLayer):
             self._queue = None
         else:
@@ -67,6 +68,18 @@ class Inbox:
             return False
         return True
 
+    def put_later(self, delay: float, item: Any) -> None:
+        """Put in a local item after ``delay`` seconds; while the queue is full, a further
+        ``delay`` later."""
+
+        def fire() -> None:
+            self._timers.discard(handle)
+            if not self.put_nowait(item):
+                self.put_later(delay, item)
+
+        handle = asyncio.get_running_loop().call_later(delay, fire)
+        self._timers.add(handle)
+
     async def get(self) -> Any:
         """The next item; an exception from a source is raised here."""
         if self._queue is None:
@@ -84,6 +97,8 @@ class Inbox:
         and channels-redis's pub/sub layer drops a channel whose pending receive is
         cancelled, which stopping the pump does.
         """
+        for timer in self._timers:
+            timer.cancel()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -25,6 +25,7 @@ from realtime.conf import realtime_settings
 from realtime.connections import (
     BROADCAST,
     PERSONAL,
+    RELEASE_HELD,
     TASK_UPDATE,
     Connection,
     Transport,
@@ -108,16 +109,23 @@ def keeps_alive(request: HttpRequest) -> bool:
     return request.scope.get("http_version") == "1.1" and "close" not in tokens
 
 
-def frame(connection: Connection, message: dict[str, Any]) -> bytes | None:
-    """What a layer message becomes on this stream: a frame, or nothing."""
+def frame(connection: Connection, message: dict[str, Any], inbox: Inbox) -> bytes | None:
+    """What a layer message becomes on this stream: frames, or nothing."""
     kind = message.get("type")
     if kind == TASK_UPDATE:
-        task_id, seq = message["task_id"], message["seq"]
-        if connection.accept_update(task_id, seq):
-            return protocol.sse_task_update(task_id, seq, message["text"])
-        return None
-    event = PASS_THROUGH.get(kind)
-    return None if event is None else protocol.sse_event(event, message["text"])
+        task_id = message["task_id"]
+        ready = connection.receive_update(task_id, message["seq"], message["text"])
+        if connection.starts_waiting(task_id):
+            inbox.put_later(
+                realtime_settings.REORDER_WINDOW_SECONDS, {"type": RELEASE_HELD, "task_id": task_id}
+            )
+    elif kind == RELEASE_HELD:
+        task_id = message["task_id"]
+        ready = connection.release_held(task_id)
+    else:
+        event = PASS_THROUGH.get(kind)
+        return None if event is None else protocol.sse_event(event, message["text"])
+    return b"".join(protocol.sse_task_update(task_id, seq, text) for seq, text in ready) or None
 
 
 async def event_stream(
@@ -167,7 +175,9 @@ async def event_stream(
                 # Messages piled up faster than they were sent, and some are lost: the
                 # stream ends, and the client reconnects (after ``retry``) to resume.
                 return
-            data = protocol.sse_heartbeat() if kind == HEARTBEAT else frame(connection, message)
+            data = (
+                protocol.sse_heartbeat() if kind == HEARTBEAT else frame(connection, message, inbox)
+            )
             if data is not None:
                 yield data
                 last_sent = loop.time()

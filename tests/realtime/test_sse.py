@@ -394,6 +394,8 @@ def test_task_ids_limit_the_stream_to_those_tasks(user, task):
             await api.apublish_task_update(snapshot(task, 1))
             await api.apublish_task_update(snapshot(task, 3, progress=30))
             await api.apublish_task_update(snapshot(task, 2))
+            # 3 came ahead of 2, so it waited for it: both arrive, in order.
+            assert (await s.next_of("task_update")).last_event_id == f"{task.pk}:2"
             update = await s.next_of("task_update")
             assert update.last_event_id == f"{task.pk}:3"
             assert update.json()["task"]["progress"] == 30
@@ -592,7 +594,8 @@ states = st.fixed_dictionaries(
 
 
 def operations(n_tasks):
-    update = st.tuples(st.just("update"), st.integers(0, n_tasks - 1), st.integers(1, 6), states)
+    # "update" publishes a task's next seq; "repeat" publishes its latest seq again.
+    update = st.tuples(st.sampled_from(["update", "repeat"]), st.integers(0, n_tasks - 1), states)
     broadcast = st.tuples(
         st.just("broadcast"), st.fixed_dictionaries({"message": st.text(min_size=1)})
     )
@@ -638,17 +641,25 @@ def test_property_46_events_parse_into_the_expected_event_id_and_data(
         query.append(("token", token))
 
     # The model: what a browser's EventSource would dispatch, in order.
+    # Seqs are published as the model allots them: each task's next one, or its latest
+    # again (a duplicate), never with a gap, since committed changes have none.
     watched = set(visible) if subscribed is None else subscribed
     seen = {} if subscribed is None else {i: 1 for i in subscribed}
-    expected, last_id = [], ""
+    latest = {i: 1 for i in range(len(tasks))}
+    published, expected, last_id = [], [], ""
     for op in ops:
-        if op[0] == "update":
-            _, index, seq, state = op
+        if op[0] in ("update", "repeat"):
+            kind, index, state = op
+            if kind == "update":
+                latest[index] += 1
+            seq = latest[index]
+            published.append(("update", index, seq, state))
             if index in watched and seq > seen.get(index, 0):
                 seen[index] = seq
                 last_id = f"{tasks[index].pk}:{seq}"
                 expected.append(("task_update", last_id, (index, seq, state)))
         else:
+            published.append(op)
             expected.append((op[0], last_id, op[1]))
     expected.append(("message", last_id, {"end": True}))
 
@@ -658,7 +669,7 @@ def test_property_46_events_parse_into_the_expected_event_id_and_data(
             assert_stream_headers(stream)
             connected = await stream.next_of("connected")
             assert connected.json()["user_id"] == viewer.pk
-            for op in ops:
+            for op in published:
                 if op[0] == "update":
                     _, index, seq, state = op
                     await api.apublish_task_update(snapshot(tasks[index], seq, **state))

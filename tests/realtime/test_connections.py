@@ -1,0 +1,85 @@
+"""Per-connection delivery rules: each seq once, in order, a late one waited for briefly."""
+
+import uuid
+
+import pytest
+from asgiref.sync import async_to_sync
+from hypothesis import given
+from hypothesis import strategies as st
+
+from realtime import api
+from realtime.connections import Connection
+from realtime.registry import Entry
+from realtime.sources import TaskSnapshot
+from tests.conftest import connect_user, open_websocket, token_for
+
+
+def connection(
+    *, follows_all: bool = False, subscribed: dict[str, int] | None = None
+) -> Connection:
+    entry = Entry(connection_id=uuid.uuid4(), user_id=1, transport="websocket")
+    return Connection("specific.x", entry, last_seq=dict(subscribed or {}), follows_all=follows_all)
+
+
+def test_in_order_updates_go_straight_through_and_duplicates_are_dropped():
+    c = connection(subscribed={"t": 1})
+    assert c.receive_update("t", 2, "two") == [(2, "two")]
+    assert c.receive_update("t", 2, "two again") == []
+    assert c.receive_update("t", 1, "old") == []
+    assert not c.starts_waiting("t")
+
+
+def test_an_early_update_waits_for_the_missing_one():
+    c = connection(subscribed={"t": 1})
+    assert c.receive_update("t", 3, "three") == []
+    assert c.starts_waiting("t") and not c.starts_waiting("t")
+    assert c.receive_update("t", 2, "two") == [(2, "two"), (3, "three")]
+    assert c.release_held("t") == []
+
+
+def test_release_gives_up_on_a_missing_update():
+    c = connection(subscribed={"t": 1})
+    c.receive_update("t", 4, "four")
+    c.receive_update("t", 3, "three")
+    assert c.release_held("t") == [(3, "three"), (4, "four")]
+    assert c.receive_update("t", 2, "two, too late") == []
+    assert c.receive_update("t", 5, "five") == [(5, "five")]
+
+
+def test_unsubscribed_tasks_get_nothing_and_followed_ones_start_where_first_seen():
+    assert connection().receive_update("t", 2, "x") == []
+    feed = connection(follows_all=True)
+    assert feed.receive_update("t", 7, "seven") == [(7, "seven")]
+    assert feed.receive_update("t", 6, "six") == []
+
+
+@given(st.permutations(range(2, 12)))
+def test_any_arrival_order_within_the_window_delivers_every_seq_once_in_order(order):
+    c = connection(subscribed={"t": 1})
+    delivered = [seq for seq_ in order for seq, _ in c.receive_update("t", seq_, str(seq_))]
+    assert delivered == list(range(2, 12))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_websocket_client_gets_out_of_order_publications_in_order(user, settings):
+    from mcp_platform.tasks import services
+
+    settings.REALTIME = {**settings.REALTIME, "REORDER_WINDOW_SECONDS": 0.2}
+    task = services.create_task(owner=user, name="t")
+
+    def snapshot(seq: int) -> TaskSnapshot:
+        state = {"id": str(task.pk), "status": "running", "progress": seq}
+        return TaskSnapshot(task_id=task.pk, owner_id=user.pk, seq=seq, state=state)
+
+    async def scenario():
+        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+            await connect_user(ws)
+            await ws.send_json_to({"action": "subscribe", "task_id": str(task.pk)})
+            await ws.receive_json_from(timeout=5)
+            for seq in (3, 2, 5):  # 4 never comes
+                await api.apublish_task_update(snapshot(seq))
+            got = [(await ws.receive_json_from(timeout=5))["seq"] for _ in range(3)]
+            assert got == [2, 3, 5]
+            assert await ws.receive_nothing(timeout=0.3)
+
+    async_to_sync(scenario)()
