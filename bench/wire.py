@@ -122,11 +122,11 @@ class Receiver(asyncio.Protocol):
 
     def accept_headers(self, head: bytes) -> bool:
         """Check the response head; on refusal, fail the connection and return False."""
-        raise NotImplementedError
+        raise NotImplementedError("subclasses must provide accept_headers()")
 
     def consume(self, data: bytes, now: float) -> bytes:
         """Handle every complete message in ``data``; return the incomplete rest."""
-        raise NotImplementedError
+        raise NotImplementedError("subclasses must provide consume()")
 
 
 def status_of(head: bytes) -> int:
