@@ -31,14 +31,20 @@ def redact(path: str) -> str:
     return TOKEN_PARAMETER.sub(r"\1[redacted]", path)
 
 
+def _qualified_name(obj: object) -> str:
+    return getattr(obj, "__qualname__", type(obj).__qualname__)
+
+
 def quiet_autobahn_debug_text() -> None:
     """Make the text of autobahn's debug log lines cheap: it is built even when debug
-    logging is off, coloured for every frame sent and pretty-printed for every connection."""
+    logging is off, with a function's module path looked up and coloured for every frame
+    sent, and the whole configuration pretty-printed for every connection."""
     import autobahn.util
     import autobahn.websocket.protocol
 
     autobahn.util._HAS_CLICK = False
     autobahn.websocket.protocol.pformat = repr
+    autobahn.websocket.protocol.hltype = _qualified_name
 
 
 def main(argv: list[str] | None = None) -> None:
