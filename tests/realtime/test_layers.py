@@ -6,7 +6,7 @@ import pytest
 from asgiref.sync import async_to_sync
 from channels.exceptions import ChannelFull
 
-from realtime.layers import OVERFLOW, InMemoryChannelLayer
+from realtime.layers import OVERFLOW, ChannelQueue, InMemoryChannelLayer
 from tests.conftest import open_websocket, token_for
 
 
@@ -136,5 +136,27 @@ def test_overflowing_websocket_client_is_closed_4008(settings, user):
             assert output == {"type": "websocket.close", "code": 4008}
             # What was already in hand may go out first; nothing is skipped silently.
             assert sent == ["0", "1", "2", "3"][: len(sent)] and len(sent) < 4
+
+    run(scenario)
+
+
+def test_channel_queue_put_waits_for_room_and_get_waits_for_an_item():
+    async def scenario():
+        queue = ChannelQueue(maxsize=1)
+        getter = asyncio.ensure_future(queue.get())
+        await asyncio.sleep(0)
+        queue.put_nowait("a")
+        assert await getter == "a"
+        queue.put_nowait("b")
+        with pytest.raises(asyncio.QueueFull):
+            queue.put_nowait("c")
+        cancelled = asyncio.ensure_future(queue.put("never"))
+        waiting = asyncio.ensure_future(queue.put("c"))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        assert not waiting.done()
+        assert await queue.get() == "b"
+        await asyncio.wait_for(waiting, 1)
+        assert await queue.get() == "c" and queue.empty()
 
     run(scenario)
