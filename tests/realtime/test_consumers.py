@@ -68,23 +68,24 @@ def test_missing_or_bad_credentials_are_accepted_then_closed_4401(path):
     run(scenario)
 
 
-def test_session_login_authenticates(client, user):
+@pytest.fixture
+def session_cookie(client, user) -> tuple[bytes, bytes]:
+    """The cookie header of a logged-in session of ``user``."""
     client.force_login(user)
-    cookie = f"sessionid={client.cookies['sessionid'].value}".encode()
+    return (b"cookie", f"sessionid={client.cookies['sessionid'].value}".encode())
 
+
+def test_session_login_authenticates(session_cookie, user):
     async def scenario():
-        async with open_websocket("/ws", headers=[(b"cookie", cookie)]) as ws:
+        async with open_websocket("/ws", headers=[session_cookie]) as ws:
             assert (await connect_user(ws))["user_id"] == user.pk
 
     run(scenario)
 
 
-def test_bad_token_beside_a_valid_session_is_refused(client, user):
-    client.force_login(user)
-    cookie = f"sessionid={client.cookies['sessionid'].value}".encode()
-
+def test_bad_token_beside_a_valid_session_is_refused(session_cookie):
     async def scenario():
-        async with open_websocket("/ws?token=bad", headers=[(b"cookie", cookie)]) as ws:
+        async with open_websocket("/ws?token=bad", headers=[session_cookie]) as ws:
             await ws.connect(timeout=5)
             await assert_closed_with(ws, CloseCode.UNAUTHORIZED)
 
