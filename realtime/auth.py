@@ -4,36 +4,78 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from channels.auth import AuthMiddlewareStack
-from channels.db import database_sync_to_async
 from channels.security.websocket import OriginValidator
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.contrib.auth.models import AnonymousUser
+from django.core.exceptions import ValidationError
 from rest_framework.exceptions import APIException
+from rest_framework_simplejwt import settings as simplejwt_settings
 from rest_framework_simplejwt.authentication import JWTAuthentication
+from rest_framework_simplejwt.tokens import Token
+from rest_framework_simplejwt.utils import get_md5_hash_password
+
+from realtime.batching import Batcher
 
 
-def get_user_for_token(raw_token: Any) -> AbstractBaseUser:
-    """The active user an access token names, validated as simplejwt's REST
-    authentication does (signature, expiry, token type, user exists and is active).
-
-    Raises ``ValueError`` with the reason on any failure.
-    """
+def validated_token(raw_token: Any) -> Token:
+    """The access token in ``raw_token``, its signature, expiry and type checked by
+    simplejwt; ``ValueError`` with the reason otherwise. Needs no database."""
     if not isinstance(raw_token, str) or not raw_token:
         raise ValueError("No token given.")
-    authentication = JWTAuthentication()
     try:
-        token = authentication.get_validated_token(raw_token.encode())
-        return authentication.get_user(token)
+        return JWTAuthentication().get_validated_token(raw_token.encode())
     except APIException as exc:
         raise ValueError(
             str(exc.detail if isinstance(exc.detail, str) else exc.default_detail)
         ) from None
 
 
-def authenticate_websocket(token: Any) -> int:
-    """The id of the active user an access token names; ``ValueError`` on failure."""
-    return get_user_for_token(token).pk
+def _users(user_ids: list[Any]) -> list[AbstractBaseUser | None]:
+    """The users with these ids (simplejwt's ``USER_ID_FIELD``), in one query."""
+    model = get_user_model()
+    field = model._meta.get_field(simplejwt_settings.api_settings.USER_ID_FIELD)
+    keys = []
+    for user_id in user_ids:
+        try:
+            keys.append(field.to_python(user_id))
+        except ValidationError:
+            keys.append(None)
+    found = model._default_manager.in_bulk(
+        {key for key in keys if key is not None}, field_name=field.name
+    )
+    return [found.get(key) for key in keys]
+
+
+_user_batcher: Batcher[Any, AbstractBaseUser | None] = Batcher(_users)
+
+
+async def authenticate_token(raw_token: Any) -> AbstractBaseUser:
+    """The user an access token names, checked as simplejwt's REST authentication
+    checks it: signature, expiry, token type, then that the user exists, is active and,
+    with ``CHECK_REVOKE_TOKEN``, has not changed password since.
+
+    The user is read fresh from the database, together with those of other connections
+    authenticating at the same moment (``realtime.batching``). Raises ``ValueError`` with
+    the reason on any failure.
+    """
+    jwt_settings = simplejwt_settings.api_settings  # replaced when settings change
+    token = validated_token(raw_token)
+    try:
+        user_id = token[jwt_settings.USER_ID_CLAIM]
+    except KeyError:
+        raise ValueError("Token contained no recognizable user identification") from None
+    user = await _user_batcher.load(user_id)
+    if user is None:
+        raise ValueError("User not found")
+    if jwt_settings.CHECK_USER_IS_ACTIVE and not user.is_active:
+        raise ValueError("User is inactive")
+    if jwt_settings.CHECK_REVOKE_TOKEN and token.get(
+        jwt_settings.REVOKE_TOKEN_CLAIM
+    ) != get_md5_hash_password(user.password):
+        raise ValueError("The user's password has been changed.")
+    return user
 
 
 def query_token(scope: dict[str, Any]) -> str | None:
@@ -59,7 +101,7 @@ class TokenAuthMiddleware:
         if token is None:
             return await self.session_inner(scope, receive, send)
         try:
-            user = await database_sync_to_async(get_user_for_token)(token)
+            user = await authenticate_token(token)
         except ValueError:
             user = AnonymousUser()
         return await self.inner(dict(scope, user=user), receive, send)

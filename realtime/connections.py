@@ -10,11 +10,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.contrib.auth.base_user import AbstractBaseUser
 
 from realtime import groups, protocol
+from realtime.batching import Batcher
 from realtime.conf import realtime_settings
 from realtime.protocol import ErrorCode, ProtocolError
 from realtime.registry import ConnectionRegistry, Entry, LocalRegistry, Overview
@@ -26,6 +26,17 @@ TASK_UPDATE = "task.update"  # task_update()
 RELEASE_HELD = "realtime.release_held"  # realtime_release_held()
 BROADCAST = "realtime.broadcast"  # realtime_broadcast()
 PERSONAL = "realtime.message"  # realtime_message()
+
+
+def _visible_snapshots(
+    requests: list[tuple[AbstractBaseUser, uuid.UUID]],
+) -> list[TaskSnapshot | None]:
+    return get_task_source().get_visible_many(requests)
+
+
+_snapshots: Batcher[tuple[AbstractBaseUser, uuid.UUID], TaskSnapshot | None] = Batcher(
+    _visible_snapshots
+)
 
 
 class Transport(enum.StrEnum):
@@ -193,7 +204,7 @@ class ConnectionManager:
             )
         group = groups.task_group(task_id)
         await self._join(connection, group)
-        snapshot = await database_sync_to_async(get_task_source().get_visible)(user, task_id)
+        snapshot = await _snapshots.load((user, task_id))
         if snapshot is None:
             if is_new:
                 await self._leave(connection, group)

@@ -5,6 +5,7 @@ A project names its subclass of ``TaskSource`` in ``REALTIME["TASK_SOURCE"]`` an
 """
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -32,6 +33,16 @@ class TaskSource:
         """The task's current snapshot if ``user`` may view it; ``None`` if it does not
         exist or is not the user's to see (callers must not tell the two apart)."""
         raise NotImplementedError("subclasses of TaskSource must provide get_visible()")
+
+    def get_visible_many(
+        self, requests: Sequence[tuple[AbstractBaseUser, uuid.UUID]]
+    ) -> list[TaskSnapshot | None]:
+        """``get_visible()`` of each ``(user, task_id)``, in order.
+
+        Subscriptions made at nearly the same moment arrive here together
+        (``realtime.batching``); override it to answer them with one query.
+        """
+        return [self.get_visible(user, task_id) for user, task_id in requests]
 
 
 @cache

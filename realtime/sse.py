@@ -12,7 +12,6 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from asgiref.sync import sync_to_async
-from channels.db import database_sync_to_async
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import close_old_connections
 from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
@@ -20,7 +19,7 @@ from django.http.response import HttpResponseBase
 from django.views.decorators.csrf import csrf_exempt
 
 from realtime import protocol
-from realtime.auth import get_user_for_token
+from realtime.auth import authenticate_token
 from realtime.conf import realtime_settings
 from realtime.connections import (
     BROADCAST,
@@ -83,7 +82,7 @@ async def authenticate(request: HttpRequest) -> AbstractBaseUser:
         token = request.GET.get("token")
     if token is not None:
         try:
-            return await database_sync_to_async(get_user_for_token)(token)
+            return await authenticate_token(token)
         except ValueError as exc:
             raise Refused(401, "authentication_failed", str(exc)) from None
     user = await request.auser()

@@ -1,11 +1,12 @@
 """The tasks app's side of the real-time interface: what a task looks like live."""
 
 import uuid
+from collections.abc import Sequence
 
 from django.contrib.auth.base_user import AbstractBaseUser
 
 from mcp_platform.tasks.models import Task
-from mcp_platform.tasks.selectors import visible_tasks
+from mcp_platform.tasks.selectors import can_see
 from mcp_platform.tasks.serializers import TaskSerializer
 from realtime import sources
 
@@ -20,5 +21,16 @@ class TaskSource(sources.TaskSource):
     def get_visible(
         self, user: AbstractBaseUser, task_id: uuid.UUID
     ) -> sources.TaskSnapshot | None:
-        task = visible_tasks(user).filter(pk=task_id).first()
-        return None if task is None else task_snapshot(task)
+        return self.get_visible_many([(user, task_id)])[0]
+
+    def get_visible_many(
+        self, requests: Sequence[tuple[AbstractBaseUser, uuid.UUID]]
+    ) -> list[sources.TaskSnapshot | None]:
+        """One query for every task asked for, and one snapshot per task: a thousand
+        clients subscribing to one task cost one read and one serialization."""
+        tasks = Task.objects.in_bulk({task_id for _, task_id in requests})
+        snapshots = {task_id: task_snapshot(task) for task_id, task in tasks.items()}
+        return [
+            snapshots[task_id] if task_id in tasks and can_see(user, tasks[task_id]) else None
+            for user, task_id in requests
+        ]

@@ -1,0 +1,119 @@
+import asyncio
+
+import pytest
+from asgiref.sync import async_to_sync
+
+from realtime.batching import Batcher
+
+# Fetches run through database_sync_to_async, which checks the database connection.
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def run(coroutine_function):
+    return async_to_sync(coroutine_function)()
+
+
+def test_keys_asked_for_together_are_fetched_in_one_call_and_answered_in_order():
+    calls = []
+
+    def fetch_many(keys):
+        calls.append(list(keys))
+        return [key * 10 for key in keys]
+
+    batcher = Batcher(fetch_many)
+
+    async def scenario():
+        return await asyncio.gather(*(batcher.load(key) for key in range(5)))
+
+    assert run(scenario) == [0, 10, 20, 30, 40]
+    assert calls == [[0, 1, 2, 3, 4]]
+
+
+def test_keys_asked_for_during_a_fetch_go_in_the_next_one():
+    calls = []
+
+    def fetch_many(keys):
+        calls.append(list(keys))
+        return keys
+
+    batcher = Batcher(fetch_many)
+
+    async def scenario():
+        first = asyncio.ensure_future(batcher.load("a"))
+        await asyncio.sleep(0)  # the first fetch is under way
+        rest = [asyncio.ensure_future(batcher.load(key)) for key in "bcd"]
+        return await asyncio.gather(first, *rest)
+
+    assert run(scenario) == ["a", "b", "c", "d"]
+    assert calls == [["a"], ["b", "c", "d"]]
+
+
+def test_batches_are_no_larger_than_max_size():
+    sizes = []
+
+    def fetch_many(keys):
+        sizes.append(len(keys))
+        return keys
+
+    batcher = Batcher(fetch_many, max_size=3)
+
+    async def scenario():
+        return await asyncio.gather(*(batcher.load(key) for key in range(7)))
+
+    assert run(scenario) == list(range(7))
+    assert sizes == [3, 3, 1]
+
+
+@pytest.mark.parametrize(
+    "fetch_many",
+    [lambda keys: 1 / 0, lambda keys: keys[:-1]],
+    ids=["raises", "too-few-values"],
+)
+def test_a_failed_fetch_fails_every_load_of_its_batch_and_the_next_batch_still_runs(fetch_many):
+    calls = []
+
+    def fetch(keys):
+        calls.append(keys)
+        return fetch_many(keys) if len(calls) == 1 else keys
+
+    batcher = Batcher(fetch)
+
+    async def scenario():
+        failed = await asyncio.gather(*(batcher.load(k) for k in range(3)), return_exceptions=True)
+        return failed, await batcher.load("again")
+
+    failed, again = run(scenario)
+    assert all(isinstance(result, Exception) for result in failed)
+    assert again == "again"
+
+
+def test_a_cancelled_load_is_left_out_of_the_fetch():
+    calls = []
+
+    def fetch_many(keys):
+        calls.append(list(keys))
+        return keys
+
+    batcher = Batcher(fetch_many)
+
+    async def scenario():
+        first = asyncio.ensure_future(batcher.load("first"))
+        await asyncio.sleep(0)
+        gone = asyncio.ensure_future(batcher.load("gone"))
+        kept = asyncio.ensure_future(batcher.load("kept"))
+        await asyncio.sleep(0)
+        gone.cancel()
+        return await asyncio.gather(first, kept)
+
+    assert run(scenario) == ["first", "kept"]
+    assert calls == [["first"], ["kept"]]
+
+
+def test_each_event_loop_has_its_own_queue():
+    batcher = Batcher(lambda keys: keys)
+
+    async def scenario():
+        return await batcher.load(1)
+
+    assert run(scenario) == 1
+    assert run(scenario) == 1  # a new loop: nothing of the old one is reused
