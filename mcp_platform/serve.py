@@ -3,7 +3,8 @@
 Use it instead of the ``daphne`` command. It differs in two ways:
 
 - it installs ``realtime.reactor.CoalescingWriteReactor``, which writes fan-out frames
-  without an event-loop registration per write (docs/performance.md);
+  without an event-loop registration per write (docs/performance.md), and
+  ``realtime.websocket_protocol``, which frames them without autobahn's general path;
 - it stops autobahn from decorating the text of debug log lines it never emits: colouring
   it for every frame cost ~12% of a fan-out, pretty-printing it ~10% of a connect;
 - it collects garbage less often (``gc.set_threshold``): with thousands of long-lived
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     gc.set_threshold(*GC_THRESHOLDS)
     quiet_autobahn_debug_text()
     from daphne import cli
+
+    from realtime import websocket_protocol
+
+    websocket_protocol.install()
     from daphne.access import AccessLogGenerator
 
     class RedactingAccessLog(AccessLogGenerator):

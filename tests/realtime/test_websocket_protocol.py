@@ -1,0 +1,76 @@
+"""The lean frame path of Daphne's WebSocket protocol writes what RFC 6455 reads."""
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+import websockets
+from asgiref.sync import async_to_sync
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from websockets.frames import Frame, Opcode
+from websockets.streams import StreamReader
+
+from mcp_platform.tasks import services
+from realtime.websocket_protocol import frame_header
+from tests.conftest import token_for
+
+
+def parse(data: bytes) -> Frame:
+    """One server frame, read by the ``websockets`` library's own parser."""
+    reader = StreamReader()
+    reader.feed_data(data)
+    reader.feed_eof()
+    parser = Frame.parse(reader.read_exact, mask=False)
+    try:
+        next(parser)
+    except StopIteration as done:
+        return done.value
+    raise AssertionError("incomplete frame")
+
+
+# Lengths around the 7-bit, 16-bit and 64-bit length encodings.
+payloads = st.one_of(
+    st.binary(max_size=300),
+    st.integers(65_530, 65_540).map(lambda n: b"x" * n),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(payload=payloads, binary=st.booleans())
+def test_frames_parse_back_to_their_payload(payload, binary):
+    frame = parse(frame_header(len(payload), binary) + payload)
+    assert frame.fin
+    assert frame.opcode is (Opcode.BINARY if binary else Opcode.TEXT)
+    assert frame.data == payload
+
+
+@pytest.mark.e2e
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("size", [10, 200, 70_000])
+def test_updates_of_every_frame_length_arrive_whole_over_daphne(daphne_server, user, size):
+    task = services.create_task(owner=user, name="big")
+    result = {"text": "é" * size}
+
+    token = token_for(user)
+
+    async def scenario():
+        async with websockets.connect(
+            f"{daphne_server.ws_url}/ws?token={token}", max_size=None
+        ) as ws:
+            assert json.loads(await ws.recv())["type"] == "connected"
+            await ws.send(json.dumps({"action": "subscribe", "task_id": str(task.pk)}))
+            assert json.loads(await ws.recv())["type"] == "subscribed"
+            async with aiohttp.ClientSession() as session:
+                async with session.patch(
+                    f"{daphne_server.http_url}/api/tasks/{task.pk}/",
+                    json={"result": result},
+                    headers={"Authorization": f"Bearer {token}"},
+                ) as response:
+                    assert response.status == 200, await response.text()
+            update = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert update["type"] == "task_update"
+            assert update["task"]["result"] == result
+
+    async_to_sync(scenario)()
