@@ -39,7 +39,9 @@ class ChannelQueue:
     __slots__ = ("items", "maxsize", "_getter", "_putters")
 
     def __init__(self, maxsize: int) -> None:
-        self.items: deque = deque()
+        # Most channels are idle and empty: an empty deque still costs ~600 bytes, so
+        # an empty queue holds a shared empty tuple instead.
+        self.items: deque | tuple = ()
         self.maxsize = maxsize
         self._getter: asyncio.Future | None = None
         self._putters: deque | None = None
@@ -53,6 +55,8 @@ class ChannelQueue:
     def put_nowait(self, item: Any) -> None:
         if len(self.items) >= self.maxsize:
             raise asyncio.QueueFull
+        if not self.items:
+            self.items = deque()
         self.items.append(item)
         getter = self._getter
         if getter is not None and not getter.done():
@@ -76,6 +80,8 @@ class ChannelQueue:
             finally:
                 self._getter = None
         item = self.items.popleft()
+        if not self.items:
+            self.items = ()
         while self._putters:
             putter = self._putters.popleft()
             if not putter.done():  # skip putters that were cancelled meanwhile

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import time
 
 import aiohttp
 import pytest
@@ -74,3 +75,30 @@ def test_updates_of_every_frame_length_arrive_whole_over_daphne(daphne_server, u
             assert update["task"]["result"] == result
 
     async_to_sync(scenario)()
+
+
+@pytest.mark.e2e
+@pytest.mark.django_db(transaction=True)
+def test_an_open_connection_keeps_what_it_needs_after_shedding_its_handshake(daphne_server, user):
+    """Subscribing, pinging, closing and the access log's path all work once the
+    protocol has dropped its handshake-only state."""
+    task = services.create_task(owner=user, name="t")
+
+    async def scenario():
+        async with websockets.connect(
+            f"{daphne_server.ws_url}/ws?token={token_for(user)}&marker=shed"
+        ) as ws:
+            assert json.loads(await ws.recv())["type"] == "connected"
+            await ws.send(json.dumps({"action": "subscribe", "task_id": str(task.pk)}))
+            assert json.loads(await ws.recv())["type"] == "subscribed"
+            await ws.send(json.dumps({"action": "ping", "id": 7}))
+            pong = json.loads(await ws.recv())
+            assert (pong["type"], pong["id"]) == ("pong", 7)
+            await ws.ping()
+        assert ws.close_code == 1000
+
+    async_to_sync(scenario)()
+    deadline = time.monotonic() + 10
+    while "WSDISCONNECT /ws" not in daphne_server.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "WSDISCONNECT /ws" in daphne_server.log()
