@@ -9,6 +9,7 @@ and fetches them together in one call. A lone request costs what it did before.
 """
 
 import asyncio
+import contextvars
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,7 +50,10 @@ class Batcher(Generic[K, V]):
         future = loop.create_future()
         queue.pending.append((key, future))
         if queue.runner is None:
-            queue.runner = loop.create_task(self._run(queue))
+            # A fresh context: the runner serves every caller, so it must not inherit
+            # this one's thread executor (one that a sync view calling an async one gets,
+            # and that quits when that view returns).
+            queue.runner = loop.create_task(self._run(queue), context=contextvars.Context())
         return await future
 
     async def _run(self, queue: _Queue[K, V]) -> None:

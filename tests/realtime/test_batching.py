@@ -1,7 +1,8 @@
 import asyncio
+import threading
 
 import pytest
-from asgiref.sync import async_to_sync
+from asgiref.sync import async_to_sync, sync_to_async
 
 from realtime.batching import Batcher
 
@@ -117,3 +118,27 @@ def test_each_event_loop_has_its_own_queue():
 
     assert run(scenario) == 1
     assert run(scenario) == 1  # a new loop: nothing of the old one is reused
+
+
+def test_fetches_do_not_run_in_the_context_of_the_load_that_started_them():
+    """A sync view calling an async one (async_to_sync inside a sync_to_async thread)
+    gives its loads a thread executor that quits when the view returns, while the
+    batches of other connections may still be on their way: fetches must go to the
+    process's sync thread instead."""
+    fetch_threads = []
+
+    def fetch_many(keys):
+        fetch_threads.append(threading.get_ident())
+        return keys
+
+    batcher = Batcher(fetch_many)
+
+    def sync_view():
+        return threading.get_ident(), async_to_sync(batcher.load)("a")
+
+    async def scenario():
+        return await sync_to_async(sync_view)()
+
+    view_thread, value = run(scenario)
+    assert value == "a"
+    assert fetch_threads and view_thread not in fetch_threads

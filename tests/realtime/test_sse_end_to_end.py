@@ -252,3 +252,33 @@ def test_bad_requests_get_json_errors_and_no_stream(daphne_server, user, other_u
         assert absent == foreign_task == (404, {"code": "not_found", "detail": "No such task."})
 
     async_to_sync(scenario)()
+
+
+def test_streams_opened_together_all_connect_and_get_the_update(daphne_server, make_user, task):
+    """Many streams authenticating and subscribing at one moment share database reads
+    (realtime.batching); each must still get its own stream, whichever finishes first."""
+    watchers = [make_user(is_staff=True) for _ in range(5)]
+
+    async def scenario():
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+            async def open_stream(watcher):
+                response = await session.get(
+                    f"{daphne_server.http_url}/events",
+                    params={"task_id": str(task.pk)},
+                    headers={"Authorization": f"Bearer {token_for(watcher)}"},
+                )
+                assert response.status == 200, await response.text()
+                events = EventReader(response.content.iter_any())
+                await events.next_of("connected")
+                return response, events
+
+            streams = await asyncio.gather(*(open_stream(watchers[i % 5]) for i in range(200)))
+            patched = await patch_task(
+                daphne_server.http_url, token_for(watchers[0]), task.pk, {"progress": 5}
+            )
+            for response, events in streams:
+                assert_update(await events.next_of("task_update"), task, patched, seq=2)
+                response.close()
+
+    async_to_sync(scenario)()
