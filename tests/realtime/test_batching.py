@@ -2,7 +2,7 @@ import asyncio
 import threading
 
 import pytest
-from asgiref.sync import async_to_sync, sync_to_async
+from asgiref.sync import ThreadSensitiveContext, async_to_sync, sync_to_async
 
 from realtime.batching import Batcher
 
@@ -137,8 +137,12 @@ def test_fetches_do_not_run_in_the_context_of_the_load_that_started_them():
         return threading.get_ident(), async_to_sync(batcher.load)("a")
 
     async def scenario():
-        return await sync_to_async(sync_view)()
+        # As Django's ASGI handler runs a request: a thread of its own for its sync code.
+        async with ThreadSensitiveContext():
+            return await sync_to_async(sync_view)()
 
-    view_thread, value = run(scenario)
+    # A loop of its own, as a server runs (async_to_sync would make this thread the one
+    # that thread-sensitive calls go back to).
+    view_thread, value = asyncio.run(scenario())
     assert value == "a"
     assert fetch_threads and view_thread not in fetch_threads
