@@ -10,7 +10,9 @@ Use it instead of the ``daphne`` command. It differs in two ways:
 - it collects garbage less often (``gc.set_threshold``): with thousands of long-lived
   connection objects the default thresholds spent ~25% of a fan-out in the collector;
 - its access log shows ``token=[redacted]`` instead of a query-string token, since browsers'
-  ``EventSource`` must put the JWT in the URL.
+  ``EventSource`` must put the JWT in the URL, and leaves out ``WSCONNECTING``: the
+  ``WSCONNECT`` or ``WSREJECT`` line follows within milliseconds, and writing both cost
+  ~3% of a connect.
 
 Without arguments it serves ``mcp_platform.asgi:application`` on 127.0.0.1:8000.
 """
@@ -61,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
 
     class RedactingAccessLog(AccessLogGenerator):
         def __call__(self, protocol, action, details):
+            if protocol == "websocket" and action == "connecting":
+                return  # WSCONNECT or WSREJECT follows at once
             if "path" in details:
                 details = {**details, "path": redact(details["path"])}
             return super().__call__(protocol, action, details)

@@ -7,14 +7,15 @@ delivery in a fan-out (docs/performance.md). An ``Inbox`` is read with a plain `
 
 On ``realtime.layers.InMemoryChannelLayer`` the inbox *is* the channel's queue: local items
 join it, so a delivery wakes one task. On other layers one long-lived task moves channel
-messages into a small local queue; past that queue, the layer's own bounds apply.
+messages into a small local queue (the in-process layer's lean ``ChannelQueue``, which
+holds no memory while empty); past that queue, the layer's own bounds apply.
 """
 
 import asyncio
 import contextlib
 from typing import Any
 
-from realtime.layers import InMemoryChannelLayer
+from realtime.layers import ChannelQueue, InMemoryChannelLayer
 
 #: Channel messages taken in ahead of handling them, on layers other than the in-process one.
 LOCAL_QUEUE_SIZE = 16
@@ -29,7 +30,7 @@ class Inbox:
         if isinstance(layer, InMemoryChannelLayer):
             self._queue = None
         else:
-            self._queue = asyncio.Queue(maxsize=LOCAL_QUEUE_SIZE)
+            self._queue = ChannelQueue(LOCAL_QUEUE_SIZE)
             self._tasks.append(asyncio.ensure_future(self._pump(self._receive_channel)))
 
     async def _receive_channel(self) -> Any:

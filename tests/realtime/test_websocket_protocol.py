@@ -101,4 +101,6 @@ def test_an_open_connection_keeps_what_it_needs_after_shedding_its_handshake(dap
     deadline = time.monotonic() + 10
     while "WSDISCONNECT /ws" not in daphne_server.log() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert "WSDISCONNECT /ws" in daphne_server.log()
+    log = daphne_server.log()
+    assert "WSCONNECT /ws" in log and "WSDISCONNECT /ws" in log
+    assert "WSCONNECTING" not in log  # the launcher leaves it out
