@@ -32,6 +32,9 @@ DEFAULTS: dict[str, Any] = {
     "REORDER_WINDOW_SECONDS": 0.5,
     # Messages a connection may have queued and unsent before it is closed as too slow.
     "SLOW_CLIENT_QUEUE_LIMIT": 1000,
+    # Bytes a WebSocket client that stopped reading may have sent to it before it is closed
+    # as too slow (with python -m mcp_platform.serve), beyond Twisted's 64 KiB buffer.
+    "SLOW_CLIENT_BUFFER_BYTES": 1_048_576,
 }
 
 
