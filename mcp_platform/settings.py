@@ -108,9 +108,10 @@ REDIS_PREFIX = env_str("REDIS_PREFIX", "mcp")
 if REDIS_URL:
     # The pub/sub layer sends a group message to Redis once and fans it out in each
     # process; the core layer copies it per channel and drops it when a channel is full.
+    # realtime.redis_layer adapts channels-redis's pub/sub layer to the inbox.
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "BACKEND": "realtime.redis_layer.RedisPubSubChannelLayer",
             "CONFIG": {"hosts": [REDIS_URL], "prefix": f"{REDIS_PREFIX}:layer:"},
         }
     }

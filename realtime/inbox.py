@@ -5,8 +5,9 @@ WebSocket's client frames, an SSE stream's heartbeats). Channels' consumers wait
 with ``asyncio.wait()`` and a new task per message, which was most of the cost of one
 delivery in a fan-out (docs/performance.md). An ``Inbox`` is read with a plain ``await``.
 
-On ``realtime.layers.InMemoryChannelLayer`` the inbox *is* the channel's queue: local items
-join it, so a delivery wakes one task. On other layers one long-lived task moves channel
+On the project's layers (``realtime.layers.InMemoryChannelLayer``,
+``realtime.redis_layer.RedisPubSubChannelLayer``) the inbox *is* the channel's queue: local
+items join it, so a delivery wakes one task. On other layers one long-lived task moves channel
 messages into a small local queue (the in-process layer's lean ``ChannelQueue``, which
 holds no memory while empty); past that queue, the layer's own bounds apply.
 """
@@ -16,8 +17,12 @@ import contextlib
 from typing import Any
 
 from realtime.layers import ChannelQueue, InMemoryChannelLayer
+from realtime.redis_layer import RedisPubSubChannelLayer
 
-#: Channel messages taken in ahead of handling them, on layers other than the in-process one.
+#: Layers whose channel queue a connection's local items can join (``inject``).
+INJECTABLE_LAYERS = (InMemoryChannelLayer, RedisPubSubChannelLayer)
+
+#: Channel messages taken in ahead of handling them, on other layers.
 LOCAL_QUEUE_SIZE = 16
 
 
@@ -27,7 +32,7 @@ class Inbox:
         self.channel_name = channel_name
         self._tasks: list[asyncio.Task] = []
         self._timers: set[asyncio.TimerHandle] = set()
-        if isinstance(layer, InMemoryChannelLayer):
+        if isinstance(layer, INJECTABLE_LAYERS):
             self._queue = None
         else:
             self._queue = ChannelQueue(LOCAL_QUEUE_SIZE)
@@ -94,9 +99,9 @@ class Inbox:
     async def close(self) -> None:
         """Stop the sources and make the layer forget the channel.
 
-        Layers have no call for the latter; the in-process layer has ``discard_channel()``,
-        and channels-redis's pub/sub layer drops a channel whose pending receive is
-        cancelled, which stopping the pump does.
+        Layers have no call for the latter; the project's layers have
+        ``discard_channel()``, and channels-redis's own pub/sub layer drops a channel whose
+        pending receive is cancelled, which stopping the pump does.
         """
         for timer in self._timers:
             timer.cancel()
@@ -106,4 +111,4 @@ class Inbox:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if self._queue is None:
-            self.layer.discard_channel(self.channel_name)
+            await self.layer.discard_channel(self.channel_name)

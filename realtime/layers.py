@@ -130,7 +130,7 @@ class InMemoryChannelLayer(BaseChannelLayer):
                 if expires >= time.monotonic():
                     return message
         except asyncio.CancelledError:
-            self.discard_channel(channel)
+            self._forget(channel)
             raise
 
     async def inject(self, channel: str, message: Any) -> None:
@@ -148,8 +148,11 @@ class InMemoryChannelLayer(BaseChannelLayer):
     async def new_channel(self, prefix: str = "specific.") -> str:
         return f"{prefix}inmemory!{uuid.uuid4().hex}"
 
-    def discard_channel(self, channel: str) -> None:
+    async def discard_channel(self, channel: str) -> None:
         """Forget a channel: its queue and its group memberships."""
+        self._forget(channel)
+
+    def _forget(self, channel: str) -> None:
         self.channels.pop(channel, None)
         self._overflowed.discard(channel)
         for group in self._memberships.pop(channel, ()):

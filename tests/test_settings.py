@@ -71,7 +71,7 @@ def test_environment_drives_hosts_lifetimes_database_and_layer():
         120,
         "db.internal",
         "platform",
-        "channels_redis.pubsub.RedisPubSubChannelLayer",
+        "realtime.redis_layer.RedisPubSubChannelLayer",
     ]
 
 
