@@ -109,6 +109,20 @@ def token_for(user: Any) -> str:
     return str(AccessToken.for_user(user))
 
 
+async def broadcast_census(base: str, staff_token: str) -> dict[str, int]:
+    """``POST /broadcast`` on a live server: how many connections, by transport, it reached."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{base}/broadcast",
+            json={"message": "census"},
+            headers={"Authorization": f"Bearer {staff_token}"},
+        ) as response:
+            assert response.status == 200, await response.text()
+            return await response.json()
+
+
 def api_client(user: Any = None) -> APIClient:
     """A REST client, authenticated with an access token when ``user`` is given."""
     client = APIClient()

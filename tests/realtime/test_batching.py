@@ -14,6 +14,17 @@ def run(coroutine_function):
     return async_to_sync(coroutine_function)()
 
 
+def recording_batcher(**options) -> tuple[Batcher, list[list]]:
+    """A batcher whose fetch returns the keys it was given, and the batches it fetched."""
+    calls: list[list] = []
+
+    def fetch_many(keys):
+        calls.append(list(keys))
+        return keys
+
+    return Batcher(fetch_many, **options), calls
+
+
 def test_keys_asked_for_together_are_fetched_in_one_call_and_answered_in_order():
     calls = []
 
@@ -31,13 +42,7 @@ def test_keys_asked_for_together_are_fetched_in_one_call_and_answered_in_order()
 
 
 def test_keys_asked_for_during_a_fetch_go_in_the_next_one():
-    calls = []
-
-    def fetch_many(keys):
-        calls.append(list(keys))
-        return keys
-
-    batcher = Batcher(fetch_many)
+    batcher, calls = recording_batcher()
 
     async def scenario():
         first = asyncio.ensure_future(batcher.load("a"))
@@ -50,19 +55,13 @@ def test_keys_asked_for_during_a_fetch_go_in_the_next_one():
 
 
 def test_batches_are_no_larger_than_max_size():
-    sizes = []
-
-    def fetch_many(keys):
-        sizes.append(len(keys))
-        return keys
-
-    batcher = Batcher(fetch_many, max_size=3)
+    batcher, calls = recording_batcher(max_size=3)
 
     async def scenario():
         return await asyncio.gather(*(batcher.load(key) for key in range(7)))
 
     assert run(scenario) == list(range(7))
-    assert sizes == [3, 3, 1]
+    assert [len(batch) for batch in calls] == [3, 3, 1]
 
 
 @pytest.mark.parametrize(
@@ -89,13 +88,7 @@ def test_a_failed_fetch_fails_every_load_of_its_batch_and_the_next_batch_still_r
 
 
 def test_a_cancelled_load_is_left_out_of_the_fetch():
-    calls = []
-
-    def fetch_many(keys):
-        calls.append(list(keys))
-        return keys
-
-    batcher = Batcher(fetch_many)
+    batcher, calls = recording_batcher()
 
     async def scenario():
         first = asyncio.ensure_future(batcher.load("first"))

@@ -15,7 +15,7 @@ import pytest
 from asgiref.sync import async_to_sync
 
 from mcp_platform.tasks import services
-from tests.conftest import start_server, token_for
+from tests.conftest import broadcast_census, start_server, token_for
 from tests.sse import EventReader, RawResponse
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -48,18 +48,6 @@ async def patch_task(base: str, token: str, task_id, changes: dict) -> dict:
         ) as response:
             assert response.status == 200, await response.text()
             return await response.json()
-
-
-async def sse_count(base: str, staff_token: str) -> int:
-    """The live SSE streams the server's registry counts, as a broadcast reports them."""
-    async with aiohttp.ClientSession() as session:
-        async with session.post(
-            f"{base}/broadcast",
-            json={"message": "census"},
-            headers={"Authorization": f"Bearer {staff_token}"},
-        ) as response:
-            assert response.status == 200, await response.text()
-            return (await response.json())["sse"]
 
 
 def assert_update(event, task, patched: dict, seq: int) -> None:
@@ -208,19 +196,19 @@ def test_closing_the_stream_removes_it_from_the_servers_registry(
 
     async def scenario():
         base, staff_token = heartbeat_server.http_url, token_for(staff_user)
-        before = await sse_count(base, staff_token)
+        before = (await broadcast_census(base, staff_token))["sse"]
         response = await RawResponse.get(
             heartbeat_server.port, f"/events?token={token_for(user)}&task_id={task.pk}"
         )
         events = EventReader(response.chunks())
         await events.next_of("connected")
-        assert await sse_count(base, staff_token) == before + 1
+        assert (await broadcast_census(base, staff_token))["sse"] == before + 1
         # The census reached this very stream.
         assert (await events.next_of("broadcast")).json()["payload"]["message"] == "census"
         await response.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + HEARTBEAT
-        while (count := await sse_count(base, staff_token)) != before:
+        while (count := (await broadcast_census(base, staff_token))["sse"]) != before:
             assert loop.time() < deadline, f"still counted {count - before} stream(s)"
             await asyncio.sleep(0.05)
 

@@ -17,7 +17,7 @@ from websockets.streams import StreamReader
 
 from mcp_platform.tasks import services
 from realtime.websocket_protocol import frame_header
-from tests.conftest import start_server, token_for
+from tests.conftest import broadcast_census, start_server, token_for
 
 
 def parse(data: bytes) -> Frame:
@@ -136,17 +136,6 @@ def read_until(sock: socket.socket, marker: bytes, data: bytes = b"") -> bytes:
     return data
 
 
-async def websocket_recipients(base: str, staff_token: str) -> int:
-    async with aiohttp.ClientSession() as session:
-        async with session.post(
-            f"{base}/broadcast",
-            json={"message": "census"},
-            headers={"Authorization": f"Bearer {staff_token}"},
-        ) as response:
-            assert response.status == 200, await response.text()
-            return (await response.json())["websocket"]
-
-
 @pytest.mark.e2e
 @pytest.mark.django_db(transaction=True)
 def test_a_client_that_stops_reading_is_dropped_not_buffered_without_bound(
@@ -180,7 +169,7 @@ def test_a_client_that_stops_reading_is_dropped_not_buffered_without_bound(
                     assert response.status == 200, await response.text()
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            if await websocket_recipients(base, token_for(staff_user)) == 0:
+            if (await broadcast_census(base, token_for(staff_user)))["websocket"] == 0:
                 return True
             await asyncio.sleep(0.2)
         return False
