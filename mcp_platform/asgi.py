@@ -1,4 +1,4 @@
-"""ASGI entry point: HTTP goes to Django, ``/ws`` to the real-time consumer."""
+"""ASGI entry point: ``/ws`` and ``/events`` go to the real-time consumers, other HTTP to Django."""
 
 import os
 
@@ -19,11 +19,13 @@ if settings.DEBUG:
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from realtime.auth import websocket_auth_stack  # noqa: E402
-from realtime.routing import websocket_urlpatterns  # noqa: E402
+from django.urls import re_path  # noqa: E402
+
+from realtime.routing import http_urlpatterns, websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        "http": URLRouter([*http_urlpatterns, re_path(r"", django_asgi_app)]),
         "websocket": websocket_auth_stack(URLRouter(websocket_urlpatterns)),
     }
 )

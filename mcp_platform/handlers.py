@@ -5,8 +5,8 @@ Our middleware (Django's own, django-prometheus) and views (DRF) are synchronous
 hops to a thread and back for each of its ``process_*`` methods: ~20 thread hops per
 request, which made a 404 cost 8.7 ms against 0.7 ms under WSGI, and capped task updates
 through the REST API at ~30/s (docs/performance.md). Here the chain is built in sync mode
-and entered once per request, as under WSGI; an async view (``/events``) still runs on
-the event loop, and streaming responses are still sent asynchronously.
+and entered once per request, as under WSGI. The project's streaming endpoints (``/ws``,
+``/events``) are Channels consumers and do not come here.
 """
 
 from typing import Any

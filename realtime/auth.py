@@ -1,5 +1,6 @@
 """Authentication and origin checks for the WebSocket and SSE transports."""
 
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -80,31 +81,57 @@ async def authenticate_token(raw_token: Any) -> AbstractBaseUser:
 
 def query_token(scope: dict[str, Any]) -> str | None:
     """The ``token`` query parameter of a connection, if any."""
-    values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token")
+    values = parse_qs(
+        scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True
+    ).get("token")
     return values[-1] if values else None
 
 
+def bearer_token(scope: dict[str, Any]) -> str | None:
+    """The token of an ``Authorization: Bearer`` header. Other schemes are ignored, as
+    the REST API ignores them."""
+    for name, value in scope.get("headers", ()):
+        if name.lower() == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else None
+    return None
+
+
+def header_or_query_token(scope: dict[str, Any]) -> str | None:
+    """``bearer_token()``, else ``query_token()``: for HTTP, where clients that can send
+    a header should, and ``EventSource``, which cannot, uses the query."""
+    token = bearer_token(scope)
+    return query_token(scope) if token is None else token
+
+
 class TokenAuthMiddleware:
-    """Authenticates a connection by its ``?token=``, or else by its session.
+    """Authenticates a connection by its token (``token_of(scope)``), or else by its session.
 
     A token that fails validation leaves an anonymous user, even beside a valid session:
-    a client that sends bad credentials is refused rather than silently downgraded. A
+    a client that sends bad credentials is refused rather than silently downgraded. The
+    reason goes in ``scope["auth_failure"]``, for endpoints that can tell the client. A
     token skips the session lookup, which saves a database round trip per connection.
     """
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(
+        self,
+        inner: Any,
+        token_of: Callable[[dict[str, Any]], str | None] = query_token,
+    ) -> None:
         self.inner = inner
+        self.token_of = token_of
         self.session_inner = AuthMiddlewareStack(inner)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
-        token = query_token(scope)
+        token = self.token_of(scope)
         if token is None:
             return await self.session_inner(scope, receive, send)
+        failure = None
         try:
             user = await authenticate_token(token)
-        except ValueError:
-            user = AnonymousUser()
-        return await self.inner(dict(scope, user=user), receive, send)
+        except ValueError as exc:
+            user, failure = AnonymousUser(), str(exc)
+        return await self.inner(dict(scope, user=user, auth_failure=failure), receive, send)
 
 
 class OptionalOriginValidator(OriginValidator):
@@ -130,3 +157,8 @@ def allowed_hosts_origin_validator(application: Any) -> OptionalOriginValidator:
 def websocket_auth_stack(application: Any) -> Any:
     """Origin check, then ``?token=`` or session authentication."""
     return allowed_hosts_origin_validator(TokenAuthMiddleware(application))
+
+
+def http_auth_stack(application: Any) -> Any:
+    """``Authorization: Bearer``, ``?token=`` or session authentication."""
+    return TokenAuthMiddleware(application, token_of=header_or_query_token)

@@ -1,4 +1,8 @@
-"""The WebSocket endpoint, ``/ws``: a thin adapter from frames to the connection manager."""
+"""The WebSocket endpoint, ``/ws``: a thin adapter from frames to the connection manager.
+
+``InboxConsumerMixin`` is the part it shares with the SSE endpoint (``realtime.sse``): how
+a consumer reads its messages, and how its connection ends.
+"""
 
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -24,16 +28,18 @@ def utf8_length_exceeds(text: str, limit: int) -> bool:
     return len(text.encode("utf-8", "surrogatepass")) > limit
 
 
-class TaskConsumer(AsyncWebsocketConsumer):
-    """One client connection: authenticate, then serve subscribe/unsubscribe/ping."""
+class InboxConsumerMixin:
+    """Channels' ``AsyncConsumer.__call__`` and ``dispatch()``, reading one ``Inbox``.
+
+    ``await_many_dispatch()`` costs a task and an ``asyncio.wait()`` per message
+    (``realtime.inbox``, docs/performance.md). Messages are still handled one at a time, in
+    arrival order. Whichever way the consumer ends (a disconnect, an error, cancellation),
+    its connection is handed back to the manager before the inbox closes.
+    """
 
     connection: Connection | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        # Channels' AsyncConsumer.__call__, reading one Inbox instead of running
-        # await_many_dispatch(), which costs a task and an asyncio.wait() per message
-        # (realtime.inbox, docs/performance.md). Messages are still handled one at a time,
-        # in arrival order.
         self.scope = scope
         self.channel_layer = get_channel_layer(self.channel_layer_alias)
         self.channel_name = await self.channel_layer.new_channel()
@@ -46,7 +52,10 @@ class TaskConsumer(AsyncWebsocketConsumer):
         except StopConsumer:
             pass
         finally:
-            await self.inbox.close()
+            try:
+                await self.leave()
+            finally:
+                await self.inbox.close()
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         # Channels awaits aclose_old_connections() (a hop through the single sync
@@ -57,6 +66,28 @@ class TaskConsumer(AsyncWebsocketConsumer):
         if handler is None:
             raise ValueError(f"No handler for message type {message['type']}")
         await handler(message)
+
+    async def leave(self) -> None:
+        """Hand the connection back to the manager; a no-op once done."""
+        if self.connection is not None:
+            connection, self.connection = self.connection, None
+            await get_connection_manager().disconnect(connection)
+
+    def ready_updates(self, event: dict[str, Any]) -> list[tuple[int, str]]:
+        """The updates a ``task_update`` lets through, in ``seq`` order; if it opens a gap,
+        a release of what waits behind the gap is scheduled (``Connection.receive_update``)."""
+        assert self.connection is not None
+        task_id = event["task_id"]
+        ready = self.connection.receive_update(task_id, event["seq"], event["text"])
+        if self.connection.starts_waiting(task_id):
+            self.inbox.put_later(
+                realtime_settings.REORDER_WINDOW_SECONDS, {"type": RELEASE_HELD, "task_id": task_id}
+            )
+        return ready
+
+
+class TaskConsumer(InboxConsumerMixin, AsyncWebsocketConsumer):
+    """One client connection: authenticate, then serve subscribe/unsubscribe/ping."""
 
     async def connect(self) -> None:
         await self.accept()
@@ -78,9 +109,7 @@ class TaskConsumer(AsyncWebsocketConsumer):
         raise StopConsumer()
 
     async def disconnect(self, code: int) -> None:
-        if self.connection is not None:
-            connection, self.connection = self.connection, None
-            await get_connection_manager().disconnect(connection)
+        await self.leave()
 
     async def send_message(self, message: dict[str, Any]) -> None:
         await self.send(text_data=protocol.encode(message))
@@ -129,16 +158,9 @@ class TaskConsumer(AsyncWebsocketConsumer):
     # Channel-layer handlers: the text was encoded once by the sender.
 
     async def task_update(self, event: dict[str, Any]) -> None:
-        connection = self.connection
-        if connection is None:
-            return
-        task_id = event["task_id"]
-        for _, text in connection.receive_update(task_id, event["seq"], event["text"]):
-            await self.send(text_data=text)
-        if connection.starts_waiting(task_id):
-            self.inbox.put_later(
-                realtime_settings.REORDER_WINDOW_SECONDS, {"type": RELEASE_HELD, "task_id": task_id}
-            )
+        if self.connection is not None:
+            for _, text in self.ready_updates(event):
+                await self.send(text_data=text)
 
     async def realtime_release_held(self, event: dict[str, Any]) -> None:
         if self.connection is not None:

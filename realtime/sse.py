@@ -1,45 +1,33 @@
 """The Server-Sent Events endpoint, ``GET /events``: the channel layer as an event stream.
 
-A thin adapter like the WebSocket consumer: it authenticates, asks the connection manager
-to connect and subscribe, and turns layer messages into SSE frames (``realtime.protocol``).
-Every refusal is a JSON ``{"code", "detail"}`` answer sent before any stream starts.
+A Channels consumer beside the WebSocket one, reading the same kind of ``Inbox``: each
+event is one ``send_body()`` to the server. It was a Django view, which put every event
+through three async generators and Django's ``send_response()`` and gave each stream a
+thread of its own; as a consumer an event costs less than half as much
+(docs/performance.md). Every refusal is a JSON ``{"code", "detail"}`` answer sent before
+any stream starts.
 """
 
 import asyncio
-import contextlib
+import io
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-from asgiref.sync import sync_to_async
+from channels.exceptions import StopConsumer
+from channels.generic.http import AsyncHttpConsumer
 from django.contrib.auth.base_user import AbstractBaseUser
-from django.db import close_old_connections
-from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
-from django.http.response import HttpResponseBase
-from django.views.decorators.csrf import csrf_exempt
+from django.core.exceptions import DisallowedHost
+from django.core.handlers.asgi import ASGIRequest
+from django.http import HttpRequest
 
 from realtime import protocol
-from realtime.auth import authenticate_token
 from realtime.conf import realtime_settings
-from realtime.connections import (
-    BROADCAST,
-    PERSONAL,
-    RELEASE_HELD,
-    TASK_UPDATE,
-    Connection,
-    Transport,
-    get_connection_manager,
-)
-from realtime.inbox import Inbox
-from realtime.layers import OVERFLOW
+from realtime.connections import Transport, get_connection_manager
+from realtime.consumers import InboxConsumerMixin
 from realtime.protocol import ErrorCode, ProtocolError, SseEvent
 
 #: What the stream's own timer puts in its inbox when it has been idle for an interval.
-HEARTBEAT = "realtime.heartbeat"
-HEARTBEAT_MESSAGE = {"type": HEARTBEAT}
-
-#: Layer messages whose text every stream sends as it is, and the event name of each.
-PASS_THROUGH = {BROADCAST: SseEvent.BROADCAST, PERSONAL: SseEvent.MESSAGE}
+HEARTBEAT_MESSAGE = {"type": "realtime.heartbeat"}
 
 #: The HTTP status of each refusal of a ``task_id``.
 PROTOCOL_ERROR_STATUS = {
@@ -47,6 +35,14 @@ PROTOCOL_ERROR_STATUS = {
     ErrorCode.SUBSCRIPTION_LIMIT: 400,
     ErrorCode.NOT_FOUND: 404,
 }
+
+STREAM_HEADERS = [
+    (b"Content-Type", b"text/event-stream"),
+    (b"Cache-Control", b"no-cache"),
+    # Tells nginx not to buffer the stream.
+    (b"X-Accel-Buffering", b"no"),
+    (b"X-Content-Type-Options", b"nosniff"),
+]
 
 
 class Refused(Exception):
@@ -58,35 +54,34 @@ class Refused(Exception):
         self.code = code
         self.detail = detail
 
-    def response(self) -> JsonResponse:
-        response = JsonResponse({"code": self.code, "detail": self.detail}, status=self.status)
+    @classmethod
+    def from_protocol_error(cls, exc: ProtocolError) -> "Refused":
+        return cls(PROTOCOL_ERROR_STATUS[exc.code], str(exc.code), exc.message)
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        headers = [
+            (b"Content-Type", b"application/json"),
+            (b"X-Content-Type-Options", b"nosniff"),
+        ]
         if self.status == 401:
-            response["WWW-Authenticate"] = 'Bearer realm="api"'
-        return response
+            headers.append((b"WWW-Authenticate", b'Bearer realm="api"'))
+        elif self.status == 405:
+            headers.append((b"Allow", b"GET"))
+        return headers
+
+    def body(self) -> bytes:
+        return protocol.encode({"code": self.code, "detail": self.detail}).encode()
 
 
-def bearer_token(request: HttpRequest) -> str | None:
-    """The token of an ``Authorization: Bearer`` header. Other schemes are ignored, as
-    the REST API ignores them."""
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else None
-
-
-async def authenticate(request: HttpRequest) -> AbstractBaseUser:
-    """The user of a bearer token (header, else ``?token=``), else of the session.
-
-    A token that fails validation is refused even beside a valid session, as on ``/ws``.
-    """
-    token = bearer_token(request)
-    if token is None:
-        token = request.GET.get("token")
-    if token is not None:
-        try:
-            return await authenticate_token(token)
-        except ValueError as exc:
-            raise Refused(401, "authentication_failed", str(exc)) from None
-    user = await request.auser()
-    if not user.is_authenticated:
+def authenticated_user(scope: dict[str, Any]) -> AbstractBaseUser:
+    """The user ``realtime.auth.http_auth_stack`` found: of a bearer token (header, else
+    ``?token=``), else of the session. A token that fails is refused even beside a valid
+    session, as on ``/ws``."""
+    failure = scope.get("auth_failure")
+    if failure is not None:
+        raise Refused(401, "authentication_failed", failure)
+    user = scope.get("user")
+    if user is None or not user.is_authenticated:
         raise Refused(401, "not_authenticated", "Authentication credentials were not provided.")
     return user
 
@@ -108,127 +103,118 @@ def keeps_alive(request: HttpRequest) -> bool:
     return request.scope.get("http_version") == "1.1" and "close" not in tokens
 
 
-def frame(connection: Connection, message: dict[str, Any], inbox: Inbox) -> bytes | None:
-    """What a layer message becomes on this stream: frames, or nothing."""
-    kind = message.get("type")
-    if kind == TASK_UPDATE:
-        task_id = message["task_id"]
-        ready = connection.receive_update(task_id, message["seq"], message["text"])
-        if connection.starts_waiting(task_id):
-            inbox.put_later(
-                realtime_settings.REORDER_WINDOW_SECONDS, {"type": RELEASE_HELD, "task_id": task_id}
-            )
-    elif kind == RELEASE_HELD:
-        task_id = message["task_id"]
-        ready = connection.release_held(task_id)
-    else:
-        event = PASS_THROUGH.get(kind)
-        return None if event is None else protocol.sse_event(event, message["text"])
-    return b"".join(protocol.sse_task_update(task_id, seq, text) for seq, text in ready) or None
-
-
-async def event_stream(
-    user: AbstractBaseUser, task_ids: list[uuid.UUID]
-) -> AsyncGenerator[bytes, None]:
-    """Connect, subscribe, then yield frames until closed or cancelled.
-
-    The first step does every check (raising ``ProtocolError``) and yields the
-    ``connected`` frame. Whichever way the stream ends, its connection leaves every group
-    and the registry before the generator finishes.
-    """
-    manager = get_connection_manager()
-    channel_name = await manager.layer.new_channel()
-    inbox = Inbox(manager.layer, channel_name)
-    loop = asyncio.get_running_loop()
-    heartbeat = realtime_settings.SSE_HEARTBEAT_SECONDS
-    last_sent = loop.time()
-    timer: asyncio.TimerHandle | None = None
-
-    def tick() -> None:
-        # A heartbeat goes in only after a whole interval without a frame; a full inbox
-        # has frames on the way, so none is needed then.
-        nonlocal timer
-        idle = loop.time() - last_sent
-        if idle >= heartbeat:
-            inbox.put_nowait(HEARTBEAT_MESSAGE)
-            idle = 0.0
-        timer = loop.call_later(heartbeat - idle, tick)
-
-    connection: Connection | None = None
-    try:
-        connection = await manager.connect(
-            channel_name=channel_name, user=user, transport=Transport.SSE, follow_all=not task_ids
-        )
-        for task_id in task_ids:
-            await manager.subscribe_to_task(connection, user, task_id)
-        # The stream may stay open for hours; it must not keep the database connection
-        # that the checks used (a no-op for persistent connections, CONN_MAX_AGE > 0).
-        await sync_to_async(close_old_connections)()
-        yield protocol.sse_connected(connection.connection_id, user.pk)
-        last_sent = loop.time()
-        timer = loop.call_later(heartbeat, tick)
-        while True:
-            message = await inbox.get()
-            kind = message.get("type")
-            if kind == OVERFLOW:
-                # Messages piled up faster than they were sent, and some are lost: the
-                # stream ends, and the client reconnects (after ``retry``) to resume.
-                return
-            data = (
-                protocol.sse_heartbeat() if kind == HEARTBEAT else frame(connection, message, inbox)
-            )
-            if data is not None:
-                yield data
-                last_sent = loop.time()
-    finally:
-        if timer is not None:
-            timer.cancel()
-        try:
-            if connection is not None:
-                await manager.disconnect(connection)
-        finally:
-            await inbox.close()
-
-
-async def resume(head: bytes, stream: AsyncGenerator[bytes, None]) -> AsyncIterator[bytes]:
-    """A stream whose first chunk was already taken, closed when this iterator is."""
-    async with contextlib.aclosing(stream):
-        yield head
-        async for chunk in stream:
-            yield chunk
-
-
-# Nothing here changes state, so there is nothing for CSRF to protect; exempt, a POST
-# gets the JSON 405 below rather than the CSRF failure page.
-@csrf_exempt
-async def events(request: HttpRequest) -> HttpResponseBase:
+class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
     """``GET /events``: task updates, broadcasts and personal messages as SSE.
 
-    Cleanup: when the client goes away, Django's ASGI handler cancels the response, and
-    the cancellation ends ``event_stream()``, which disconnects. The view takes the
-    stream's first step itself so that a refusal is still a JSON answer, and so that a
-    client gone before the response starts leaves a started generator, which asyncio
-    closes (running its cleanup) when it is dropped.
+    The request is checked, connected and subscribed when it arrives; then each channel
+    message becomes frames. The stream ends when the client goes away (``http.disconnect``)
+    or its messages overflow; either way the connection leaves every group and the registry
+    (``InboxConsumerMixin``).
     """
-    if request.method != "GET":
-        response = JsonResponse(
-            {"code": "method_not_allowed", "detail": f'Method "{request.method}" not allowed.'},
-            status=405,
+
+    heartbeat_timer: asyncio.TimerHandle | None = None
+    last_sent = 0.0
+
+    async def http_request(self, message: dict[str, Any]) -> None:
+        if message.get("more_body"):
+            return  # a GET's body means nothing here; answer once it has all arrived
+        try:
+            await self.start()
+        except ProtocolError as exc:
+            await self.refuse(Refused.from_protocol_error(exc))
+        except Refused as exc:
+            await self.refuse(exc)
+
+    async def start(self) -> None:
+        """Check the request, connect and subscribe, and send the stream's first bytes.
+
+        The stream counts as a live connection from before ``connected`` is sent."""
+        if self.scope["method"] != "GET":
+            method = self.scope["method"]
+            raise Refused(405, "method_not_allowed", f'Method "{method}" not allowed.')
+        request = ASGIRequest(self.scope, io.BytesIO())
+        try:
+            request.get_host()
+        except DisallowedHost:
+            raise Refused(400, "bad_request", "Invalid Host header.") from None
+        user = authenticated_user(self.scope)
+        task_ids = requested_task_ids(request)
+        manager = get_connection_manager()
+        self.connection = await manager.connect(
+            channel_name=self.channel_name, user=user, transport=Transport.SSE,
+            follow_all=not task_ids,
         )
-        response["Allow"] = "GET"
-        return response
-    try:
-        user = await authenticate(request)
-        stream = event_stream(user, requested_task_ids(request))
-        head = await anext(stream)
-    except Refused as exc:
-        return exc.response()
-    except ProtocolError as exc:
-        return Refused(PROTOCOL_ERROR_STATUS[exc.code], str(exc.code), exc.message).response()
-    response = StreamingHttpResponse(resume(head, stream), content_type="text/event-stream")
-    response["Cache-Control"] = "no-cache"
-    # Tells nginx not to buffer the stream.
-    response["X-Accel-Buffering"] = "no"
-    if keeps_alive(request):
-        response["Connection"] = "keep-alive"
-    return response
+        for task_id in task_ids:
+            await manager.subscribe_to_task(self.connection, user, task_id)
+        headers = list(STREAM_HEADERS)
+        if keeps_alive(request):
+            headers.append((b"Connection", b"keep-alive"))
+        await self.send_headers(headers=headers)
+        await self.send_frames(protocol.sse_connected(self.connection.connection_id, user.pk))
+        self.tick()
+
+    async def refuse(self, refusal: Refused) -> None:
+        """Answer with the JSON error, leaving nothing connected, and end."""
+        await self.leave()
+        await self.send_response(refusal.status, refusal.body(), headers=refusal.headers())
+        raise StopConsumer()
+
+    async def send_frames(self, data: bytes) -> None:
+        await self.send_body(data, more_body=True)
+        self.last_sent = asyncio.get_running_loop().time()
+
+    def tick(self) -> None:
+        """A heartbeat goes in only after a whole interval without a frame; a full inbox
+        has frames on the way, so none is needed then. (One timer per interval, rather
+        than one re-armed per frame, keeps the cost off the delivery path.)"""
+        loop = asyncio.get_running_loop()
+        interval = realtime_settings.SSE_HEARTBEAT_SECONDS
+        idle = loop.time() - self.last_sent
+        if idle >= interval:
+            self.inbox.put_nowait(HEARTBEAT_MESSAGE)
+            idle = 0.0
+        self.heartbeat_timer = loop.call_later(interval - idle, self.tick)
+
+    async def http_disconnect(self, message: dict[str, Any]) -> None:
+        # Channels' handler also awaits aclose_old_connections(); nothing here holds one.
+        raise StopConsumer()
+
+    async def leave(self) -> None:
+        if self.heartbeat_timer is not None:
+            self.heartbeat_timer.cancel()
+        await super().leave()
+
+    # Channel-layer and local messages: the text was encoded once by the sender.
+
+    async def task_update(self, event: dict[str, Any]) -> None:
+        if self.connection is not None:
+            await self.send_updates(event["task_id"], self.ready_updates(event))
+
+    async def realtime_release_held(self, event: dict[str, Any]) -> None:
+        if self.connection is not None:
+            task_id = event["task_id"]
+            await self.send_updates(task_id, self.connection.release_held(task_id))
+
+    async def send_updates(self, task_id: str, ready: list[tuple[int, str]]) -> None:
+        if ready:
+            await self.send_frames(
+                b"".join(protocol.sse_task_update(task_id, seq, text) for seq, text in ready)
+            )
+
+    async def realtime_broadcast(self, event: dict[str, Any]) -> None:
+        if self.connection is not None:
+            await self.send_frames(protocol.sse_event(SseEvent.BROADCAST, event["text"]))
+
+    async def realtime_message(self, event: dict[str, Any]) -> None:
+        if self.connection is not None:
+            await self.send_frames(protocol.sse_event(SseEvent.MESSAGE, event["text"]))
+
+    async def realtime_heartbeat(self, event: dict[str, Any]) -> None:
+        if self.connection is not None:
+            await self.send_frames(protocol.sse_heartbeat())
+
+    async def realtime_overflow(self, event: dict[str, Any]) -> None:
+        """Messages piled up faster than they were sent, and some are lost: the stream
+        ends, and the client reconnects (after ``retry``) to resume."""
+        await self.send_body(b"")
+        raise StopConsumer()

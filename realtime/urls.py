@@ -1,9 +1,7 @@
 from django.urls import re_path
 
-from realtime import sse
 from realtime.views import BroadcastView
 
 urlpatterns: list = [
     re_path(r"^broadcast/?$", BroadcastView.as_view(), name="broadcast"),
-    re_path(r"^events/?$", sse.events, name="events"),
 ]

@@ -115,10 +115,22 @@ class InProcessStream:
         http_version: str = "1.1",
         path: str = "/events",
     ) -> None:
-        self.query_string = urlencode(query or {}, doseq=True).encode()
-        self.headers = [(b"host", b"testserver"), *(headers or [])]
-        self.http_version = http_version
-        self.path = path
+        headers = list(headers or [])
+        if not any(name.lower() == b"host" for name, _ in headers):
+            headers.insert(0, (b"host", b"testserver"))
+        self.scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": http_version,
+            "method": "GET",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": urlencode(query or {}, doseq=True).encode(),
+            "headers": headers,
+            "client": ("127.0.0.1", 50000),
+            "server": ("testserver", 80),
+        }
         self.parser = EventStreamParser()
         self.pending: list[Event] = []
         self.status: int | None = None
@@ -129,20 +141,7 @@ class InProcessStream:
     async def __aenter__(self) -> "InProcessStream":
         from mcp_platform.asgi import application
 
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": self.http_version,
-            "method": "GET",
-            "scheme": "http",
-            "path": self.path,
-            "raw_path": self.path.encode(),
-            "query_string": self.query_string,
-            "headers": self.headers,
-            "client": ("127.0.0.1", 50000),
-            "server": ("testserver", 80),
-        }
-        self.communicator = ApplicationCommunicator(application, scope)
+        self.communicator = ApplicationCommunicator(application, self.scope)
         await self.communicator.send_input({"type": "http.request", "body": b""})
         start = await self.communicator.receive_output(timeout=10)
         assert start["type"] == "http.response.start", start

@@ -88,5 +88,6 @@ def test_an_async_view_still_runs_on_the_event_loop(app):
 def test_the_project_serves_http_with_it():
     from mcp_platform.asgi import application
 
-    http = application.application_mapping["http"]
-    assert isinstance(getattr(http, "application", http), SyncChainASGIHandler)
+    # Everything but the consumers' paths (/events) falls through to the last route.
+    django_app = application.application_mapping["http"].routes[-1].callback
+    assert isinstance(getattr(django_app, "application", django_app), SyncChainASGIHandler)

@@ -83,9 +83,10 @@ def test_session_login_authenticates(session_cookie, user):
     run(scenario)
 
 
-def test_bad_token_beside_a_valid_session_is_refused(session_cookie):
+@pytest.mark.parametrize("token", ["bad", ""])
+def test_bad_token_beside_a_valid_session_is_refused(session_cookie, token):
     async def scenario():
-        async with open_websocket("/ws?token=bad", headers=[session_cookie]) as ws:
+        async with open_websocket(f"/ws?token={token}", headers=[session_cookie]) as ws:
             await ws.connect(timeout=5)
             await assert_closed_with(ws, CloseCode.UNAUTHORIZED)
 

@@ -2,7 +2,7 @@
 parser the tests read it with."""
 
 import asyncio
-import gc
+import json
 import uuid
 from datetime import datetime, timedelta
 
@@ -10,7 +10,8 @@ import pytest
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from django.conf import settings
-from django.test import AsyncRequestFactory, Client, override_settings
+from asgiref.testing import ApplicationCommunicator
+from django.test import Client, override_settings
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -264,7 +265,8 @@ def test_missing_or_bad_credentials_are_401_json_without_a_stream(
 
 
 @transactional
-def test_other_methods_are_405_json(user):
+@pytest.mark.parametrize("method", ["POST", "HEAD", "OPTIONS", "DELETE"])
+def test_other_methods_are_405_json(user, method, disconnected):
     async def scenario():
         from channels.testing import HttpCommunicator
 
@@ -272,14 +274,32 @@ def test_other_methods_are_405_json(user):
 
         communicator = HttpCommunicator(
             application,
-            "POST",
+            method,
             f"/events?token={token_for(user)}",
             headers=[(b"host", b"testserver")],
         )
         response = await communicator.get_response(timeout=5)
         assert response["status"] == 405
         assert (b"Allow", b"GET") in response["headers"]
-        assert b'"code": "method_not_allowed"' in response["body"]
+        assert json.loads(response["body"]) == {
+            "code": "method_not_allowed",
+            "detail": f'Method "{method}" not allowed.',
+        }
+        await assert_no_connections()
+
+    run(scenario)
+    assert disconnected == []
+
+
+@transactional
+def test_a_host_not_in_allowed_hosts_is_400_json(user):
+    async def scenario():
+        async with InProcessStream(
+            {"token": token_for(user)}, headers=[(b"host", b"evil.example")]
+        ) as stream:
+            assert stream.status == 400
+            assert stream.json() == {"code": "bad_request", "detail": "Invalid Host header."}
+        await assert_no_connections()
 
     run(scenario)
 
@@ -551,27 +571,25 @@ def test_a_stream_whose_messages_overflow_ends_and_cleans_up(user, disconnected)
 
 
 @transactional
-def test_response_dropped_before_streaming_still_cleans_up(user, task):
-    """A client gone after the view answered but before the first byte was sent."""
+@pytest.mark.parametrize("read_first", [False, True])
+def test_a_client_gone_at_once_still_cleans_up(user, task, read_first, disconnected):
+    """``http.disconnect`` right behind the request: queued before the stream started, or
+    after its first bytes."""
 
     async def scenario():
-        request = AsyncRequestFactory().get(
-            "/events", {"token": token_for(user), "task_id": str(task.pk)}
-        )
-        response = await sse.events(request)
-        assert response.status_code == 200
-        manager = get_connection_manager()
-        assert await manager.count_connections() == 1
-        del response
-        gc.collect()
-        # asyncio closes the dropped, started generator in a task of its own.
-        for _ in range(100):
-            if await manager.count_connections() == 0:
-                break
-            await asyncio.sleep(0.01)
+        from mcp_platform.asgi import application
+
+        stream = InProcessStream({"token": token_for(user), "task_id": str(task.pk)})
+        communicator = ApplicationCommunicator(application, stream.scope)
+        await communicator.send_input({"type": "http.request", "body": b""})
+        if read_first:
+            assert (await communicator.receive_output(timeout=5))["status"] == 200
+        await communicator.send_input({"type": "http.disconnect"})
+        await communicator.wait(timeout=5)
         await assert_no_connections([task.pk])
 
     run(scenario)
+    assert len(disconnected) == 1
 
 
 # Property 46
