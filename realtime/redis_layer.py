@@ -1,18 +1,32 @@
 """channels-redis's pub/sub layer, made readable by one ``realtime.inbox.Inbox`` per
 connection: the layer the project uses when ``REDIS_URL`` is set.
 
-Two costs of the stock layer, per delivery of a group message to N local members
-(docs/performance.md): each member's ``receive()`` deserializes the same bytes again, and
-a connection that also waits for its client's frames needed a task that moves channel
-messages into a local queue, a second wake-up per delivery. Here a message is deserialized
-once per process (members get shallow copies, as from the in-process layer), and a
-connection's local items join its channel's queue (``inject``), so the connection reads
-one queue, as on the in-process layer.
+Costs of the stock layer, per delivery of a group message to N local members
+(docs/performance.md): each member's ``receive()`` deserializes the same bytes again; a
+connection that also waits for its client's frames needed a task that moves channel
+messages into a local queue, a second wake-up per delivery; and every ``receive()`` goes
+through a ``__getattr__`` proxy to the loop's layer and an ``asyncio.Queue``. Here a
+message is deserialized once per process (members get shallow copies, as from the
+in-process layer), a connection's local items join its channel's queue (``inject``), so
+the connection reads one queue, as on the in-process layer, and that queue is the
+in-process layer's lean ``ChannelQueue``, read directly.
+
+It relies on channels-redis 4.3's per-loop layer: its ``channels`` dict of queues, filled
+by the shard receivers with ``put_nowait()``.
 """
 
+import asyncio
+import sys
 from typing import Any
 
 from channels_redis.pubsub import RedisPubSubChannelLayer as StockLayer
+
+from realtime.layers import ChannelQueue
+
+#: Channel queues are unbounded, as the stock layer's are: the receiver that fills them
+#: cannot wait. A connection drains its queue as fast as it writes to its socket, and a
+#: socket that stops draining is closed (``REALTIME_SLOW_CLIENT_BUFFER_BYTES``).
+UNBOUNDED = sys.maxsize
 
 
 class _Local:
@@ -37,6 +51,26 @@ class RedisPubSubChannelLayer(StockLayer):
         decoded = super().deserialize(message)
         self._last = (message, decoded)
         return dict(decoded)
+
+    async def new_channel(self, prefix: str = "specific.") -> str:
+        layer = self._get_layer()
+        channel = await layer.new_channel(prefix)
+        # No one knows the name yet, so the stock queue it made is still empty.
+        layer.channels[channel] = ChannelQueue(UNBOUNDED)
+        return channel
+
+    async def receive(self, channel: str) -> Any:
+        layer = self._get_layer()
+        queue = layer.channels.get(channel)
+        if queue is None:  # not made here: the stock layer subscribes to it first
+            return await layer.receive(channel)
+        try:
+            message = await queue.get()
+        except asyncio.CancelledError:
+            # As in the stock layer: a receive is cancelled when its consumer ends.
+            await self.discard_channel(channel)
+            raise
+        return self.deserialize(message)
 
     def inject_nowait(self, channel: str, message: Any) -> None:
         """Queue a local item on ``channel`` behind what is there (the queue is unbounded)."""
