@@ -79,3 +79,42 @@ def test_closing_the_inbox_ends_the_channels_redis_subscription(redis_server):
             await layer.flush()
 
     async_to_sync(scenario)()
+
+
+def test_a_cancelled_receive_ends_the_subscription_as_in_the_stock_layer(redis_server):
+    async def scenario():
+        layer = make_layer(redis_server)
+        channel = await layer.new_channel()
+        client = aioredis.Redis.from_url(redis_server)
+        try:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(layer.receive(channel), 0.05)
+            assert channel not in layer._get_layer().channels
+            assert await client.pubsub_numsub(channel) == [(channel.encode(), 0)]
+        finally:
+            await client.aclose()
+            await layer.flush()
+
+    async_to_sync(scenario)()
+
+
+def test_a_channel_not_made_here_is_subscribed_on_first_receive(redis_server):
+    """Another process's channel name: the stock layer's path, which subscribes first."""
+
+    async def scenario():
+        layer = make_layer(redis_server)
+        channel = f"{layer._get_layer().prefix}specific.elsewhere"
+        receiving = asyncio.ensure_future(layer.receive(channel))
+        client = aioredis.Redis.from_url(redis_server)
+        try:
+            for _ in range(100):
+                if await client.pubsub_numsub(channel) == [(channel.encode(), 1)]:
+                    break
+                await asyncio.sleep(0.01)
+            await layer.send(channel, {"type": "hello"})
+            return await asyncio.wait_for(receiving, 5)
+        finally:
+            await client.aclose()
+            await layer.flush()
+
+    assert async_to_sync(scenario)() == {"type": "hello"}
