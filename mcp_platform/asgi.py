@@ -17,10 +17,9 @@ if settings.DEBUG:
     django_asgi_app = ASGIStaticFilesHandler(django_asgi_app)
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-
-from realtime.auth import websocket_auth_stack  # noqa: E402
 from django.urls import re_path  # noqa: E402
 
+from realtime.auth import websocket_auth_stack  # noqa: E402
 from realtime.routing import http_urlpatterns, websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(

@@ -1,10 +1,12 @@
 """Serve the project with Daphne: ``python -m mcp_platform.serve [daphne options]``.
 
-Use it instead of the ``daphne`` command. It differs in two ways:
+Use it instead of the ``daphne`` command. It differs in these ways:
 
 - it installs ``realtime.reactor.CoalescingWriteReactor``, which writes fan-out frames
   without an event-loop registration per write (docs/performance.md), and
-  ``realtime.websocket_protocol``, which frames them without autobahn's general path;
+  ``realtime.websocket_protocol``, which frames them without autobahn's general path, and
+  ``realtime.http_protocol``; both also drop a client that stops reading once
+  ``REALTIME_SLOW_CLIENT_BUFFER_BYTES`` wait for it;
 - it stops autobahn from decorating the text of debug log lines it never emits: colouring
   it for every frame cost ~12% of a fan-out, pretty-printing it ~10% of a connect;
 - it lets Daphne's HTTP protocol reach ``twisted.web.http`` directly rather than through
@@ -73,8 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     unproxied_twisted_http()
     from daphne import cli
 
-    from realtime import websocket_protocol
+    from realtime import http_protocol, websocket_protocol
 
+    http_protocol.install()
     websocket_protocol.install()
     from daphne.access import AccessLogGenerator
 

@@ -141,7 +141,9 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
         task_ids = requested_task_ids(request)
         manager = get_connection_manager()
         self.connection = await manager.connect(
-            channel_name=self.channel_name, user=user, transport=Transport.SSE,
+            channel_name=self.channel_name,
+            user=user,
+            transport=Transport.SSE,
             follow_all=not task_ids,
         )
         for task_id in task_ids:

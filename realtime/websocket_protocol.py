@@ -9,16 +9,14 @@ extension (compression) was negotiated, no fragmentation, masking or frame loggi
 configured, nothing is queued, and the payload is within the size limit. Otherwise it
 defers to autobahn, as before. ``python -m mcp_platform.serve`` installs it.
 
-It also bounds what a client that stops reading costs: once Twisted reports the client's
-unread bytes past its buffer size, at most ``REALTIME_SLOW_CLIENT_BUFFER_BYTES`` more are
-accepted before the connection is closed with 4008, as the channel layer does when a
-connection's queue overflows.
+It also bounds what a client that stops reading costs (``realtime.slow_clients``): past
+``REALTIME_SLOW_CLIENT_BUFFER_BYTES`` unread, the connection is closed with 4008.
 """
 
 from daphne.ws_protocol import WebSocketFactory, WebSocketProtocol
 
-from realtime.conf import realtime_settings
 from realtime.protocol import CloseCode
+from realtime.slow_clients import UnreadBytesProducer
 
 #: First header byte: FIN plus the opcode, by whether the payload is binary.
 _FIN_OPCODE = {False: 0x81, True: 0x82}
@@ -67,10 +65,7 @@ HANDSHAKE_ONLY = frozenset(
 )
 
 
-class FrameWritingWebSocketProtocol(WebSocketProtocol):
-    #: Bytes sent since Twisted said the client stopped reading; ``None`` while it reads.
-    unread_bytes: int | None = None
-
+class FrameWritingWebSocketProtocol(UnreadBytesProducer, WebSocketProtocol):
     def connectionMade(self) -> None:  # noqa: N802 (Twisted's name)
         # Daphne hands the connection over from the HTTP request that asked for the
         # upgrade, but that request's channel stays registered as the connection's
@@ -81,19 +76,6 @@ class FrameWritingWebSocketProtocol(WebSocketProtocol):
             self.transport.unregisterProducer()
         super().connectionMade()
         self.transport.registerProducer(self, True)
-
-    # Twisted's push-producer interface: paused when the bytes the client has not read
-    # pass the transport's buffer size (64 KiB), resumed when they have drained.
-
-    def pauseProducing(self) -> None:  # noqa: N802
-        if self.unread_bytes is None:
-            self.unread_bytes = 0
-
-    def resumeProducing(self) -> None:  # noqa: N802
-        self.unread_bytes = None
-
-    def stopProducing(self) -> None:  # noqa: N802
-        """The connection is gone; autobahn's ``connectionLost()`` cleans up."""
 
     def onOpen(self) -> None:  # noqa: N802
         super().onOpen()
@@ -108,14 +90,11 @@ class FrameWritingWebSocketProtocol(WebSocketProtocol):
         if self.state in (self.STATE_CLOSING, self.STATE_CLOSED):
             return  # going away: autobahn would raise, and the client learns of it anyway
         payload = content if binary else content.encode("utf8")
-        if self.unread_bytes is not None and self.state == self.STATE_OPEN:
-            # The slow-client policy: past the limit, the connection is closed with 4008
-            # (the client resubscribes and gets the current state) instead of the server
-            # holding an unbounded backlog for a client that does not read.
-            self.unread_bytes += len(payload)
-            if self.unread_bytes > realtime_settings.SLOW_CLIENT_BUFFER_BYTES:
-                self.serverClose(CloseCode.SLOW_CLIENT.value)
-                return
+        if self.state == self.STATE_OPEN and self.too_far_behind(len(payload)):
+            # Closed with 4008 (the client resubscribes and gets the current state)
+            # instead of the server holding an unbounded backlog for it.
+            self.serverClose(CloseCode.SLOW_CLIENT.value)
+            return
         if (
             self.state != self.STATE_OPEN
             or self._perMessageCompress is not None

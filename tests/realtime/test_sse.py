@@ -1,16 +1,15 @@
 """``GET /events`` in-process through the full ASGI application, and the event-stream
 parser the tests read it with."""
 
-import asyncio
 import json
 import uuid
 from datetime import datetime, timedelta
 
 import pytest
 from asgiref.sync import async_to_sync
+from asgiref.testing import ApplicationCommunicator
 from channels.db import database_sync_to_async
 from django.conf import settings
-from asgiref.testing import ApplicationCommunicator
 from django.test import Client, override_settings
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
@@ -18,7 +17,7 @@ from hypothesis import strategies as st
 from rest_framework_simplejwt.tokens import AccessToken
 
 from mcp_platform.tasks import services
-from realtime import api, protocol, sse
+from realtime import api, protocol
 from realtime.checks import check_settings
 from realtime.connections import ConnectionManager, Transport, get_connection_manager
 from realtime.sources import TaskSnapshot
