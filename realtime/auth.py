@@ -80,10 +80,10 @@ async def authenticate_token(raw_token: Any) -> AbstractBaseUser:
 
 
 def query_token(scope: dict[str, Any]) -> str | None:
-    """The ``token`` query parameter of a connection, if any."""
-    values = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True).get(
-        "token"
-    )
+    """The ``token`` query parameter of a connection, if any; an empty one is a token that
+    will fail, not an absent one."""
+    query = scope.get("query_string", b"").decode("latin-1")
+    values = parse_qs(query, keep_blank_values=True).get("token")
     return values[-1] if values else None
 
 

@@ -18,7 +18,11 @@ from realtime.slow_clients import UnreadBytesProducer
 
 class BoundedWebRequest(UnreadBytesProducer, WebRequest):
     def handle_reply(self, message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.body" and not self.finished and self.channel:
+        if (
+            message["type"] == "http.response.body"
+            and not self.finished
+            and self.channel is not None
+        ):
             if not message.get("more_body", False):
                 self.unregisterProducer()  # the connection may serve another request
             elif self.producer is None:
