@@ -1,6 +1,7 @@
 """``GET /events`` in-process through the full ASGI application, and the event-stream
 parser the tests read it with."""
 
+import asyncio
 import json
 import uuid
 from datetime import datetime, timedelta
@@ -586,6 +587,28 @@ def test_a_client_gone_at_once_still_cleans_up(user, task, read_first, disconnec
         await communicator.send_input({"type": "http.disconnect"})
         await communicator.wait(timeout=5)
         await assert_no_connections([task.pk])
+
+    run(scenario)
+    assert len(disconnected) == 1
+
+
+@transactional
+def test_a_stream_whose_application_is_cancelled_still_cleans_up(user, task, disconnected):
+    """As when Daphne gives up on an application that does not finish (or shuts down)."""
+
+    async def scenario():
+        from mcp_platform.asgi import application
+
+        stream = InProcessStream({"token": token_for(user), "task_id": str(task.pk)})
+        communicator = ApplicationCommunicator(application, stream.scope)
+        await communicator.send_input({"type": "http.request", "body": b""})
+        assert (await communicator.receive_output(timeout=5))["status"] == 200
+        communicator.future.cancel()
+        await asyncio.wait([communicator.future], timeout=5)
+        assert communicator.future.cancelled()
+        await assert_no_connections([task.pk])
+        channels, members = layer_state(get_connection_manager().layer)
+        assert disconnected[0].channel_name not in channels | members
 
     run(scenario)
     assert len(disconnected) == 1
