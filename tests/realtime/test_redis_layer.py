@@ -1,7 +1,10 @@
 """channels-redis's pub/sub layer as the project adapts it (realtime.redis_layer)."""
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -64,36 +67,42 @@ def test_the_inbox_reads_the_channel_queue_with_local_items_in_order(redis_serve
     assert async_to_sync(scenario)() == [1, 2, 3, 4]
 
 
+@contextlib.asynccontextmanager
+async def layer_and_redis(url: str) -> AsyncIterator[tuple[RedisPubSubChannelLayer, Any]]:
+    """A fresh layer, and a plain Redis client to look at what it subscribed to."""
+    layer, client = make_layer(url), aioredis.Redis.from_url(url)
+    try:
+        yield layer, client
+    finally:
+        await client.aclose()
+        await layer.flush()
+
+
+async def subscribers(client: Any, channel: str) -> int:
+    [(_, count)] = await client.pubsub_numsub(channel)
+    return count
+
+
 def test_closing_the_inbox_ends_the_channels_redis_subscription(redis_server):
     async def scenario():
-        layer = make_layer(redis_server)
-        channel = await layer.new_channel()
-        inbox = Inbox(layer, channel)
-        client = aioredis.Redis.from_url(redis_server)
-        try:
-            assert await client.pubsub_numsub(channel) == [(channel.encode(), 1)]
+        async with layer_and_redis(redis_server) as (layer, client):
+            channel = await layer.new_channel()
+            inbox = Inbox(layer, channel)
+            assert await subscribers(client, channel) == 1
             await inbox.close()
-            assert await client.pubsub_numsub(channel) == [(channel.encode(), 0)]
-        finally:
-            await client.aclose()
-            await layer.flush()
+            assert await subscribers(client, channel) == 0
 
     async_to_sync(scenario)()
 
 
 def test_a_cancelled_receive_ends_the_subscription_as_in_the_stock_layer(redis_server):
     async def scenario():
-        layer = make_layer(redis_server)
-        channel = await layer.new_channel()
-        client = aioredis.Redis.from_url(redis_server)
-        try:
+        async with layer_and_redis(redis_server) as (layer, client):
+            channel = await layer.new_channel()
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(layer.receive(channel), 0.05)
             assert channel not in layer._get_layer().channels
-            assert await client.pubsub_numsub(channel) == [(channel.encode(), 0)]
-        finally:
-            await client.aclose()
-            await layer.flush()
+            assert await subscribers(client, channel) == 0
 
     async_to_sync(scenario)()
 
@@ -102,19 +111,14 @@ def test_a_channel_not_made_here_is_subscribed_on_first_receive(redis_server):
     """Another process's channel name: the stock layer's path, which subscribes first."""
 
     async def scenario():
-        layer = make_layer(redis_server)
-        channel = f"{layer._get_layer().prefix}specific.elsewhere"
-        receiving = asyncio.ensure_future(layer.receive(channel))
-        client = aioredis.Redis.from_url(redis_server)
-        try:
+        async with layer_and_redis(redis_server) as (layer, client):
+            channel = f"{layer._get_layer().prefix}specific.elsewhere"
+            receiving = asyncio.ensure_future(layer.receive(channel))
             for _ in range(100):
-                if await client.pubsub_numsub(channel) == [(channel.encode(), 1)]:
+                if await subscribers(client, channel) == 1:
                     break
                 await asyncio.sleep(0.01)
             await layer.send(channel, {"type": "hello"})
             return await asyncio.wait_for(receiving, 5)
-        finally:
-            await client.aclose()
-            await layer.flush()
 
     assert async_to_sync(scenario)() == {"type": "hello"}
