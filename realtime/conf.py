@@ -32,8 +32,8 @@ DEFAULTS: dict[str, Any] = {
     "REORDER_WINDOW_SECONDS": 0.5,
     # Messages a connection may have queued and unsent before it is closed as too slow.
     "SLOW_CLIENT_QUEUE_LIMIT": 1000,
-    # Bytes a WebSocket client that stopped reading may have sent to it before it is closed
-    # as too slow (with python -m mcp_platform.serve), beyond Twisted's 64 KiB buffer.
+    # Bytes a client that stopped reading may have sent to it, beyond Twisted's 64 KiB
+    # buffer, before it is dropped as too slow (with python -m mcp_platform.serve).
     "SLOW_CLIENT_BUFFER_BYTES": 1_048_576,
 }
 

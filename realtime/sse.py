@@ -3,9 +3,9 @@
 A Channels consumer beside the WebSocket one, reading the same kind of ``Inbox``: each
 event is one ``send_body()`` to the server. It was a Django view, which put every event
 through three async generators and Django's ``send_response()`` and gave each stream a
-thread of its own; as a consumer an event costs less than half as much
-(docs/performance.md). Every refusal is a JSON ``{"code", "detail"}`` answer sent before
-any stream starts.
+thread of its own; as a consumer a stream holds no thread, and an event costs about what a
+WebSocket frame does (docs/performance.md). Every refusal is a JSON ``{"code", "detail"}``
+answer sent before any stream starts.
 """
 
 import asyncio
