@@ -10,10 +10,15 @@ On the project's layers (``realtime.layers.InMemoryChannelLayer``,
 items join it, so a delivery wakes one task. On other layers one long-lived task moves channel
 messages into a small local queue (the in-process layer's lean ``ChannelQueue``, which
 holds no memory while empty); past that queue, the layer's own bounds apply.
+
+The project's layers can also skip the wake-up: a message that arrives while the reader
+waits with nothing queued can go to a handler at once (``handle_directly()``), which is
+then the same as the reader taking it next.
 """
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 from realtime.layers import ChannelQueue, InMemoryChannelLayer
@@ -51,6 +56,13 @@ class Inbox:
             raise
         except Exception as exc:
             await self.put(exc)
+
+    def handle_directly(self, handler: Callable[[dict[str, Any]], bool]) -> None:
+        """Have the layer give ``handler`` each channel message that arrives while this
+        inbox's reader waits with nothing queued, instead of queueing it; one that
+        ``handler`` declines is queued. Other layers queue every message."""
+        if self._queue is None:
+            self.layer.handle_directly(self.channel_name, handler)
 
     def feed_from(self, source: Any) -> None:
         """Put in everything ``source()`` returns, until the inbox is closed."""

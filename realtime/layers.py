@@ -11,13 +11,16 @@ message is received, and a member whose queue is full is not skipped: its next r
 returns ``{"type": "realtime.overflow"}`` so its consumer can close the connection (the
 slow-client policy, close code 4008) instead of silently missing messages. Memory is
 bounded by ``capacity`` messages per channel. A channel whose pending receive is cancelled
-(its consumer ended) is dropped with its group memberships.
+(its consumer ended) is dropped with its group memberships. A channel's reader may take a
+message at once, without a wake-up, while it waits with nothing queued
+(``handle_directly()``).
 """
 
 import asyncio
 import time
 import uuid
 from collections import defaultdict, deque
+from collections.abc import Callable
 from typing import Any
 
 from channels.exceptions import ChannelFull
@@ -36,13 +39,15 @@ class ChannelQueue:
     (~3 KiB for each connection) and wakes getters through a deque of futures.
     """
 
-    __slots__ = ("items", "maxsize", "_getter", "_putters")
+    __slots__ = ("items", "maxsize", "handler", "_getter", "_putters")
 
     def __init__(self, maxsize: int) -> None:
         # Most channels are idle and empty: an empty deque still costs ~600 bytes, so
         # an empty queue holds a shared empty tuple instead.
         self.items: deque | tuple = ()
         self.maxsize = maxsize
+        #: Given a message while the reader waits with nothing queued (``offer()``).
+        self.handler: Callable[[dict[str, Any]], bool] | None = None
         self._getter: asyncio.Future | None = None
         self._putters: deque | None = None
 
@@ -51,6 +56,17 @@ class ChannelQueue:
 
     def full(self) -> bool:
         return len(self.items) >= self.maxsize
+
+    def offer(self, message: dict[str, Any]) -> bool:
+        """Give ``message`` to the handler if the reader waits with nothing queued, so
+        that it is handled now, in order, without waking the reader; whether it was."""
+        getter = self._getter
+        return (
+            getter is not None
+            and self.handler is not None
+            and not getter.done()
+            and self.handler(message)
+        )
 
     def put_nowait(self, item: Any) -> None:
         if len(self.items) >= self.maxsize:
@@ -111,8 +127,11 @@ class InMemoryChannelLayer(BaseChannelLayer):
     async def send(self, channel: str, message: dict[str, Any]) -> None:
         assert isinstance(message, dict), "message is not a dict"
         self.require_valid_channel_name(channel)
+        queue = self._queue(channel)
+        if queue.offer(message):
+            return
         try:
-            self._queue(channel).put_nowait((time.monotonic() + self.expiry, dict(message)))
+            queue.put_nowait((time.monotonic() + self.expiry, dict(message)))
         except asyncio.QueueFull:
             raise ChannelFull(channel) from None
 
@@ -147,6 +166,12 @@ class InMemoryChannelLayer(BaseChannelLayer):
 
     async def new_channel(self, prefix: str = "specific.") -> str:
         return f"{prefix}inmemory!{uuid.uuid4().hex}"
+
+    def handle_directly(self, channel: str, handler: Callable[[dict[str, Any]], bool]) -> None:
+        """Give ``handler`` each message for ``channel`` that arrives while its reader
+        waits with nothing queued; one it declines (returns false for) is queued. It gets
+        the sender's message, shared by every member of a group, to read only."""
+        self._queue(channel).handler = handler
 
     async def discard_channel(self, channel: str) -> None:
         """Forget a channel: its queue and its group memberships."""
@@ -189,8 +214,11 @@ class InMemoryChannelLayer(BaseChannelLayer):
             return
         expires = time.monotonic() + self.expiry
         for channel in members:
+            queue = self._queue(channel)
+            if queue.offer(message):
+                continue
             try:
-                self._queue(channel).put_nowait((expires, dict(message)))
+                queue.put_nowait((expires, dict(message)))
             except asyncio.QueueFull:
                 self._overflowed.add(channel)
 

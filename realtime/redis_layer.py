@@ -9,7 +9,8 @@ through a ``__getattr__`` proxy to the loop's layer and an ``asyncio.Queue``. He
 message is deserialized once per process (members get shallow copies, as from the
 in-process layer), a connection's local items join its channel's queue (``inject``), so
 the connection reads one queue, as on the in-process layer, and that queue is the
-in-process layer's lean ``ChannelQueue``, read directly.
+in-process layer's lean ``ChannelQueue``, read directly, which offers a message to the
+reader's direct handler first, as on the in-process layer (``handle_directly()``).
 
 It relies on channels-redis 4.3's per-loop layer: its ``channels`` dict of queues, filled
 by the shard receivers with ``put_nowait()``.
@@ -17,6 +18,7 @@ by the shard receivers with ``put_nowait()``.
 
 import asyncio
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from channels_redis.pubsub import RedisPubSubChannelLayer as StockLayer
@@ -38,26 +40,53 @@ class _Local:
         self.item = item
 
 
+class OfferingQueue(ChannelQueue):
+    """A channel's queue that offers each message from Redis to its handler first
+    (``ChannelQueue.offer()``): the shard receiver puts the same bytes in every member's."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self, layer: "RedisPubSubChannelLayer") -> None:
+        super().__init__(UNBOUNDED)
+        self.layer = layer
+
+    def put_nowait(self, item: Any) -> None:
+        if type(item) is bytes and self.offer(self.layer.decode(item)):
+            return
+        super().put_nowait(item)
+
+
 class RedisPubSubChannelLayer(StockLayer):
     _last: tuple[bytes, dict[str, Any]] | None = None
+
+    def decode(self, message: bytes) -> dict[str, Any]:
+        """The message in ``message``, decoded once for every member it is put in for;
+        shared, to read only."""
+        last = self._last
+        if last is not None and last[0] is message:
+            return last[1]
+        decoded = super().deserialize(message)
+        self._last = (message, decoded)
+        return decoded
 
     def deserialize(self, message: Any) -> Any:
         if type(message) is _Local:
             return message.item
-        # The receiver puts one bytes object in every member's queue.
-        last = self._last
-        if last is not None and last[0] is message:
-            return dict(last[1])
-        decoded = super().deserialize(message)
-        self._last = (message, decoded)
-        return dict(decoded)
+        return dict(self.decode(message))
 
     async def new_channel(self, prefix: str = "specific.") -> str:
         layer = self._get_layer()
         channel = await layer.new_channel(prefix)
         # No one knows the name yet, so the stock queue it made is still empty.
-        layer.channels[channel] = ChannelQueue(UNBOUNDED)
+        layer.channels[channel] = OfferingQueue(self)
         return channel
+
+    def handle_directly(self, channel: str, handler: Callable[[dict[str, Any]], bool]) -> None:
+        """As ``realtime.layers.InMemoryChannelLayer.handle_directly()``, for a channel
+        made by ``new_channel()``."""
+        queue = self._get_layer().channels.get(channel)
+        if isinstance(queue, OfferingQueue):
+            queue.handler = handler
 
     async def receive(self, channel: str) -> Any:
         layer = self._get_layer()

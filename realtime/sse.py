@@ -1,7 +1,8 @@
 """The Server-Sent Events endpoint, ``GET /events``: the channel layer as an event stream.
 
 A Channels consumer beside the WebSocket one, reading the same kind of ``Inbox``: each
-event is one ``send_body()`` to the server. It was a Django view, which put every event
+event is one chunk of the response body, sent as the WebSocket consumer sends a frame
+(``InboxConsumerMixin``). It was a Django view, which put every event
 through three async generators and Django's ``send_response()`` and gave each stream a
 thread of its own; as a consumer a stream holds no thread, and an event costs about what a
 WebSocket frame does (docs/performance.md). Every refusal is a JSON ``{"code", "detail"}``
@@ -22,12 +23,20 @@ from django.http import HttpRequest
 
 from realtime import protocol
 from realtime.conf import realtime_settings
-from realtime.connections import Transport, get_connection_manager
+from realtime.connections import (
+    BROADCAST,
+    PERSONAL,
+    RELEASE_HELD,
+    TASK_UPDATE,
+    Transport,
+    get_connection_manager,
+)
 from realtime.consumers import InboxConsumerMixin
 from realtime.protocol import ErrorCode, ProtocolError, SseEvent
 
 #: What the stream's own timer puts in its inbox when it has been idle for an interval.
-HEARTBEAT_MESSAGE = {"type": "realtime.heartbeat"}
+HEARTBEAT = "realtime.heartbeat"
+HEARTBEAT_MESSAGE = {"type": HEARTBEAT}
 
 #: The HTTP status of each refusal of a ``task_id``.
 PROTOCOL_ERROR_STATUS = {
@@ -162,8 +171,13 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
         raise StopConsumer()
 
     async def send_frames(self, data: bytes) -> None:
-        await self.send_body(data, more_body=True)
+        for reply in self.chunk(data):
+            await self.send(reply)
+
+    def chunk(self, data: bytes) -> list[dict[str, Any]]:
+        """``data`` as the next chunk of the stream."""
         self.last_sent = asyncio.get_running_loop().time()
+        return [{"type": "http.response.body", "body": data, "more_body": True}]
 
     def tick(self) -> None:
         """A heartbeat goes in only after a whole interval without a frame; a full inbox
@@ -188,32 +202,36 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
 
     # Channel-layer and local messages: the text was encoded once by the sender.
 
-    async def task_update(self, event: dict[str, Any]) -> None:
-        if self.connection is not None:
-            await self.send_updates(event["task_id"], self.ready_updates(event))
+    def task_update_replies(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        return self.update_replies(event["task_id"], self.ready_updates(event))
 
-    async def realtime_release_held(self, event: dict[str, Any]) -> None:
-        if self.connection is not None:
-            task_id = event["task_id"]
-            await self.send_updates(task_id, self.connection.release_held(task_id))
+    def release_held_replies(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        task_id = event["task_id"]
+        return self.update_replies(task_id, self.connection.release_held(task_id))
 
-    async def send_updates(self, task_id: str, ready: list[tuple[int, str]]) -> None:
-        if ready:
-            await self.send_frames(
-                b"".join(protocol.sse_task_update(task_id, seq, text) for seq, text in ready)
-            )
+    def update_replies(self, task_id: str, ready: list[tuple[int, str]]) -> list[dict[str, Any]]:
+        if not ready:
+            return []
+        return self.chunk(
+            b"".join(protocol.sse_task_update(task_id, seq, text) for seq, text in ready)
+        )
 
-    async def realtime_broadcast(self, event: dict[str, Any]) -> None:
-        if self.connection is not None:
-            await self.send_frames(protocol.sse_event(SseEvent.BROADCAST, event["text"]))
+    def broadcast_replies(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        return self.chunk(protocol.sse_event(SseEvent.BROADCAST, event["text"]))
 
-    async def realtime_message(self, event: dict[str, Any]) -> None:
-        if self.connection is not None:
-            await self.send_frames(protocol.sse_event(SseEvent.MESSAGE, event["text"]))
+    def message_replies(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        return self.chunk(protocol.sse_event(SseEvent.MESSAGE, event["text"]))
 
-    async def realtime_heartbeat(self, event: dict[str, Any]) -> None:
-        if self.connection is not None:
-            await self.send_frames(protocol.sse_heartbeat())
+    def heartbeat_replies(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        return self.chunk(protocol.sse_heartbeat())
+
+    reply_builders = {
+        TASK_UPDATE: task_update_replies,
+        RELEASE_HELD: release_held_replies,
+        BROADCAST: broadcast_replies,
+        PERSONAL: message_replies,
+        HEARTBEAT: heartbeat_replies,
+    }
 
     async def realtime_overflow(self, event: dict[str, Any]) -> None:
         """Messages piled up faster than they were sent, and some are lost: the stream

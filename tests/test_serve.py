@@ -1,5 +1,7 @@
-"""The Daphne launcher: its reactor writes every frame, and its access log hides tokens."""
+"""The Daphne launcher: what it installs, its reactor writes every frame, its server's
+``send`` can send without waiting, and its access log hides tokens."""
 
+import asyncio
 import socket
 import subprocess
 import sys
@@ -8,6 +10,7 @@ import time
 import pytest
 
 from mcp_platform.serve import redact
+from realtime.server import NowaitServer
 from tests.conftest import ROOT
 
 
@@ -22,6 +25,60 @@ from tests.conftest import ROOT
 )
 def test_tokens_are_redacted_from_logged_paths(path, expected):
     assert redact(path) == expected
+
+
+INSTALLED_SCRIPT = r"""
+from mcp_platform import serve
+serve.prepare()
+import daphne.cli, daphne.http_protocol, daphne.ws_protocol
+from twisted.internet import reactor
+from realtime import http_protocol, reactor as realtime_reactor, server, websocket_protocol
+
+assert isinstance(reactor, realtime_reactor.CoalescingWriteReactor)
+assert daphne.cli.CommandLineInterface.server_class is server.NowaitServer
+assert daphne.http_protocol.WebRequest is http_protocol.BoundedWebRequest
+ws_factory = daphne.ws_protocol.WebSocketFactory
+assert ws_factory.protocol is websocket_protocol.FrameWritingWebSocketProtocol
+print("installed")
+"""
+
+
+def test_the_launcher_installs_the_projects_server_parts():
+    result = subprocess.run(
+        [sys.executable, "-c", INSTALLED_SCRIPT], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.stdout.strip() == "installed", result.stderr
+
+
+def test_the_servers_send_also_sends_without_waiting_until_the_connection_is_gone():
+    class Protocol:
+        def __init__(self) -> None:
+            self.replies = []
+
+        def handle_reply(self, message) -> None:
+            self.replies.append(message["text"])
+
+    sends = []
+
+    async def application(scope, receive, send):
+        sends.append(send)
+
+    async def scenario():
+        server = NowaitServer(application=application, endpoints=["tcp:port=0"])
+        server.connections = {}  # as run() starts it
+        protocol = Protocol()
+        server.protocol_connected(protocol)
+        assert server.create_application(protocol, {"type": "websocket"}) is not None
+        await asyncio.sleep(0)
+        [send] = sends
+        send.nowait({"type": "websocket.send", "text": "now"})
+        await send({"type": "websocket.send", "text": "awaited"})
+        server.protocol_disconnected(protocol)
+        send.nowait({"type": "websocket.send", "text": "after it went"})
+        await send({"type": "websocket.send", "text": "awaited after it went"})
+        return protocol.replies
+
+    assert asyncio.run(scenario()) == ["now", "awaited"]
 
 
 REACTOR_SCRIPT = r"""

@@ -7,9 +7,12 @@ import uuid
 import pytest
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
+from channels.testing import WebsocketCommunicator
 
 from mcp_platform.tasks import services
+from realtime import api
 from realtime.connections import get_connection_manager
+from realtime.consumers import TaskConsumer
 from realtime.protocol import CloseCode
 from tests.conftest import connect_user, make_communicator, open_websocket, token_for
 
@@ -295,5 +298,83 @@ def test_a_failing_channel_layer_ends_the_consumer_instead_of_hanging(user, sett
         await connect_user(ws)
         with pytest.raises(ConnectionError, match="layer is down"):
             await asyncio.wait_for(asyncio.shield(ws.future), 5)
+
+    run(scenario)
+
+
+class NowaitSend:
+    """A server's ``send`` that can also send without waiting, as Daphne's under
+    ``python -m mcp_platform.serve`` (``realtime.server.Send``)."""
+
+    def __init__(self, send, sent_nowait: list) -> None:
+        self.send = send
+        self.sent_nowait = sent_nowait
+
+    def __call__(self, message):
+        return self.send(message)
+
+    def nowait(self, message) -> None:
+        self.sent_nowait.append(message)
+        self.send.__self__.put_nowait(message)  # the communicator's output queue
+
+
+def nowait_communicator(path: str, sent_nowait: list) -> WebsocketCommunicator:
+    from mcp_platform.asgi import application
+
+    async def serve_with_nowait(scope, receive, send):
+        await application(scope, receive, NowaitSend(send, sent_nowait))
+
+    return WebsocketCommunicator(serve_with_nowait, path)
+
+
+def test_an_idle_consumer_is_sent_updates_without_being_woken(user, task):
+    sent_nowait = []
+
+    async def scenario():
+        ws = nowait_communicator(f"/ws?token={token_for(user)}", sent_nowait)
+        await connect_user(ws)
+        assert (await request(ws, {"action": "subscribe", "task_id": str(task.pk)}))["seq"] == 1
+        for progress in (10, 20, 30):
+            await database_sync_to_async(services.update_task)(task=task, progress=progress)
+        await api.asend_broadcast({"message": "hello"})
+        received = [await ws.receive_json_from(timeout=5) for _ in range(4)]
+        await ws.disconnect()
+        return received
+
+    received = run(scenario)
+    assert [(m["type"], m.get("seq")) for m in received] == [
+        ("task_update", 2),
+        ("task_update", 3),
+        ("task_update", 4),
+        ("broadcast", None),
+    ]
+    assert [json.loads(m["text"]) for m in sent_nowait] == received
+
+
+def test_a_failure_in_one_direct_delivery_ends_that_connection_not_the_sender(
+    user, task, monkeypatch
+):
+    replies = TaskConsumer.task_update_replies
+    failing = set()
+
+    def fail_for_some(consumer, event):
+        if str(consumer.connection.connection_id) in failing:
+            raise RuntimeError("cannot render")
+        return replies(consumer, event)
+
+    monkeypatch.setitem(TaskConsumer.reply_builders, "task.update", fail_for_some)
+
+    async def scenario():
+        broken = nowait_communicator(f"/ws?token={token_for(user)}", [])
+        healthy = nowait_communicator(f"/ws?token={token_for(user)}", [])
+        failing.add((await connect_user(broken))["connection_id"])
+        await connect_user(healthy)
+        for ws in (broken, healthy):
+            await request(ws, {"action": "subscribe", "task_id": str(task.pk)})
+        await database_sync_to_async(services.update_task)(task=task, progress=50)
+        assert (await healthy.receive_json_from(timeout=5))["progress"] == 50
+        with pytest.raises(RuntimeError, match="cannot render"):
+            await asyncio.wait_for(asyncio.shield(broken.future), 5)
+        await healthy.disconnect()
 
     run(scenario)

@@ -70,3 +70,72 @@ def test_close_makes_the_in_process_layer_forget_the_channel():
         assert layer.channels == {} and layer.groups == {}
 
     async_to_sync(scenario)()
+
+
+async def check_direct_handling(layer) -> None:
+    """A channel message reaches the inbox's handler at once only while its reader waits
+    with nothing queued; otherwise, or when the handler declines it, it is queued in
+    order. Local items are always queued."""
+    channel = await layer.new_channel()
+    inbox = Inbox(layer, channel)
+    handled = []
+
+    def handler(message):
+        handled.append(message["n"])
+        return message.get("accept", True)
+
+    async def settle():
+        for _ in range(50):  # a message from Redis takes a few loop turns to arrive
+            await asyncio.sleep(0.002)
+
+    inbox.handle_directly(handler)
+    await layer.group_add("watchers", channel)
+
+    # No one is reading: queued, in order, and not handled.
+    await layer.group_send("watchers", {"type": "t", "n": 1})
+    await settle()
+    assert handled == []
+    assert (await asyncio.wait_for(inbox.get(), 5))["n"] == 1
+
+    # The reader waits with nothing queued: handled, and the reader is not woken.
+    reader = asyncio.ensure_future(inbox.get())
+    await asyncio.sleep(0)
+    await layer.group_send("watchers", {"type": "t", "n": 2})
+    await layer.send(channel, {"type": "t", "n": 3})
+    await settle()
+    assert handled == [2, 3] and not reader.done()
+
+    # Declined: queued for the reader, which wakes with it.
+    await layer.group_send("watchers", {"type": "t", "n": 4, "accept": False})
+    assert (await asyncio.wait_for(reader, 5))["n"] == 4
+    assert handled == [2, 3, 4]
+
+    # Local items are the reader's alone; a message behind one waits its turn.
+    reader = asyncio.ensure_future(inbox.get())
+    await asyncio.sleep(0)
+    assert inbox.put_nowait({"type": "local", "n": 5})
+    await layer.group_send("watchers", {"type": "t", "n": 6})
+    await settle()
+    assert (await asyncio.wait_for(reader, 5))["n"] == 5
+    assert (await asyncio.wait_for(inbox.get(), 5))["n"] == 6
+    assert handled == [2, 3, 4]
+    await inbox.close()
+
+
+def test_messages_go_to_the_direct_handler_only_while_the_reader_waits_idle():
+    async_to_sync(check_direct_handling)(InMemoryChannelLayer(capacity=4))
+
+
+def test_other_layers_queue_every_message_for_the_reader():
+    async def scenario():
+        layer = ChannelsInMemoryChannelLayer()
+        channel = await layer.new_channel()
+        inbox = Inbox(layer, channel)
+        inbox.handle_directly(lambda message: pytest.fail("handled directly"))
+        reader = asyncio.ensure_future(inbox.get())
+        await asyncio.sleep(0.01)
+        await layer.send(channel, {"type": "t", "n": 1})
+        assert (await asyncio.wait_for(reader, 5))["n"] == 1
+        await inbox.close()
+
+    async_to_sync(scenario)()

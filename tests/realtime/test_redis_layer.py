@@ -13,6 +13,7 @@ from channels_redis.pubsub import RedisPubSubChannelLayer as StockLayer
 
 from realtime.inbox import Inbox
 from realtime.redis_layer import RedisPubSubChannelLayer
+from tests.realtime.test_inbox import check_direct_handling
 
 pytestmark = pytest.mark.redis
 
@@ -65,6 +66,17 @@ def test_the_inbox_reads_the_channel_queue_with_local_items_in_order(redis_serve
         return [first["n"], *rest]
 
     assert async_to_sync(scenario)() == [1, 2, 3, 4]
+
+
+def test_messages_from_redis_go_to_the_direct_handler_only_while_the_reader_waits_idle(
+    redis_server,
+):
+    async def scenario():
+        layer = make_layer(redis_server)
+        await check_direct_handling(layer)
+        await layer.flush()
+
+    async_to_sync(scenario)()
 
 
 @contextlib.asynccontextmanager
