@@ -8,12 +8,20 @@ its stream's producer and, past ``REALTIME_SLOW_CLIENT_BUFFER_BYTES`` unread
 ``python -m mcp_platform.serve`` installs it.
 """
 
+import functools
 from typing import Any
 
 import daphne.http_protocol
 from daphne.http_protocol import WebRequest
 
 from realtime.slow_clients import UnreadBytesProducer
+
+
+@functools.lru_cache(maxsize=64)
+def as_chunk(body: bytes) -> bytes:
+    """``body`` in HTTP/1.1 chunked coding. Cached: a fan-out writes one body to every
+    stream in turn."""
+    return b"%x\r\n%b\r\n" % (len(body), body)
 
 
 class BoundedWebRequest(UnreadBytesProducer, WebRequest):
@@ -23,12 +31,19 @@ class BoundedWebRequest(UnreadBytesProducer, WebRequest):
             and not self.finished
             and self.channel is not None
         ):
+            body = message.get("body", b"")
             if not message.get("more_body", False):
                 self.unregisterProducer()  # the connection may serve another request
             elif self.producer is None:
                 self.registerProducer(self, True)
-            elif self.too_far_behind(len(message.get("body", b""))):
+            elif self.too_far_behind(len(body)):
                 self.channel.transport.abortConnection()
+                return
+            elif body and self.chunked and self.startedWriting:
+                # A chunk of a stream under way, as Daphne's and Twisted's general path
+                # (``Request.write()``) would write it, at a third of the cost.
+                self.sentLength += len(body)
+                self.channel.transport.write(as_chunk(body))
                 return
         super().handle_reply(message)
 

@@ -20,21 +20,24 @@ from daphne.server import Server
 class Send:
     """The ASGI ``send`` of one connection; also callable without awaiting, as ``nowait``."""
 
-    __slots__ = ("server", "protocol")
+    __slots__ = ("server", "protocol", "state")
 
     def __init__(self, server: Server, protocol: Any) -> None:
         self.server = server
         self.protocol = protocol
+        #: Daphne's record of the connection, which it drops only once it is marked
+        #: disconnected: held here, it saves hashing the protocol for every message.
+        self.state = server.connections[protocol]
 
     def __call__(self, message: dict[str, Any]) -> Awaitable[None]:
         return self.server.handle_reply(self.protocol, message)
 
     def nowait(self, message: dict[str, Any]) -> None:
         """Send ``message`` now, as awaiting ``self(message)`` would."""
-        state = self.server.connections.get(self.protocol)
-        if state is None or state.get("disconnected"):
+        if self.state.get("disconnected"):
             return  # as Daphne: the connection is gone, and the application learns so
-        self.server.check_headers_type(message)
+        if message["type"] == "http.response.start":
+            self.server.check_headers_type(message)
         self.protocol.handle_reply(message)
 
 
@@ -44,7 +47,8 @@ class NowaitServer(Server):
         assert "application_instance" not in self.connections[protocol]
         input_queue: asyncio.Queue = asyncio.Queue()
         scope.setdefault("asgi", {"version": "3.0"})
-        instance = self.application(scope=scope, receive=input_queue.get, send=Send(self, protocol))
+        send = Send(self, protocol)
+        instance = self.application(scope=scope, receive=input_queue.get, send=send)
         if protocol not in self.connections:
             return None
         self.connections[protocol]["application_instance"] = asyncio.ensure_future(instance)

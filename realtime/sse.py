@@ -11,6 +11,7 @@ answer sent before any stream starts.
 
 import asyncio
 import io
+import time
 import uuid
 from typing import Any
 
@@ -176,7 +177,7 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
 
     def chunk(self, data: bytes) -> list[dict[str, Any]]:
         """``data`` as the next chunk of the stream."""
-        self.last_sent = asyncio.get_running_loop().time()
+        self.last_sent = time.monotonic()
         return [{"type": "http.response.body", "body": data, "more_body": True}]
 
     def tick(self) -> None:
@@ -185,7 +186,7 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
         than one re-armed per frame, keeps the cost off the delivery path.)"""
         loop = asyncio.get_running_loop()
         interval = realtime_settings.SSE_HEARTBEAT_SECONDS
-        idle = loop.time() - self.last_sent
+        idle = time.monotonic() - self.last_sent
         if idle >= interval:
             self.inbox.put_nowait(HEARTBEAT_MESSAGE)
             idle = 0.0
@@ -212,6 +213,9 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
     def update_replies(self, task_id: str, ready: list[tuple[int, str]]) -> list[dict[str, Any]]:
         if not ready:
             return []
+        if len(ready) == 1:  # nearly always
+            [(seq, text)] = ready
+            return self.chunk(protocol.sse_task_update(task_id, seq, text))
         return self.chunk(
             b"".join(protocol.sse_task_update(task_id, seq, text) for seq, text in ready)
         )
