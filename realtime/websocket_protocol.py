@@ -13,6 +13,8 @@ It also bounds what a client that stops reading costs (``realtime.slow_clients``
 ``REALTIME_SLOW_CLIENT_BUFFER_BYTES`` unread, the connection is closed with 4008.
 """
 
+import functools
+
 from daphne.ws_protocol import WebSocketFactory, WebSocketProtocol
 
 from realtime.protocol import CloseCode
@@ -30,6 +32,14 @@ def frame_header(length: int, binary: bool) -> bytes:
     if length <= 0xFFFF:
         return bytes((first, 126)) + length.to_bytes(2, "big")
     return bytes((first, 127)) + length.to_bytes(8, "big")
+
+
+@functools.lru_cache(maxsize=64)
+def data_frame(content: str | bytes, binary: bool) -> tuple[int, bytes]:
+    """The payload's length and the whole frame. Cached: a fan-out sends one text to
+    every subscriber in turn, and the text's hash is computed once."""
+    payload = content if binary else content.encode("utf8")
+    return len(payload), frame_header(len(payload), binary) + payload
 
 
 #: Set by autobahn and Daphne for the opening handshake, and not read after it (autobahn
@@ -89,8 +99,8 @@ class FrameWritingWebSocketProtocol(UnreadBytesProducer, WebSocketProtocol):
     def serverSend(self, content: str | bytes, binary: bool = False) -> None:  # noqa: N802
         if self.state in (self.STATE_CLOSING, self.STATE_CLOSED):
             return  # going away: autobahn would raise, and the client learns of it anyway
-        payload = content if binary else content.encode("utf8")
-        if self.state == self.STATE_OPEN and self.too_far_behind(len(payload)):
+        length, frame = data_frame(content, binary)
+        if self.state == self.STATE_OPEN and self.too_far_behind(length):
             # Closed with 4008 (the client resubscribes and gets the current state)
             # instead of the server holding an unbounded backlog for it.
             self.serverClose(CloseCode.SLOW_CLIENT.value)
@@ -103,10 +113,10 @@ class FrameWritingWebSocketProtocol(UnreadBytesProducer, WebSocketProtocol):
             or self.logFrames
             or self.logOctets
             or self.send_queue
-            or 0 < self.maxMessagePayloadSize < len(payload)
+            or 0 < self.maxMessagePayloadSize < length
         ):
             return super().serverSend(content, binary)
-        self.transport.write(frame_header(len(payload), binary) + payload)
+        self.transport.write(frame)
 
 
 def install() -> None:
