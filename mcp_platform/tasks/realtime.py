@@ -10,10 +10,18 @@ from mcp_platform.tasks.selectors import can_see
 from mcp_platform.tasks.serializers import TaskSerializer
 from realtime import sources
 
+#: Every snapshot is taken by this one serializer: a new one derives and binds its fields
+#: from the model again (most of the cost of serializing a task), and
+#: ``to_representation()`` keeps no state between calls.
+_snapshots = TaskSerializer()
+
 
 def task_snapshot(task: Task) -> sources.TaskSnapshot:
     return sources.TaskSnapshot(
-        task_id=task.pk, owner_id=task.owner_id, seq=task.seq, state=dict(TaskSerializer(task).data)
+        task_id=task.pk,
+        owner_id=task.owner_id,
+        seq=task.seq,
+        state=_snapshots.to_representation(task),
     )
 
 

@@ -1,3 +1,6 @@
+import copy
+from typing import ClassVar
+
 from rest_framework import serializers
 
 from mcp_platform.tasks.models import Task
@@ -7,6 +10,17 @@ class TaskSerializer(serializers.ModelSerializer):
     """The REST representation of a task, also carried by every ``task_update``."""
 
     owner = serializers.PrimaryKeyRelatedField(read_only=True)
+
+    #: The fields as ``ModelSerializer`` derives them from the model, by class.
+    _derived: ClassVar[dict[type, dict[str, serializers.Field]]] = {}
+
+    def get_fields(self) -> dict[str, serializers.Field]:
+        # Deriving them cost more than the rest of a PATCH's serializing; each serializer
+        # gets copies, as DRF copies its declared fields.
+        derived = self._derived.get(type(self))
+        if derived is None:
+            derived = self._derived[type(self)] = super().get_fields()
+        return copy.deepcopy(derived)
 
     class Meta:
         model = Task
