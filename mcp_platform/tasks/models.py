@@ -57,7 +57,11 @@ class Task(models.Model):
 
     def clean(self) -> None:
         if not self._state.adding:
-            old = type(self).objects.filter(pk=self.pk).values_list("status", flat=True).first()
+            stored = type(self).objects.filter(pk=self.pk)
+            if transaction.get_connection(self._state.db).in_atomic_block:
+                # The status this save replaces, then, even with writers in other processes.
+                stored = stored.select_for_update()
+            old = stored.values_list("status", flat=True).first()
             if old is not None:
                 try:
                     validate_transition(old, self.status)
@@ -73,7 +77,8 @@ class Task(models.Model):
             self.seq = 1
             super().save(*args, **kwargs)
             return
-        with transaction.atomic(using=kwargs.get("using")):
+        # Within a caller's transaction, no savepoint: a failure here fails it anyway.
+        with transaction.atomic(using=kwargs.get("using"), savepoint=False):
             current = (
                 type(self)
                 .objects.select_for_update()

@@ -24,9 +24,8 @@ def update_task(*, task: Task, **changes: Any) -> Task:
     if unknown:
         raise TypeError(f"Cannot update {', '.join(sorted(unknown))}")
     with transaction.atomic():
-        # Lock the row first, so the transition check in clean() reads the status that
-        # this save replaces, even with writers in other processes.
-        Task.objects.select_for_update().filter(pk=task.pk).exists()
+        # In a transaction, clean() reads the stored status under a row lock, so the
+        # transition check sees the status that this save replaces.
         for name, value in changes.items():
             setattr(task, name, value)
         task.full_clean(exclude=["owner"], validate_unique=False)  # only the pk is unique
