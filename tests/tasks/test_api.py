@@ -1,12 +1,18 @@
 """The REST API: tokens, tasks, visibility, transitions and the one error shape."""
 
 import json
+import threading
+import time
 import uuid
 
 import pytest
+from django.core.exceptions import ValidationError
+from django.db import connection, transaction
 from rest_framework.test import APIClient
 
 from mcp_platform.tasks import services
+from mcp_platform.tasks.models import Task
+from mcp_platform.tasks.serializers import TaskSerializer
 from tests.conftest import PASSWORD, api_client
 
 pytestmark = pytest.mark.django_db
@@ -190,3 +196,39 @@ def test_json_nested_too_deeply_to_parse_is_400(user):
     body = "[" * 100_000 + "]" * 100_000
     response = api_client(user).post("/api/tasks/", body, content_type="application/json")
     assert_error(response, 400, "parse_error")
+
+
+def test_serializers_do_not_share_fields():
+    first, second = TaskSerializer(), TaskSerializer()
+    assert first.fields["status"] is not second.fields["status"]
+    assert (first.fields["status"].parent, second.fields["status"].parent) == (first, second)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_transition_is_checked_against_the_status_a_concurrent_writer_commits(user):
+    """The status read for the check waits for the row lock of a writer in progress."""
+    task = services.create_task(owner=user, name="t", status="running")
+    stale = Task.objects.get(pk=task.pk)
+    locked = threading.Event()
+
+    def finish_slowly() -> None:
+        try:
+            with transaction.atomic():
+                row = Task.objects.select_for_update().get(pk=task.pk)
+                locked.set()
+                time.sleep(0.5)
+                row.status = "completed"
+                row.save()
+        finally:
+            connection.close()
+
+    writer = threading.Thread(target=finish_slowly)
+    writer.start()
+    try:
+        assert locked.wait(5)
+        with pytest.raises(ValidationError, match="cannot become"):
+            services.update_task(task=stale, status="pending")
+    finally:
+        writer.join()
+    task.refresh_from_db()
+    assert (task.status, task.seq) == ("completed", 2)
