@@ -17,6 +17,7 @@ message at once, without a wake-up, while it waits with nothing queued
 """
 
 import asyncio
+import sys
 import time
 import uuid
 from collections import defaultdict, deque
@@ -30,6 +31,9 @@ from realtime.conf import realtime_settings
 
 #: The message a consumer receives in place of what overflowed its queue.
 OVERFLOW = "realtime.overflow"
+
+#: A ``ChannelQueue`` size for queues that must take every item at once.
+UNBOUNDED = sys.maxsize
 
 
 class ChannelQueue:
@@ -89,6 +93,8 @@ class ChannelQueue:
         self.put_nowait(item)
 
     async def get(self) -> Any:
+        if self._getter is not None:
+            raise RuntimeError("A ChannelQueue has one reader at a time.")
         while not self.items:
             self._getter = asyncio.get_running_loop().create_future()
             try:

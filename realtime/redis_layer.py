@@ -17,18 +17,16 @@ by the shard receivers with ``put_nowait()``.
 """
 
 import asyncio
-import sys
 from collections.abc import Callable
 from typing import Any
 
 from channels_redis.pubsub import RedisPubSubChannelLayer as StockLayer
 
-from realtime.layers import ChannelQueue
+from realtime.layers import UNBOUNDED, ChannelQueue
 
-#: Channel queues are unbounded, as the stock layer's are: the receiver that fills them
-#: cannot wait. A connection drains its queue as fast as it writes to its socket, and a
-#: socket that stops draining is closed (``REALTIME_SLOW_CLIENT_BUFFER_BYTES``).
-UNBOUNDED = sys.maxsize
+# Channel queues are unbounded (``UNBOUNDED``), as the stock layer's are: the receiver that
+# fills them cannot wait. A connection drains its queue as fast as it writes to its socket,
+# and a socket that stops draining is closed (``REALTIME_SLOW_CLIENT_BUFFER_BYTES``).
 
 
 class _Local:

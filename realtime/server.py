@@ -16,6 +16,8 @@ from typing import Any
 import daphne.cli
 from daphne.server import Server
 
+from realtime.layers import UNBOUNDED, ChannelQueue
+
 
 class Send:
     """The ASGI ``send`` of one connection; also callable without awaiting, as ``nowait``."""
@@ -42,10 +44,13 @@ class Send:
 
 
 class NowaitServer(Server):
-    def create_application(self, protocol: Any, scope: dict[str, Any]) -> asyncio.Queue | None:
-        # Daphne's own method, with ``Send`` in place of a partial of ``handle_reply()``.
+    def create_application(self, protocol: Any, scope: dict[str, Any]) -> ChannelQueue | None:
+        # Daphne's own method, with ``Send`` in place of a partial of ``handle_reply()``
+        # and a lean input queue.
         assert "application_instance" not in self.connections[protocol]
-        input_queue: asyncio.Queue = asyncio.Queue()
+        # Daphne's ``asyncio.Queue`` held ~3 KiB for each connection's life; the
+        # application reads it from one task at a time, as ``ChannelQueue`` requires.
+        input_queue = ChannelQueue(UNBOUNDED)
         scope.setdefault("asgi", {"version": "3.0"})
         send = Send(self, protocol)
         instance = self.application(scope=scope, receive=input_queue.get, send=send)

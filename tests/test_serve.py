@@ -10,6 +10,7 @@ import time
 import pytest
 
 from mcp_platform.serve import redact
+from realtime.layers import ChannelQueue
 from realtime.server import NowaitServer
 from tests.conftest import ROOT
 
@@ -51,6 +52,8 @@ def test_the_launcher_installs_the_projects_server_parts():
 
 
 def test_the_servers_send_also_sends_without_waiting_until_the_connection_is_gone():
+    """And the application's input is the lean ``ChannelQueue``."""
+
     class Protocol:
         def __init__(self) -> None:
             self.replies = []
@@ -68,7 +71,7 @@ def test_the_servers_send_also_sends_without_waiting_until_the_connection_is_gon
         server.connections = {}  # as run() starts it
         protocol = Protocol()
         server.protocol_connected(protocol)
-        assert server.create_application(protocol, {"type": "websocket"}) is not None
+        assert isinstance(server.create_application(protocol, {"type": "websocket"}), ChannelQueue)
         await asyncio.sleep(0)
         [send] = sends
         send.nowait({"type": "websocket.send", "text": "now"})

@@ -160,3 +160,16 @@ def test_channel_queue_put_waits_for_room_and_get_waits_for_an_item():
         assert await queue.get() == "c" and queue.empty()
 
     run(scenario)
+
+
+def test_a_second_reader_of_a_channel_queue_is_refused_not_left_waiting():
+    async def scenario():
+        queue = ChannelQueue(maxsize=1)
+        first = asyncio.ensure_future(queue.get())
+        await asyncio.sleep(0)
+        with pytest.raises(RuntimeError, match="one reader at a time"):
+            await queue.get()
+        queue.put_nowait("a")
+        assert await asyncio.wait_for(first, 1) == "a"
+
+    run(scenario)
