@@ -63,12 +63,16 @@ class ChannelQueue:
 
     def offer(self, message: dict[str, Any]) -> bool:
         """Give ``message`` to the handler if the reader waits with nothing queued, so
-        that it is handled now, in order, without waking the reader; whether it was."""
+        that it is handled now, in order, without waking the reader; whether it was.
+
+        Only a sender on the reader's own event loop hands it over: the handler writes to
+        the reader's connection."""
         getter = self._getter
         return (
             getter is not None
             and self.handler is not None
             and not getter.done()
+            and getter.get_loop() is asyncio.get_running_loop()
             and self.handler(message)
         )
 

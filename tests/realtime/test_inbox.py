@@ -1,6 +1,7 @@
 """The inbox a connection reads from, on the in-process layer and on any other."""
 
 import asyncio
+import threading
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -135,6 +136,25 @@ def test_other_layers_queue_every_message_for_the_reader():
         reader = asyncio.ensure_future(inbox.get())
         await asyncio.sleep(0.01)
         await layer.send(channel, {"type": "t", "n": 1})
+        assert (await asyncio.wait_for(reader, 5))["n"] == 1
+        await inbox.close()
+
+    async_to_sync(scenario)()
+
+
+def test_a_sender_on_another_event_loop_queues_instead_of_handling():
+    async def scenario():
+        layer = InMemoryChannelLayer(capacity=4)
+        channel = await layer.new_channel()
+        inbox = Inbox(layer, channel)
+        inbox.handle_directly(lambda message: pytest.fail("handled on the sender's loop"))
+        reader = asyncio.ensure_future(inbox.get())
+        await asyncio.sleep(0)
+        elsewhere = threading.Thread(
+            target=asyncio.run, args=(layer.send(channel, {"type": "t", "n": 1}),)
+        )
+        elsewhere.start()
+        elsewhere.join(5)
         assert (await asyncio.wait_for(reader, 5))["n"] == 1
         await inbox.close()
 
