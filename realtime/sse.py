@@ -213,9 +213,8 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
     def update_replies(self, task_id: str, ready: list[tuple[int, str]]) -> list[dict[str, Any]]:
         if not ready:
             return []
-        if len(ready) == 1:  # nearly always
-            [(seq, text)] = ready
-            return self.chunk(protocol.sse_task_update(task_id, seq, text))
+        # One update (nearly always) joins to its own cached block, so ``as_chunk()``'s
+        # cache holds for it too.
         return self.chunk(
             b"".join(protocol.sse_task_update(task_id, seq, text) for seq, text in ready)
         )
