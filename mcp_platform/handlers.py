@@ -1,27 +1,79 @@
-"""Django's ASGI handler, with each request's middleware and view run in one sync call.
+"""Django's ASGI handler, with each request served in one call on a bounded pool of threads.
 
 Our middleware (Django's own, django-prometheus) and views (DRF) are synchronous. Django's
 ``ASGIHandler`` runs its middleware chain in async mode, so every ``MiddlewareMixin``
 hops to a thread and back for each of its ``process_*`` methods: ~20 thread hops per
-request, which made a 404 cost 8.7 ms against 0.7 ms under WSGI, and capped task updates
-through the REST API at ~30/s (docs/performance.md). Here the chain is built in sync mode
-and entered once per request, as under WSGI. The project's streaming endpoints (``/ws``,
-``/events``) are Channels consumers and do not come here.
+request, which made a 404 cost 8.7 ms against 0.7 ms under WSGI. It also gives every
+request a thread of its own (one ``ThreadSensitiveContext`` each), so every request starts
+a thread and opens a database connection, and ``CONN_MAX_AGE`` cannot keep one.
+
+Here the chain is built in sync mode, and a request's start signal, middleware, view and
+end signal run in one call on one of ``REQUEST_THREADS`` long-lived threads, as under a
+threaded WSGI server. Each thread keeps its own database connection, and Django's
+per-request housekeeping (``close_old_connections()`` on ``request_started`` and
+``request_finished``) runs in that thread, so ``CONN_MAX_AGE`` and ``CONN_HEALTH_CHECKS``
+work as Django documents them. docs/performance.md has the measurements. The project's
+streaming endpoints (``/ws``, ``/events``) are Channels consumers and do not come here.
 """
 
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from asgiref.sync import sync_to_async
-from django.core.handlers.asgi import ASGIHandler
-from django.http import HttpRequest, HttpResponseBase
+from django.conf import settings
+from django.core import signals
+from django.core.exceptions import RequestAborted
+from django.core.handlers.asgi import ASGIHandler, get_script_prefix
+from django.http import FileResponse, HttpResponseBase
+from django.urls import set_script_prefix
 
 
 class SyncChainASGIHandler(ASGIHandler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads = ThreadPoolExecutor(
+            max_workers=settings.REQUEST_THREADS, thread_name_prefix="request"
+        )
+
     def load_middleware(self, is_async: bool = False) -> None:
         super().load_middleware(is_async=False)
 
-    async def get_response_async(self, request: HttpRequest) -> HttpResponseBase:
-        return await sync_to_async(self.get_response, thread_sensitive=True)(request)
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            raise ValueError(f"Django can only handle ASGI/HTTP connections, not {scope['type']}.")
+        try:
+            body_file = await self.read_body(receive)
+        except RequestAborted:
+            return
+        try:
+            response = await self.in_pool(self.respond)(scope, body_file)
+            try:
+                await self.send_response(response, send)
+            finally:
+                if response.streaming:
+                    # Its content was read just now, so the request ends only now.
+                    await self.in_pool(response.close)()
+        finally:
+            body_file.close()
+
+    def in_pool(self, function: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+        return sync_to_async(function, thread_sensitive=False, executor=self.threads)
+
+    def respond(self, scope: dict[str, Any], body_file: Any) -> HttpResponseBase:
+        """The whole synchronous life of a request, in one of the pool's threads."""
+        set_script_prefix(get_script_prefix(scope))
+        signals.request_started.send(sender=self.__class__, scope=scope)
+        request, response = self.create_request(scope, body_file)
+        if request is not None:
+            response = self.get_response(request)
+            response._handler_class = self.__class__
+            if isinstance(response, FileResponse):
+                response.block_size = self.chunk_size  # the server chunks it
+        if not response.streaming:
+            # Its content is all in memory: the request is over once it is read.
+            response.close()
+        return response
 
 
 def get_asgi_application() -> Any:

@@ -72,9 +72,13 @@ TEMPLATES = [
 DATABASES = {
     "default": dj_database_url.parse(
         env_str("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}"),
-        conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 0),
+        # Each request thread (REQUEST_THREADS) keeps its connection, checked before reuse.
+        conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60),
+        conn_health_checks=env_bool("DATABASE_CONN_HEALTH_CHECKS", True),
     )
 }
+# Threads that serve Django's requests (mcp_platform.handlers); each holds a connection.
+REQUEST_THREADS = env_int("DJANGO_REQUEST_THREADS", 8)
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Tests run a real server in another process, which cannot see an in-memory database.
     DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / "test_db.sqlite3")}
