@@ -78,7 +78,7 @@ DATABASES = {
     )
 }
 # Threads that serve Django's requests (mcp_platform.handlers); each holds a connection.
-REQUEST_THREADS = env_int("DJANGO_REQUEST_THREADS", 8)
+REQUEST_THREADS = env_int("DJANGO_REQUEST_THREADS", 2)
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Tests run a real server in another process, which cannot see an in-memory database.
     DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / "test_db.sqlite3")}
