@@ -19,9 +19,13 @@ class Status(models.TextChoices):
 FINISHED = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
 
 
-def validate_transition(old: str, new: str) -> None:
+def transition_allowed(old: str, new: str) -> bool:
     """A finished task keeps its status; any other change of status is allowed."""
-    if old in FINISHED and new != old:
+    return old not in FINISHED or new == old
+
+
+def validate_transition(old: str, new: str) -> None:
+    if not transition_allowed(old, new):
         raise ValidationError(f"A {old} task cannot become {new}.", code="invalid_transition")
 
 
@@ -56,21 +60,23 @@ class Task(models.Model):
         return self.status in FINISHED
 
     def clean(self) -> None:
+        """Reject leaving a finished status, for forms; ``save()`` checks it again under
+        the row lock, against the status the save replaces."""
         if not self._state.adding:
-            stored = type(self).objects.filter(pk=self.pk)
-            if transaction.get_connection(self._state.db).in_atomic_block:
-                # The status this save replaces, then, even with writers in other processes.
-                stored = stored.select_for_update()
-            old = stored.values_list("status", flat=True).first()
-            if old is not None:
-                try:
-                    validate_transition(old, self.status)
-                except ValidationError as exc:
-                    raise ValidationError({"status": exc}) from None
+            stored = type(self).objects.filter(pk=self.pk).values_list("status", flat=True)
+            self.check_transition(stored.first())
+
+    def check_transition(self, stored_status: str | None) -> None:
+        if stored_status is not None:
+            try:
+                validate_transition(stored_status, self.status)
+            except ValidationError as exc:
+                raise ValidationError({"status": exc}) from None
 
     def save(self, *args, **kwargs) -> None:
-        """Save and advance ``seq``, which is read under a row lock so that concurrent
-        writers in other processes never reuse a number."""
+        """Save and advance ``seq``. The stored status and ``seq`` are read under a row
+        lock, so that concurrent writers in other processes never reuse a number and no
+        save leaves a finished status (``ValidationError``), whoever calls it."""
         if kwargs.get("update_fields") is not None:
             kwargs["update_fields"] = {*kwargs["update_fields"], "seq", "updated_at"}
         if self._state.adding:
@@ -79,12 +85,19 @@ class Task(models.Model):
             return
         # Within a caller's transaction, no savepoint: a failure here fails it anyway.
         with transaction.atomic(using=kwargs.get("using"), savepoint=False):
-            current = (
+            stored = (
                 type(self)
                 .objects.select_for_update()
                 .filter(pk=self.pk)
-                .values_list("seq", flat=True)
+                .values_list("status", "seq")
                 .first()
             )
-            self.seq = (current or 0) + 1
-            super().save(*args, **kwargs)
+            status, seq = stored or (None, 0)
+            allowed = status is None or transition_allowed(status, self.status)
+            if allowed:
+                self.seq = seq + 1
+                super().save(*args, **kwargs)
+        if not allowed:
+            # Raised once the block is left: nothing was written, and a caller's
+            # transaction stays usable.
+            self.check_transition(status)

@@ -3,7 +3,6 @@
 from typing import Any
 
 from django.contrib.auth.base_user import AbstractBaseUser
-from django.db import transaction
 
 from mcp_platform.tasks.models import Task
 
@@ -23,11 +22,9 @@ def update_task(*, task: Task, **changes: Any) -> Task:
     unknown = set(changes) - set(UPDATABLE)
     if unknown:
         raise TypeError(f"Cannot update {', '.join(sorted(unknown))}")
-    with transaction.atomic():
-        # In a transaction, clean() reads the stored status under a row lock, so the
-        # transition check sees the status that this save replaces.
-        for name, value in changes.items():
-            setattr(task, name, value)
-        task.full_clean(exclude=["owner"], validate_unique=False)  # only the pk is unique
-        task.save()
+    for name, value in changes.items():
+        setattr(task, name, value)
+    # The transition is checked by save(), under the row lock it takes to advance seq.
+    task.clean_fields(exclude=["owner"])
+    task.save()
     return task

@@ -232,3 +232,16 @@ def test_a_transition_is_checked_against_the_status_a_concurrent_writer_commits(
         writer.join()
     task.refresh_from_db()
     assert (task.status, task.seq) == ("completed", 2)
+
+
+@pytest.mark.django_db
+def test_no_save_leaves_a_finished_status_and_the_callers_transaction_goes_on(user):
+    task = services.create_task(owner=user, name="t", status="completed")
+    task.status = "running"
+    with transaction.atomic():
+        with pytest.raises(ValidationError, match="cannot become running"):
+            task.save()
+        assert Task.objects.filter(pk=task.pk).values_list("status", "seq").get() == (
+            "completed",
+            1,
+        )
