@@ -5,6 +5,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from channels.auth import AuthMiddlewareStack
+from channels.db import database_sync_to_async
 from channels.security.websocket import OriginValidator
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -49,7 +50,7 @@ def _users(user_ids: list[Any]) -> list[AbstractBaseUser | None]:
     return [found.get(key) for key in keys]
 
 
-_user_batcher: Batcher[Any, AbstractBaseUser | None] = Batcher(_users)
+_user_batcher: Batcher[Any, AbstractBaseUser | None] = Batcher(database_sync_to_async(_users))
 
 
 async def authenticate_token(raw_token: Any) -> AbstractBaseUser:

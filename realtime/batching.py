@@ -1,21 +1,20 @@
-"""Database reads asked for at nearly the same moment, answered by one query.
+"""Work asked for at nearly the same moment, done in one call.
 
-When a thousand clients connect at once, each needs its user read and each subscription its
-task. One ``database_sync_to_async`` call apiece costs a hop to the one sync thread
-(~0.3 ms), a new database connection with the default ``CONN_MAX_AGE=0`` (~1.2 ms) and an
-ORM query (~0.5 ms), one after another, which capped connects at ~200/s
-(docs/performance.md). A ``Batcher`` takes the keys asked for while its previous fetch ran
-and fetches them together in one call. A lone request costs what it did before.
+When a thousand clients connect at once, each needs its user read, each subscription its
+task, and on Redis each its registry entry written. One call apiece costs, for a database
+read, a hop to the one sync thread (~0.3 ms) and an ORM query (~0.5 ms), one after
+another, which capped connects at ~200/s; for a Redis write, a pooled connection and a
+round trip (docs/performance.md). A ``Batcher`` takes the keys asked for while its
+previous call ran and passes them together to one call. A lone request costs what it did
+before.
 """
 
 import asyncio
 import contextvars
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
-
-from channels.db import database_sync_to_async
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -28,13 +27,16 @@ class _Queue(Generic[K, V]):
 
 
 class Batcher(Generic[K, V]):
-    """``await batcher.load(key)`` returns ``fetch_many(keys)[i]`` for the key at ``i``.
+    """``await batcher.load(key)`` returns ``(await fetch_many(keys))[i]`` for the key at ``i``.
 
-    ``fetch_many`` runs in the sync thread (it may use the ORM) and returns one value per
-    key, in order. If it raises, every load of that batch raises the same exception.
+    ``fetch_many`` returns one value per key, in order; for the ORM, wrap a sync function
+    in ``database_sync_to_async``. If it raises, every load of that batch raises the same
+    exception. Batches run one after another, in the order their keys were asked for.
     """
 
-    def __init__(self, fetch_many: Callable[[list[K]], Sequence[V]], *, max_size: int = 500):
+    def __init__(
+        self, fetch_many: Callable[[list[K]], Awaitable[Sequence[V]]], *, max_size: int = 500
+    ):
         self.fetch_many = fetch_many
         self.max_size = max_size
         # One queue per event loop: tests and management commands run several.
@@ -57,7 +59,6 @@ class Batcher(Generic[K, V]):
         return await future
 
     async def _run(self, queue: _Queue[K, V]) -> None:
-        fetch = database_sync_to_async(self.fetch_many)
         try:
             while queue.pending:
                 batch = [item for item in queue.pending[: self.max_size] if not item[1].done()]
@@ -65,7 +66,7 @@ class Batcher(Generic[K, V]):
                 if not batch:
                     continue
                 try:
-                    values = await fetch([key for key, _ in batch])
+                    values = await self.fetch_many([key for key, _ in batch])
                     if len(values) != len(batch):
                         raise ValueError(f"fetch_many gave {len(values)} values for {len(batch)}")
                 except Exception as exc:

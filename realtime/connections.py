@@ -10,6 +10,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.contrib.auth.base_user import AbstractBaseUser
 
@@ -35,7 +36,7 @@ def _visible_snapshots(
 
 
 _snapshots: Batcher[tuple[AbstractBaseUser, uuid.UUID], TaskSnapshot | None] = Batcher(
-    _visible_snapshots
+    database_sync_to_async(_visible_snapshots)
 )
 
 

@@ -13,9 +13,11 @@ import time
 import uuid
 import weakref
 from collections import defaultdict
+from typing import Any
 
 import redis.asyncio as aioredis
 
+from realtime.batching import Batcher
 from realtime.registry import ConnectionRegistry, Entry, Overview
 
 logger = logging.getLogger(__name__)
@@ -24,6 +26,9 @@ logger = logging.getLogger(__name__)
 POOL_SIZE = 16
 #: Seconds to wait for a connection, a reply or a free pooled connection.
 REDIS_TIMEOUT_SECONDS = 5.0
+
+#: A redis-py command of a registry write: its name, then its arguments.
+Command = tuple[Any, ...]
 
 
 class RedisRegistry(ConnectionRegistry):
@@ -38,6 +43,10 @@ class RedisRegistry(ConnectionRegistry):
         self._local: dict[uuid.UUID, Entry] = {}
         self._local_tasks: defaultdict[uuid.UUID, set[uuid.UUID]] = defaultdict(set)
         self._renewer: asyncio.Task | None = None
+        #: Sets outlive their members' leases, so a renewal finds them.
+        self._key_ttl = int(lease_seconds * 2) + 1
+        # Connections arriving (or leaving) together share one pipeline.
+        self._writes: Batcher[list[Command], None] = Batcher(self._write_many)
 
     @property
     def client(self) -> aioredis.Redis:
@@ -100,17 +109,28 @@ class RedisRegistry(ConnectionRegistry):
                     touched.add(key)
             for key in touched:
                 pipe.zremrangebyscore(key, "-inf", now)
-                pipe.expire(key, int(self.lease_seconds * 2) + 1)
+                pipe.expire(key, self._key_ttl)
             await pipe.execute()
 
-    async def add(self, entry: Entry) -> None:
-        expiry = self._expiry()
-        member = str(entry.connection_id)
+    def _lease(self, key: str, member: str) -> list[Command]:
+        """Record ``member`` in ``key`` until its lease lapses; the set outlives it."""
+        return [("zadd", key, {member: self._expiry()}), ("expire", key, self._key_ttl)]
+
+    async def _write(self, commands: list[Command]) -> None:
+        """Run ``commands`` in one pipeline with those of connections arriving together."""
+        await self._writes.load(commands)
+
+    async def _write_many(self, batches: list[list[Command]]) -> list[None]:
         async with self.client.pipeline(transaction=False) as pipe:
-            for key in self._entry_keys(entry):
-                pipe.zadd(key, {member: expiry})
-                pipe.expire(key, int(self.lease_seconds * 2) + 1)
+            for commands in batches:
+                for name, *args in commands:
+                    getattr(pipe, name)(*args)
             await pipe.execute()
+        return [None] * len(batches)
+
+    async def add(self, entry: Entry) -> None:
+        member = str(entry.connection_id)
+        await self._write([c for key in self._entry_keys(entry) for c in self._lease(key, member)])
         self._local[entry.connection_id] = entry
         self._ensure_renewer()
 
@@ -118,27 +138,18 @@ class RedisRegistry(ConnectionRegistry):
         self._local.pop(entry.connection_id, None)
         self._local_tasks.pop(entry.connection_id, None)
         member = str(entry.connection_id)
-        async with self.client.pipeline(transaction=False) as pipe:
-            for key in (
-                *self._entry_keys(entry),
-                *(self._task_key(task_id) for task_id in task_ids),
-            ):
-                pipe.zrem(key, member)
-            await pipe.execute()
+        keys = [*self._entry_keys(entry), *(self._task_key(task_id) for task_id in task_ids)]
+        await self._write([("zrem", key, member) for key in keys])
 
     async def add_subscription(self, entry: Entry, task_id: uuid.UUID) -> None:
-        key = self._task_key(task_id)
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.zadd(key, {str(entry.connection_id): self._expiry()})
-            pipe.expire(key, int(self.lease_seconds * 2) + 1)
-            await pipe.execute()
+        await self._write(self._lease(self._task_key(task_id), str(entry.connection_id)))
         self._local_tasks[entry.connection_id].add(task_id)
 
     async def remove_subscription(self, entry: Entry, task_id: uuid.UUID) -> None:
         tasks = self._local_tasks.get(entry.connection_id)
         if tasks is not None:
             tasks.discard(task_id)
-        await self.client.zrem(self._task_key(task_id), str(entry.connection_id))
+        await self._write([("zrem", self._task_key(task_id), str(entry.connection_id))])
 
     async def _count(self, key: str) -> int:
         return await self.client.zcount(key, time.time(), "+inf")

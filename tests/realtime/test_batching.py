@@ -3,10 +3,12 @@ import threading
 
 import pytest
 from asgiref.sync import ThreadSensitiveContext, async_to_sync, sync_to_async
+from channels.db import database_sync_to_async
 
 from realtime.batching import Batcher
 
-# Fetches run through database_sync_to_async, which checks the database connection.
+# Most fetches here run through database_sync_to_async, as the project's database reads
+# do; it checks the database connection.
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
@@ -22,7 +24,7 @@ def recording_batcher(**options) -> tuple[Batcher, list[list]]:
         calls.append(list(keys))
         return keys
 
-    return Batcher(fetch_many, **options), calls
+    return Batcher(database_sync_to_async(fetch_many), **options), calls
 
 
 def test_keys_asked_for_together_are_fetched_in_one_call_and_answered_in_order():
@@ -32,7 +34,7 @@ def test_keys_asked_for_together_are_fetched_in_one_call_and_answered_in_order()
         calls.append(list(keys))
         return [key * 10 for key in keys]
 
-    batcher = Batcher(fetch_many)
+    batcher = Batcher(database_sync_to_async(fetch_many))
 
     async def scenario():
         return await asyncio.gather(*(batcher.load(key) for key in range(5)))
@@ -76,7 +78,7 @@ def test_a_failed_fetch_fails_every_load_of_its_batch_and_the_next_batch_still_r
         calls.append(keys)
         return fetch_many(keys) if len(calls) == 1 else keys
 
-    batcher = Batcher(fetch)
+    batcher = Batcher(database_sync_to_async(fetch))
 
     async def scenario():
         failed = await asyncio.gather(*(batcher.load(k) for k in range(3)), return_exceptions=True)
@@ -104,7 +106,7 @@ def test_a_cancelled_load_is_left_out_of_the_fetch():
 
 
 def test_each_event_loop_has_its_own_queue():
-    batcher = Batcher(lambda keys: keys)
+    batcher = Batcher(database_sync_to_async(lambda keys: keys))
 
     async def scenario():
         return await batcher.load(1)
@@ -124,7 +126,7 @@ def test_fetches_do_not_run_in_the_context_of_the_load_that_started_them():
         fetch_threads.append(threading.get_ident())
         return keys
 
-    batcher = Batcher(fetch_many)
+    batcher = Batcher(database_sync_to_async(fetch_many))
 
     def sync_view():
         return threading.get_ident(), async_to_sync(batcher.load)("a")
@@ -139,3 +141,26 @@ def test_fetches_do_not_run_in_the_context_of_the_load_that_started_them():
     view_thread, value = asyncio.run(scenario())
     assert value == "a"
     assert fetch_threads and view_thread not in fetch_threads
+
+
+def test_an_async_fetch_runs_on_the_loop_one_batch_at_a_time():
+    calls, running = [], []
+
+    async def fetch_many(keys):
+        running.append(keys)
+        assert len(running) == 1  # never two batches at once
+        await asyncio.sleep(0.01)
+        calls.append(list(keys))
+        running.remove(keys)
+        return [f"{key}!" for key in keys]
+
+    batcher = Batcher(fetch_many)
+
+    async def scenario():
+        first = asyncio.ensure_future(batcher.load("a"))
+        await asyncio.sleep(0)
+        rest = [asyncio.ensure_future(batcher.load(key)) for key in "bc"]
+        return await asyncio.gather(first, *rest)
+
+    assert run(scenario) == ["a!", "b!", "c!"]
+    assert calls == [["a"], ["b", "c"]]

@@ -165,3 +165,29 @@ def test_a_live_process_renews_its_leases(redis_server):
         await assert_empty(observer)
 
     run(scenario, live, observer)
+
+
+@pytest.mark.redis
+def test_writes_of_connections_arriving_together_share_a_pipeline(redis_server):
+    registry = redis_registry_factory(redis_server)()
+    pipelines: list[int] = []
+    write_many = registry._writes.fetch_many
+
+    async def recording(batches):
+        pipelines.append(len(batches))
+        return await write_many(batches)
+
+    registry._writes.fetch_many = recording
+    entries = [entry(user_id, "websocket") for user_id in range(50)]
+
+    async def scenario():
+        await asyncio.gather(*(registry.add(connection) for connection in entries))
+        assert await registry.count_transport("websocket") == 50
+        await asyncio.gather(*(registry.add_subscription(e, TASK_1) for e in entries))
+        assert await registry.count_task(TASK_1) == 50
+        await asyncio.gather(*(registry.remove(e, frozenset({TASK_1})) for e in entries))
+        await assert_empty(registry)
+
+    run(scenario, registry)
+    # Each wave was asked for before its first pipeline ran: one pipeline each.
+    assert pipelines == [50, 50, 50]
