@@ -12,15 +12,26 @@ the connection reads one queue, as on the in-process layer, and that queue is th
 in-process layer's lean ``ChannelQueue``, read directly, which offers a message to the
 reader's direct handler first, as on the in-process layer (``handle_directly()``).
 
+Channels made here are named after their loop's layer (``…specific.<layer id>!<uuid>``)
+and reach it through one pattern subscription per Redis shard, as channels-redis's core
+layer receives all of a process's channels on one list: a connection costs no SUBSCRIBE
+and UNSUBSCRIBE of its own, no confirmations to parse, and no wait on the shard's lock.
+
 It relies on channels-redis 4.3's per-loop layer: its ``channels`` dict of queues, filled
-by the shard receivers with ``put_nowait()``.
+by the shard receivers with ``put_nowait()`` for any message whose channel is in it (a
+pattern's messages included), and its shards' ``_lock``, ``_ensure_redis()``,
+``_ensure_receiver()`` and redis-py ``_pubsub``.
 """
 
 import asyncio
+import re
+import uuid
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 from channels_redis.pubsub import RedisPubSubChannelLayer as StockLayer
+from channels_redis.pubsub import RedisPubSubLoopLayer, RedisSingleShardConnection
 
 from realtime.layers import UNBOUNDED, ChannelQueue
 
@@ -54,8 +65,30 @@ class OfferingQueue(ChannelQueue):
         super().put_nowait(item)
 
 
+async def _listen(shard: RedisSingleShardConnection, pattern: str) -> None:
+    """Subscribe ``shard`` to ``pattern`` unless it is (again after a ``flush()``)."""
+    if shard._pubsub is not None and pattern.encode() in shard._pubsub.patterns:
+        return
+    async with shard._lock:
+        shard._ensure_redis()
+        shard._ensure_receiver()
+        if pattern.encode() not in shard._pubsub.patterns:
+            await shard._pubsub.psubscribe(pattern)
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
 class RedisPubSubChannelLayer(StockLayer):
     _last: tuple[bytes, dict[str, Any]] | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Each loop's layer (one per process, in a server) names its channels after itself.
+        self._layer_ids: weakref.WeakKeyDictionary[RedisPubSubLoopLayer, str] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def decode(self, message: bytes) -> dict[str, Any]:
         """The message in ``message``, decoded once for every member it is put in for;
@@ -74,8 +107,11 @@ class RedisPubSubChannelLayer(StockLayer):
 
     async def new_channel(self, prefix: str = "specific.") -> str:
         layer = self._get_layer()
-        channel = await layer.new_channel(prefix)
-        # No one knows the name yet, so the stock queue it made is still empty.
+        start = f"{layer.prefix}{prefix}{self._layer_ids.setdefault(layer, uuid.uuid4().hex)}!"
+        pattern = f"{_glob_escape(start)}*"
+        for shard in layer._shards:
+            await _listen(shard, pattern)
+        channel = f"{start}{uuid.uuid4().hex}"
         layer.channels[channel] = OfferingQueue(self)
         return channel
 
@@ -109,8 +145,8 @@ class RedisPubSubChannelLayer(StockLayer):
         self.inject_nowait(channel, message)
 
     async def discard_channel(self, channel: str) -> None:
-        """Forget a channel and stop listening for it in Redis (the stock layer does so
-        only when a pending ``receive()`` is cancelled)."""
+        """Forget a channel, and stop listening for it in Redis if it was subscribed on its
+        own (the stock layer does so only when a pending ``receive()`` is cancelled)."""
         layer = self._get_layer()
         if layer.channels.pop(channel, None) is not None:
-            await layer._get_shard(channel).unsubscribe(channel)
+            await layer._get_shard(channel).unsubscribe(channel)  # a no-op for ours

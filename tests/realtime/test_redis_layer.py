@@ -95,26 +95,76 @@ async def subscribers(client: Any, channel: str) -> int:
     return count
 
 
-def test_closing_the_inbox_ends_the_channels_redis_subscription(redis_server):
+def test_a_layers_channels_share_one_pattern_subscription_that_other_processes_reach(
+    redis_server,
+):
     async def scenario():
         async with layer_and_redis(redis_server) as (layer, client):
-            channel = await layer.new_channel()
-            inbox = Inbox(layer, channel)
-            assert await subscribers(client, channel) == 1
-            await inbox.close()
-            assert await subscribers(client, channel) == 0
+            before = await client.pubsub_numpat()
+            channels = [await layer.new_channel() for _ in range(3)]
+            assert await client.pubsub_numpat() == before + 1
+            assert [await subscribers(client, channel) for channel in channels] == [0, 0, 0]
+            # Another process, with the same prefix.
+            other = RedisPubSubChannelLayer(hosts=[redis_server], prefix=layer._get_layer().prefix)
+            await other.send(channels[1], {"type": "hello"})
+            assert await asyncio.wait_for(layer.receive(channels[1]), 5) == {"type": "hello"}
+            await other.flush()
+            # A flush drops every subscription; the next channel subscribes the pattern again.
+            await layer.flush()
+            fresh = await layer.new_channel()
+            await layer.send(fresh, {"type": "again"})
+            assert await asyncio.wait_for(layer.receive(fresh), 5) == {"type": "again"}
 
     async_to_sync(scenario)()
 
 
-def test_a_cancelled_receive_ends_the_subscription_as_in_the_stock_layer(redis_server):
+def test_a_pattern_names_a_prefix_as_it_is_written(redis_server):
+    """Glob characters in a prefix match only themselves."""
+
+    async def scenario():
+        url = redis_server
+        layer = RedisPubSubChannelLayer(hosts=[url], prefix=f"test-{uuid.uuid4().hex[:8]}*[?]:")
+        lookalike = RedisPubSubChannelLayer(hosts=[url], prefix=layer._get_layer().prefix)
+        try:
+            channel = await layer.new_channel()
+            start, _, _ = channel.rpartition("!")
+            await lookalike.send(channel, {"type": "hello"})
+            assert await asyncio.wait_for(layer.receive(channel), 5) == {"type": "hello"}
+            # A name the pattern would match if its "*", "[?]" were taken as globs.
+            stranger = f"{start.replace('*[?]', 'x?', 1)}!{uuid.uuid4().hex}"
+            layer._get_layer().channels[stranger] = asyncio.Queue()
+            await lookalike.send(stranger, {"type": "stray"})
+            await asyncio.sleep(0.1)
+            assert layer._get_layer().channels[stranger].empty()
+        finally:
+            await lookalike.flush()
+            await layer.flush()
+
+    async_to_sync(scenario)()
+
+
+def test_closing_the_inbox_forgets_the_channel(redis_server):
+    async def scenario():
+        async with layer_and_redis(redis_server) as (layer, client):
+            channel = await layer.new_channel()
+            await Inbox(layer, channel).close()
+            assert channel not in layer._get_layer().channels
+            await layer.send(channel, {"type": "late"})  # reaches no queue, raises nothing
+            fresh = await layer.new_channel()
+            await layer.send(fresh, {"type": "next"})
+            assert await asyncio.wait_for(layer.receive(fresh), 5) == {"type": "next"}
+            assert channel not in layer._get_layer().channels
+
+    async_to_sync(scenario)()
+
+
+def test_a_cancelled_receive_forgets_the_channel_as_the_stock_layer_does(redis_server):
     async def scenario():
         async with layer_and_redis(redis_server) as (layer, client):
             channel = await layer.new_channel()
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(layer.receive(channel), 0.05)
             assert channel not in layer._get_layer().channels
-            assert await subscribers(client, channel) == 0
 
     async_to_sync(scenario)()
 
