@@ -35,9 +35,10 @@ import daphne.cli, daphne.http_protocol, daphne.ws_protocol
 from twisted.internet import reactor
 from realtime import http_protocol, reactor as realtime_reactor, server, websocket_protocol
 
-import sys
+import gc, sys
 assert isinstance(reactor, realtime_reactor.CoalescingWriteReactor)
 assert sys.getswitchinterval() == serve.SWITCH_INTERVAL
+assert gc.get_threshold() == serve.GC_THRESHOLDS
 assert daphne.cli.CommandLineInterface.server_class is server.NowaitServer
 assert daphne.http_protocol.WebRequest is http_protocol.BoundedWebRequest
 ws_factory = daphne.ws_protocol.WebSocketFactory
