@@ -112,25 +112,30 @@ class RedisRegistry(ConnectionRegistry):
                 pipe.expire(key, self._key_ttl)
             await pipe.execute()
 
-    def _lease(self, key: str, member: str) -> list[Command]:
-        """Record ``member`` in ``key`` until its lease lapses; the set outlives it."""
-        return [("zadd", key, {member: self._expiry()}), ("expire", key, self._key_ttl)]
+    def _lease(self, key: str, member: str) -> Command:
+        """Record ``member`` in ``key`` until its lease lapses."""
+        return ("zadd", key, {member: self._expiry()})
 
     async def _write(self, commands: list[Command]) -> None:
         """Run ``commands`` in one pipeline with those of connections arriving together."""
         await self._writes.load(commands)
 
     async def _write_many(self, batches: list[list[Command]]) -> list[None]:
+        leased: set[str] = set()
         async with self.client.pipeline(transaction=False) as pipe:
             for commands in batches:
-                for name, *args in commands:
-                    getattr(pipe, name)(*args)
+                for name, key, *args in commands:
+                    getattr(pipe, name)(key, *args)
+                    if name == "zadd":
+                        leased.add(key)
+            for key in leased:  # once per batch: a set outlives its members' leases
+                pipe.expire(key, self._key_ttl)
             await pipe.execute()
         return [None] * len(batches)
 
     async def add(self, entry: Entry) -> None:
         member = str(entry.connection_id)
-        await self._write([c for key in self._entry_keys(entry) for c in self._lease(key, member)])
+        await self._write([self._lease(key, member) for key in self._entry_keys(entry)])
         self._local[entry.connection_id] = entry
         self._ensure_renewer()
 
@@ -142,7 +147,7 @@ class RedisRegistry(ConnectionRegistry):
         await self._write([("zrem", key, member) for key in keys])
 
     async def add_subscription(self, entry: Entry, task_id: uuid.UUID) -> None:
-        await self._write(self._lease(self._task_key(task_id), str(entry.connection_id)))
+        await self._write([self._lease(self._task_key(task_id), str(entry.connection_id))])
         self._local_tasks[entry.connection_id].add(task_id)
 
     async def remove_subscription(self, entry: Entry, task_id: uuid.UUID) -> None:

@@ -191,3 +191,18 @@ def test_writes_of_connections_arriving_together_share_a_pipeline(redis_server):
     run(scenario, registry)
     # Each wave was asked for before its first pipeline ran: one pipeline each.
     assert pipelines == [50, 50, 50]
+
+
+@pytest.mark.redis
+def test_every_set_written_to_outlives_its_members_leases(redis_server):
+    registry = redis_registry_factory(redis_server)(lease_seconds=30)
+    connection = entry(7, "sse")
+
+    async def scenario():
+        await registry.add(connection)
+        await registry.add_subscription(connection, TASK_1)
+        keys = [registry._transport_key("sse"), registry._user_key(7), registry._task_key(TASK_1)]
+        for key in keys:
+            assert 30 < await registry.client.ttl(key) <= 61
+
+    run(scenario, registry)
