@@ -146,6 +146,15 @@ class ConnectionManager:
     def layer(self) -> Any:
         return get_channel_layer(self.layer_alias)
 
+    async def _group_send_all(self, names: list[str], message: dict[str, Any]) -> None:
+        """Send to several groups, in one go on a layer that can (the Redis one)."""
+        send_many = getattr(self.layer, "group_send_many", None)
+        if send_many is not None:
+            await send_many(names, message)
+            return
+        for name in names:
+            await self.layer.group_send(name, message)
+
     async def _join(self, connection: Connection, group: str) -> None:
         await self.layer.group_add(group, connection.channel_name)
         connection.groups.add(group)
@@ -257,12 +266,14 @@ class ConnectionManager:
                 protocol.task_update(snapshot.task_id, snapshot.seq, snapshot.state)
             ),
         }
-        for group in (
-            groups.task_group(snapshot.task_id),
-            groups.feed_group(snapshot.owner_id),
-            groups.STAFF_FEED_GROUP,
-        ):
-            await self.layer.group_send(group, message)
+        await self._group_send_all(
+            [
+                groups.task_group(snapshot.task_id),
+                groups.feed_group(snapshot.owner_id),
+                groups.STAFF_FEED_GROUP,
+            ],
+            message,
+        )
 
     async def count_connections(self, transport: Transport | None = None) -> int:
         """Live connections of every process, of one transport or of all."""

@@ -19,15 +19,16 @@ and UNSUBSCRIBE of its own, no confirmations to parse, and no wait on the shard'
 
 It relies on channels-redis 4.3's per-loop layer: its ``channels`` dict of queues, filled
 by the shard receivers with ``put_nowait()`` for any message whose channel is in it (a
-pattern's messages included), and its shards' ``_lock``, ``_ensure_redis()``,
-``_ensure_receiver()`` and redis-py ``_pubsub``.
+pattern's messages included), its ``_get_group_channel_name()`` and ``_get_shard()``, and
+its shards' ``_lock``, ``_ensure_redis()``, ``_ensure_receiver()``, and redis-py ``_redis``
+and ``_pubsub``.
 """
 
 import asyncio
 import re
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from channels_redis.pubsub import RedisPubSubChannelLayer as StockLayer
@@ -114,6 +115,24 @@ class RedisPubSubChannelLayer(StockLayer):
         channel = f"{start}{uuid.uuid4().hex}"
         layer.channels[channel] = OfferingQueue(self)
         return channel
+
+    async def group_send_many(self, groups: Iterable[str], message: dict[str, Any]) -> None:
+        """``group_send()`` to each of ``groups``, serialized once and published in one
+        pipeline per shard: a task update goes to three groups, and each PUBLISH on its
+        own cost a round trip and ~0.2 ms of redis-py's CPU."""
+        layer = self._get_layer()
+        data = self.serialize(message)
+        by_shard: dict[RedisSingleShardConnection, list[str]] = {}
+        for group in groups:
+            name = layer._get_group_channel_name(group)
+            by_shard.setdefault(layer._get_shard(name), []).append(name)
+        for shard, names in by_shard.items():
+            async with shard._lock:
+                shard._ensure_redis()
+                async with shard._redis.pipeline(transaction=False) as pipe:
+                    for name in names:
+                        pipe.publish(name, data)
+                    await pipe.execute()
 
     def handle_directly(self, channel: str, handler: Callable[[dict[str, Any]], bool]) -> None:
         """As ``realtime.layers.InMemoryChannelLayer.handle_directly()``, for a channel

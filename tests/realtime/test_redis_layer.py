@@ -184,3 +184,31 @@ def test_a_channel_not_made_here_is_subscribed_on_first_receive(redis_server):
             return await asyncio.wait_for(receiving, 5)
 
     assert async_to_sync(scenario)() == {"type": "hello"}
+
+
+def test_a_message_for_several_groups_is_serialized_once_and_reaches_each(
+    redis_server, monkeypatch
+):
+    serialized = []
+    stock_serialize = StockLayer.serialize
+
+    def counting(self, message):
+        serialized.append(message)
+        return stock_serialize(self, message)
+
+    monkeypatch.setattr(StockLayer, "serialize", counting)
+
+    async def scenario():
+        async with layer_and_redis(redis_server) as (layer, client):
+            channels = [await layer.new_channel() for _ in range(3)]
+            for group, channel in zip(["a", "b", "c"], channels, strict=True):
+                await layer.group_add(group, channel)
+            await layer.group_add("c", channels[0])  # a member of two of them
+            await layer.group_send_many(["a", "b", "c", "nobody"], {"type": "hello"})
+            first = [await asyncio.wait_for(layer.receive(c), 5) for c in channels]
+            again = await asyncio.wait_for(layer.receive(channels[0]), 5)
+            return first, again
+
+    first, again = async_to_sync(scenario)()
+    assert first == [{"type": "hello"}] * 3 and again == {"type": "hello"}
+    assert len(serialized) == 1
