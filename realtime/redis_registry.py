@@ -27,7 +27,7 @@ POOL_SIZE = 16
 #: Seconds to wait for a connection, a reply or a free pooled connection.
 REDIS_TIMEOUT_SECONDS = 5.0
 
-#: A redis-py command of a registry write: its name, then its arguments.
+#: A redis-py command of a registry write: its name, the key it writes, its other arguments.
 Command = tuple[Any, ...]
 
 
