@@ -13,7 +13,7 @@ import time
 import uuid
 import weakref
 from collections import defaultdict
-from typing import Any
+from typing import Literal
 
 import redis.asyncio as aioredis
 
@@ -27,8 +27,8 @@ POOL_SIZE = 16
 #: Seconds to wait for a connection, a reply or a free pooled connection.
 REDIS_TIMEOUT_SECONDS = 5.0
 
-#: A redis-py command of a registry write: its name, the key it writes, its other arguments.
-Command = tuple[Any, ...]
+#: A registry write: a connection (its id) added to or removed from a set (its key).
+Write = tuple[Literal["add", "remove"], str, str]
 
 
 class RedisRegistry(ConnectionRegistry):
@@ -46,7 +46,7 @@ class RedisRegistry(ConnectionRegistry):
         #: Sets outlive their members' leases, so a renewal finds them.
         self._key_ttl = int(lease_seconds * 2) + 1
         # Connections arriving (or leaving) together share one pipeline.
-        self._writes: Batcher[list[Command], None] = Batcher(self._write_many)
+        self._writes: Batcher[list[Write], None] = Batcher(self._write_many)
 
     @property
     def client(self) -> aioredis.Redis:
@@ -112,30 +112,35 @@ class RedisRegistry(ConnectionRegistry):
                 pipe.expire(key, self._key_ttl)
             await pipe.execute()
 
-    def _lease(self, key: str, member: str) -> Command:
-        """Record ``member`` in ``key`` until its lease lapses."""
-        return ("zadd", key, {member: self._expiry()})
+    async def _write(self, writes: list[Write]) -> None:
+        """Make ``writes`` with those of connections arriving (or leaving) together."""
+        await self._writes.load(writes)
 
-    async def _write(self, commands: list[Command]) -> None:
-        """Run ``commands`` in one pipeline with those of connections arriving together."""
-        await self._writes.load(commands)
-
-    async def _write_many(self, batches: list[list[Command]]) -> list[None]:
-        leased: set[str] = set()
+    async def _write_many(self, batches: list[list[Write]]) -> list[None]:
+        """One command per set and kind for a whole batch. A member is one connection's, and
+        a connection's writes wait for each other, so a batch holds at most one write per
+        member and set: grouping them by set changes nothing."""
+        expiry = self._expiry()
+        added: defaultdict[str, dict[str, float]] = defaultdict(dict)
+        removed: defaultdict[str, list[str]] = defaultdict(list)
+        for writes in batches:
+            for kind, key, member in writes:
+                if kind == "add":
+                    added[key][member] = expiry
+                else:
+                    removed[key].append(member)
         async with self.client.pipeline(transaction=False) as pipe:
-            for commands in batches:
-                for name, key, *args in commands:
-                    getattr(pipe, name)(key, *args)
-                    if name == "zadd":
-                        leased.add(key)
-            for key in leased:  # once per batch: a set outlives its members' leases
-                pipe.expire(key, self._key_ttl)
+            for key, leases in added.items():
+                pipe.zadd(key, leases)
+                pipe.expire(key, self._key_ttl)  # a set outlives its members' leases
+            for key, members in removed.items():
+                pipe.zrem(key, *members)
             await pipe.execute()
         return [None] * len(batches)
 
     async def add(self, entry: Entry) -> None:
         member = str(entry.connection_id)
-        await self._write([self._lease(key, member) for key in self._entry_keys(entry)])
+        await self._write([("add", key, member) for key in self._entry_keys(entry)])
         self._local[entry.connection_id] = entry
         self._ensure_renewer()
 
@@ -144,17 +149,17 @@ class RedisRegistry(ConnectionRegistry):
         self._local_tasks.pop(entry.connection_id, None)
         member = str(entry.connection_id)
         keys = [*self._entry_keys(entry), *(self._task_key(task_id) for task_id in task_ids)]
-        await self._write([("zrem", key, member) for key in keys])
+        await self._write([("remove", key, member) for key in keys])
 
     async def add_subscription(self, entry: Entry, task_id: uuid.UUID) -> None:
-        await self._write([self._lease(self._task_key(task_id), str(entry.connection_id))])
+        await self._write([("add", self._task_key(task_id), str(entry.connection_id))])
         self._local_tasks[entry.connection_id].add(task_id)
 
     async def remove_subscription(self, entry: Entry, task_id: uuid.UUID) -> None:
         tasks = self._local_tasks.get(entry.connection_id)
         if tasks is not None:
             tasks.discard(task_id)
-        await self._write([("zrem", self._task_key(task_id), str(entry.connection_id))])
+        await self._write([("remove", self._task_key(task_id), str(entry.connection_id))])
 
     async def _count(self, key: str) -> int:
         return await self.client.zcount(key, time.time(), "+inf")
