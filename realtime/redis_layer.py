@@ -25,6 +25,7 @@ and ``_pubsub``.
 """
 
 import asyncio
+import functools
 import re
 import uuid
 import weakref
@@ -77,8 +78,10 @@ async def _listen(shard: RedisSingleShardConnection, pattern: str) -> None:
             await shard._pubsub.psubscribe(pattern)
 
 
-def _glob_escape(text: str) -> str:
-    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+@functools.lru_cache(maxsize=16)
+def _pattern(start: str) -> str:
+    """The Redis pattern of every name that begins with ``start``, and only of those."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", start) + "*"
 
 
 class RedisPubSubChannelLayer(StockLayer):
@@ -108,8 +111,11 @@ class RedisPubSubChannelLayer(StockLayer):
 
     async def new_channel(self, prefix: str = "specific.") -> str:
         layer = self._get_layer()
-        start = f"{layer.prefix}{prefix}{self._layer_ids.setdefault(layer, uuid.uuid4().hex)}!"
-        pattern = f"{_glob_escape(start)}*"
+        layer_id = self._layer_ids.get(layer)
+        if layer_id is None:
+            layer_id = self._layer_ids[layer] = uuid.uuid4().hex
+        start = f"{layer.prefix}{prefix}{layer_id}!"
+        pattern = _pattern(start)
         for shard in layer._shards:
             await _listen(shard, pattern)
         channel = f"{start}{uuid.uuid4().hex}"

@@ -22,17 +22,23 @@ def make_layer(url: str) -> RedisPubSubChannelLayer:
     return RedisPubSubChannelLayer(hosts=[url], prefix=f"test-{uuid.uuid4().hex[:8]}:")
 
 
+def record_calls(monkeypatch, method: str) -> list:
+    """The messages each later call of the stock layer's ``method`` is given."""
+    calls = []
+    stock = getattr(StockLayer, method)
+
+    def recording(self, message):
+        calls.append(message)
+        return stock(self, message)
+
+    monkeypatch.setattr(StockLayer, method, recording)
+    return calls
+
+
 def test_a_group_message_is_decoded_once_and_each_member_gets_its_own_copy(
     redis_server, monkeypatch
 ):
-    decoded = []
-    stock_deserialize = StockLayer.deserialize
-
-    def counting(self, message):
-        decoded.append(message)
-        return stock_deserialize(self, message)
-
-    monkeypatch.setattr(StockLayer, "deserialize", counting)
+    decoded = record_calls(monkeypatch, "deserialize")
 
     async def scenario():
         layer = make_layer(redis_server)
@@ -189,14 +195,7 @@ def test_a_channel_not_made_here_is_subscribed_on_first_receive(redis_server):
 def test_a_message_for_several_groups_is_serialized_once_and_reaches_each(
     redis_server, monkeypatch
 ):
-    serialized = []
-    stock_serialize = StockLayer.serialize
-
-    def counting(self, message):
-        serialized.append(message)
-        return stock_serialize(self, message)
-
-    monkeypatch.setattr(StockLayer, "serialize", counting)
+    serialized = record_calls(monkeypatch, "serialize")
 
     async def scenario():
         async with layer_and_redis(redis_server) as (layer, client):
