@@ -10,9 +10,9 @@ from mcp_platform.tasks.selectors import can_see
 from mcp_platform.tasks.serializers import TaskSerializer
 from realtime import sources
 
-#: Every snapshot is taken by this one serializer: a new one derives and binds its fields
-#: from the model again (most of the cost of serializing a task), and
-#: ``to_representation()`` keeps no state between calls.
+#: Every snapshot is taken by this one serializer: a new one copies and binds its fields
+#: (most of the cost of serializing a task), and ``to_representation()`` keeps no state
+#: between calls.
 _snapshots = TaskSerializer()
 
 
