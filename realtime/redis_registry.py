@@ -16,6 +16,7 @@ from collections import defaultdict
 from typing import Literal
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 
 from realtime.batching import Batcher
 from realtime.registry import ConnectionRegistry, Entry, Overview
@@ -29,6 +30,32 @@ REDIS_TIMEOUT_SECONDS = 5.0
 
 #: A registry write: a connection (its id) added to or removed from a set (its key).
 Write = tuple[Literal["add", "remove"], str, str]
+
+#: The writes of a batch in one command: as a pipeline of one ZADD and one EXPIRE per set,
+#: redis-py's packing and reply parsing cost ~7% of a connect's CPU (docs/performance.md).
+#: KEYS: the sets to add to, then those to remove from. ARGV: the expiry score, the sets'
+#: time to live, how many sets are added to, then per set its member count and members.
+#: A batch holds at most one write per member and set, so a ZADD has at most twice
+#: ``Batcher.max_size`` arguments, well within Lua's stack.
+WRITE_SCRIPT = """
+local expiry, ttl, added = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local at = 4
+for i, key in ipairs(KEYS) do
+    local count = tonumber(ARGV[at])
+    if i <= added then
+        local leases = {}
+        for j = at + 1, at + count do
+            leases[#leases + 1] = expiry
+            leases[#leases + 1] = ARGV[j]
+        end
+        redis.call("ZADD", key, unpack(leases))
+        redis.call("EXPIRE", key, ttl)
+    else
+        redis.call("ZREM", key, unpack(ARGV, at + 1, at + count))
+    end
+    at = at + count + 1
+end
+"""
 
 
 class RedisRegistry(ConnectionRegistry):
@@ -45,8 +72,9 @@ class RedisRegistry(ConnectionRegistry):
         self._renewer: asyncio.Task | None = None
         #: Sets outlive their members' leases, so a renewal finds them.
         self._key_ttl = int(lease_seconds * 2) + 1
-        # Connections arriving (or leaving) together share one pipeline.
+        # Connections arriving (or leaving) together share one command.
         self._writes: Batcher[list[Write], None] = Batcher(self._write_many)
+        self._write_script: AsyncScript | None = None
 
     @property
     def client(self) -> aioredis.Redis:
@@ -117,25 +145,20 @@ class RedisRegistry(ConnectionRegistry):
         await self._writes.load(writes)
 
     async def _write_many(self, batches: list[list[Write]]) -> list[None]:
-        """One command per set and kind for a whole batch. A member is one connection's, and
-        a connection's writes wait for each other, so a batch holds at most one write per
-        member and set: grouping them by set changes nothing."""
-        expiry = self._expiry()
-        added: defaultdict[str, dict[str, float]] = defaultdict(dict)
+        """One script call (``WRITE_SCRIPT``) for a whole batch."""
+        added: defaultdict[str, list[str]] = defaultdict(list)
         removed: defaultdict[str, list[str]] = defaultdict(list)
         for writes in batches:
             for kind, key, member in writes:
-                if kind == "add":
-                    added[key][member] = expiry
-                else:
-                    removed[key].append(member)
-        async with self.client.pipeline(transaction=False) as pipe:
-            for key, leases in added.items():
-                pipe.zadd(key, leases)
-                pipe.expire(key, self._key_ttl)  # a set outlives its members' leases
-            for key, members in removed.items():
-                pipe.zrem(key, *members)
-            await pipe.execute()
+                (added if kind == "add" else removed)[key].append(member)
+        args: list[str | float | int] = [self._expiry(), self._key_ttl, len(added)]
+        for members in (*added.values(), *removed.values()):
+            args.append(len(members))
+            args.extend(members)
+        client = self.client
+        if self._write_script is None:  # any loop's client can run it
+            self._write_script = client.register_script(WRITE_SCRIPT)
+        await self._write_script(keys=[*added, *removed], args=args, client=client)
         return [None] * len(batches)
 
     async def add(self, entry: Entry) -> None:

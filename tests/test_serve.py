@@ -2,6 +2,7 @@
 ``send`` can send without waiting, and its access log hides tokens."""
 
 import asyncio
+import pprint
 import socket
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import time
 
 import pytest
 
-from mcp_platform.serve import redact
+from mcp_platform.serve import PrettyWhenWritten, redact
 from realtime.layers import ChannelQueue
 from realtime.server import NowaitServer
 from tests.conftest import ROOT
@@ -43,6 +44,8 @@ assert daphne.cli.CommandLineInterface.server_class is server.NowaitServer
 assert daphne.http_protocol.WebRequest is http_protocol.BoundedWebRequest
 ws_factory = daphne.ws_protocol.WebSocketFactory
 assert ws_factory.protocol is websocket_protocol.FrameWritingWebSocketProtocol
+import autobahn.websocket.protocol
+assert autobahn.websocket.protocol.pformat is serve.PrettyWhenWritten
 print("installed")
 """
 
@@ -52,6 +55,21 @@ def test_the_launcher_installs_the_projects_server_parts():
         [sys.executable, "-c", INSTALLED_SCRIPT], cwd=ROOT, capture_output=True, text=True
     )
     assert result.stdout.strip() == "installed", result.stderr
+
+
+def test_a_debug_lines_pretty_text_is_made_only_when_the_line_is_written():
+    shown: list[str] = []
+
+    class Option:
+        def __repr__(self) -> str:
+            shown.append("repr")
+            return "Option()"
+
+    configuration = [(f"option{i}", Option(), "WebSocketServerFactory") for i in range(5)]
+    text = PrettyWhenWritten(configuration)
+    assert shown == []
+    assert f"{text}" == pprint.pformat(configuration)  # as a log line formats it
+    assert shown
 
 
 def test_the_servers_send_also_sends_without_waiting_until_the_connection_is_gone():

@@ -168,13 +168,13 @@ def test_a_live_process_renews_its_leases(redis_server):
 
 
 @pytest.mark.redis
-def test_writes_of_connections_arriving_together_share_a_pipeline(redis_server):
+def test_writes_of_connections_arriving_together_share_one_command(redis_server):
     registry = redis_registry_factory(redis_server)()
-    pipelines: list[int] = []
+    commands: list[int] = []
     write_many = registry._writes.fetch_many
 
     async def recording(batches):
-        pipelines.append(len(batches))
+        commands.append(len(batches))
         return await write_many(batches)
 
     registry._writes.fetch_many = recording
@@ -189,8 +189,45 @@ def test_writes_of_connections_arriving_together_share_a_pipeline(redis_server):
         await assert_empty(registry)
 
     run(scenario, registry)
-    # Each wave was asked for before its first pipeline ran: one pipeline each.
-    assert pipelines == [50, 50, 50]
+    # Each wave was asked for before its first command ran: one command each.
+    assert commands == [50, 50, 50]
+
+
+@pytest.mark.redis
+def test_one_command_may_add_to_and_remove_from_the_same_sets(redis_server):
+    registry = redis_registry_factory(redis_server)()
+    leaving, arriving = entry(7, "websocket"), entry(7, "websocket")
+
+    async def scenario():
+        await registry.add(leaving)
+        await registry.add_subscription(leaving, TASK_1)
+        await asyncio.gather(
+            registry.remove(leaving, frozenset({TASK_1})),
+            registry.add(arriving),
+            registry.add_subscription(entry(8, "sse"), TASK_1),
+        )
+        assert await registry.count_transport("websocket") == 1
+        assert await registry.count_user(7) == 1
+        assert await registry.count_task(TASK_1) == 1
+        client = registry.client
+        assert await client.zrange(registry._user_key(7), 0, -1) == [
+            str(arriving.connection_id).encode()
+        ]
+
+    run(scenario, registry)
+
+
+@pytest.mark.redis
+def test_writes_go_on_after_redis_forgets_the_script(redis_server):
+    registry = redis_registry_factory(redis_server)()
+
+    async def scenario():
+        await registry.add(entry(1, "websocket"))
+        await registry.client.script_flush()  # as after a restart of Redis
+        await registry.add(entry(2, "websocket"))
+        assert await registry.count_transport("websocket") == 2
+
+    run(scenario, registry)
 
 
 @pytest.mark.redis
