@@ -87,6 +87,9 @@ class Connection:
             last = seq - 1  # a followed task seen for the first time starts here
         if seq <= last:
             return []
+        if seq == last + 1 and task_id not in self.held:  # the usual case: the next one
+            self.last_seq[task_id] = seq
+            return [(seq, text)]
         held = self.held.setdefault(task_id, {})
         held[seq] = text
         ready = []

@@ -14,6 +14,7 @@ from typing import Any
 import daphne.http_protocol
 from daphne.http_protocol import WebRequest
 
+from realtime.reactor import write_now
 from realtime.slow_clients import UnreadBytesProducer
 
 
@@ -43,7 +44,7 @@ class BoundedWebRequest(UnreadBytesProducer, WebRequest):
                 # A chunk of a stream under way, as Daphne's and Twisted's general path
                 # (``Request.write()``) would write it, at a third of the cost.
                 self.sentLength += len(body)
-                self.channel.transport.write(as_chunk(body))
+                write_now(self.channel.transport, as_chunk(body))
                 return
         super().handle_reply(message)
 

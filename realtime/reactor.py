@@ -8,11 +8,43 @@ WebSocket subscribers put 35% of the server's time there (docs/performance.md).
 ``CoalescingWriteReactor`` queues such connections instead and flushes all of them in one
 loop callback, as asyncio's own transports write at once. Only a connection whose socket
 buffer is full is registered with the loop, to be written when it drains, as before.
+
+``write_now()`` goes further for the frames of a fan-out: with nothing buffered before it,
+a frame goes straight to the socket, as an asyncio transport writes, and Twisted's buffer
+and flush are not involved at all.
 """
 
 import asyncio
+from typing import Any
 
+from twisted.internet import tcp
 from twisted.internet.asyncioreactor import AsyncioSelectorReactor
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """``transport.write(data)``, but sent at once if nothing is buffered before it.
+
+    Twisted buffers every write and sends it from the loop: in a fan-out to 1,000 event
+    streams its flush took 25 ms of CPU for ~15 ms of ``send()`` calls, the rest being
+    buffer bookkeeping, writer registrations and ``doWrite()`` (docs/performance.md). What the socket
+    does not take, an error included, goes to Twisted's buffer, to be sent (or to end the
+    connection) as any write is."""
+    if (
+        isinstance(transport, tcp.Connection)
+        and not transport.TLS
+        and transport.connected
+        and not transport.disconnecting
+        and not transport.dataBuffer
+        and not transport._tempDataBuffer
+    ):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
 
 
 class CoalescingWriteReactor(AsyncioSelectorReactor):

@@ -211,10 +211,11 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
         return self.update_replies(task_id, self.connection.release_held(task_id))
 
     def update_replies(self, task_id: str, ready: list[tuple[int, str]]) -> list[dict[str, Any]]:
+        if len(ready) == 1:  # nearly always: the cached block, so as_chunk()'s cache holds
+            seq, text = ready[0]
+            return self.chunk(protocol.sse_task_update(task_id, seq, text))
         if not ready:
             return []
-        # One update (nearly always) joins to its own cached block, so ``as_chunk()``'s
-        # cache holds for it too.
         return self.chunk(
             b"".join(protocol.sse_task_update(task_id, seq, text) for seq, text in ready)
         )

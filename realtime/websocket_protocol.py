@@ -18,6 +18,7 @@ import functools
 from daphne.ws_protocol import WebSocketFactory, WebSocketProtocol
 
 from realtime.protocol import CloseCode
+from realtime.reactor import write_now
 from realtime.slow_clients import UnreadBytesProducer
 
 #: First header byte: FIN plus the opcode, by whether the payload is binary.
@@ -116,7 +117,7 @@ class FrameWritingWebSocketProtocol(UnreadBytesProducer, WebSocketProtocol):
             or 0 < self.maxMessagePayloadSize < length
         ):
             return super().serverSend(content, binary)
-        self.transport.write(frame)
+        write_now(self.transport, frame)
 
 
 def install() -> None:

@@ -4,6 +4,7 @@
 import asyncio
 import pprint
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -107,17 +108,18 @@ def test_the_servers_send_also_sends_without_waiting_until_the_connection_is_gon
 
 REACTOR_SCRIPT = r"""
 import socket, sys
-from realtime.reactor import CoalescingWriteReactor, install
+from realtime.reactor import CoalescingWriteReactor, install, write_now
 reactor = install()
 from twisted.internet import protocol
 
-size = int(sys.argv[1])
+size, port, how = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 payload = bytes(range(256)) * (size // 256)
+write = {"write": lambda transport, data: transport.write(data), "write_now": write_now}[how]
 
 class Sender(protocol.Protocol):
     def connectionMade(self):
         for start in range(0, len(payload), 1000):
-            self.transport.write(payload[start:start + 1000])
+            write(self.transport, payload[start:start + 1000])
         self.transport.loseConnection()
 
 class Factory(protocol.ClientFactory):
@@ -125,20 +127,22 @@ class Factory(protocol.ClientFactory):
     def clientConnectionLost(self, connector, reason):
         reactor.stop()
 
-reactor.connectTCP("127.0.0.1", int(sys.argv[2]), Factory())
+reactor.connectTCP("127.0.0.1", port, Factory())
 assert isinstance(reactor, CoalescingWriteReactor)
 reactor.run()
 """
 
 
+@pytest.mark.parametrize("how", ["write", "write_now"])
 @pytest.mark.parametrize("size", [25_600, 8_000_000])
-def test_reactor_delivers_every_byte_then_closes(size):
-    """Small writes go out in one flush; 8 MB overruns the socket buffer and must wait."""
+def test_reactor_delivers_every_byte_in_order_then_closes(size, how):
+    """Small writes go out at once; 8 MB overruns the socket buffer, and what it does not
+    take must wait in Twisted's buffer, ahead of later writes."""
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(1)
         sender = subprocess.Popen(
-            [sys.executable, "-c", REACTOR_SCRIPT, str(size), str(server.getsockname()[1])],
+            [sys.executable, "-c", REACTOR_SCRIPT, str(size), str(server.getsockname()[1]), how],
             cwd=ROOT,
         )
         server.settimeout(30)
@@ -150,6 +154,51 @@ def test_reactor_delivers_every_byte_then_closes(size):
                 received += chunk
         assert sender.wait(timeout=30) == 0
     assert received == bytes(range(256)) * (size // 256)
+
+
+RESET_SCRIPT = r"""
+import sys, time
+from realtime.reactor import install, write_now
+reactor = install()
+from twisted.internet import protocol
+
+class Sender(protocol.Protocol):
+    def connectionMade(self):
+        time.sleep(0.5)  # the peer resets meanwhile, before the reactor reads again
+        write_now(self.transport, b"x" * 1000)
+        # The send() failed, so the data went to Twisted's buffer, whose send ends it.
+        print(self.transport._tempDataBuffer == [b"x" * 1000])
+
+    def connectionLost(self, reason):
+        print(reason.type.__name__)
+        reactor.stop()
+
+class Factory(protocol.ClientFactory):
+    protocol = Sender
+
+reactor.connectTCP("127.0.0.1", int(sys.argv[1]), Factory())
+reactor.run()
+"""
+
+
+def test_a_write_to_a_reset_connection_ends_it_as_twisted_would():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        sender = subprocess.Popen(
+            [sys.executable, "-c", RESET_SCRIPT, str(server.getsockname()[1])],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        server.settimeout(30)
+        connection, _ = server.accept()
+        # Closed with a reset, not a FIN: the sender's next send() fails.
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        connection.close()
+        output, _ = sender.communicate(timeout=30)
+    assert sender.returncode == 0
+    assert output.split() == ["True", "ConnectionLost"]
 
 
 @pytest.mark.django_db(transaction=True)
