@@ -26,9 +26,9 @@ def write_now(transport: Any, data: bytes) -> None:
 
     Twisted buffers every write and sends it from the loop: in a fan-out to 1,000 event
     streams its flush took 25 ms of CPU for ~15 ms of ``send()`` calls, the rest being
-    buffer bookkeeping, writer registrations and ``doWrite()`` (docs/performance.md). What the socket
-    does not take, an error included, goes to Twisted's buffer, to be sent (or to end the
-    connection) as any write is."""
+    buffer bookkeeping, writer registrations and ``doWrite()`` (docs/performance.md).
+    What the socket does not take, an error included, goes to Twisted's buffer, to be
+    sent (or to end the connection) as any write is."""
     if (
         isinstance(transport, tcp.Connection)
         and not transport.TLS
