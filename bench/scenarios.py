@@ -12,6 +12,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -297,6 +298,9 @@ class Run:
         meter = self.meter()
         meter.start()
         sent: dict[int, float] = {}
+        changed: dict[int, float] = {}
+        # The server stamps a change with the wall clock; arrivals use the monotonic one.
+        wall_offset = time.time() - time.monotonic()
         refused: Counter[str] = Counter()
         gate = asyncio.Semaphore(config.stream_in_flight)
 
@@ -308,6 +312,8 @@ class Run:
                 gate.release()
             if status == 200:
                 sent[body["seq"]] = began
+                saved = datetime.fromisoformat(body["updated_at"]).timestamp()
+                changed[body["seq"]] = saved - wall_offset
             else:
                 refused[f"{status} {str(body)[:80]}"] += 1
 
@@ -338,7 +344,7 @@ class Run:
             "failed": sum(refused.values()),
             "errors": {**connect["errors"], **refused},
             "update_rate": len(sent) / sending,
-            **stream_figures(sent, logs),
+            **stream_figures(sent, changed, logs),
             "complete": all(waits),
             "closed_by_server": closed,
             **cpu,

@@ -63,12 +63,17 @@ def fanout_figures(published: float, logs: list[list[Arrival]], kind: str) -> di
     }
 
 
-def stream_figures(sent: dict[int, float], logs: list[list[Arrival]]) -> dict[str, Any]:
+def stream_figures(
+    sent: dict[int, float], changed: dict[int, float], logs: list[list[Arrival]]
+) -> dict[str, Any]:
     """A stream of updates to every client: what was lost, reordered, repeated, and when.
 
-    ``sent`` maps each published ``seq`` to the time its trigger was sent.
+    ``sent`` maps each published ``seq`` to the time its trigger was sent, ``changed`` to
+    the time the server saved the change (its ``updated_at``): latency from the change
+    leaves out the time the trigger waited for the server.
     """
     latencies: list[float] = []
+    from_change: list[float] = []
     duplicates = out_of_order = 0
     last_arrival = 0.0
     for log in logs:
@@ -87,6 +92,8 @@ def stream_figures(sent: dict[int, float], logs: list[list[Arrival]]) -> dict[st
             if seq in sent:
                 latencies.append(arrival - sent[seq])
                 last_arrival = max(last_arrival, arrival)
+            if seq in changed:
+                from_change.append(arrival - changed[seq])
     expected = len(sent) * len(logs)
     return {
         "expected": expected,
@@ -95,6 +102,7 @@ def stream_figures(sent: dict[int, float], logs: list[list[Arrival]]) -> dict[st
         "out_of_order": out_of_order,
         "duplicates": duplicates,
         **latency_figures(latencies),
+        **{f"change_{k}": v for k, v in latency_figures(from_change).items()},
         "lag_s": last_arrival - max(sent.values()) if latencies else math.nan,
     }
 

@@ -34,3 +34,5 @@ def test_quick_reference_run_produces_complete_figures(tmp_path):
     sustained = summary["sustained"]
     assert sustained["expected"] == sustained["delivered"] > 0
     assert (sustained["lost"], sustained["out_of_order"], sustained["duplicates"]) == (0, 0, 0)
+    # From the saved change to arrival is part of from the trigger's send to arrival.
+    assert 0 < sustained["change_p50_ms"] <= sustained["change_max_ms"] <= sustained["max_ms"]
