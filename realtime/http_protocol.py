@@ -5,14 +5,16 @@ have every event kept in the server's memory. ``BoundedWebRequest`` registers it
 its stream's producer and, past ``REALTIME_SLOW_CLIENT_BUFFER_BYTES`` unread
 (``realtime.slow_clients``), drops the connection: Daphne then tells the application
 (``http.disconnect``), which cleans up, and an ``EventSource`` reconnects after ``retry``.
-``python -m mcp_platform.serve`` installs it.
+``python -m mcp_platform.serve`` installs it, and ``QuietHTTPFactory``, which keeps
+Twisted from writing an access log line of its own.
 """
 
 import functools
 from typing import Any
 
 import daphne.http_protocol
-from daphne.http_protocol import WebRequest
+import daphne.server
+from daphne.http_protocol import HTTPFactory, WebRequest
 
 from realtime.reactor import write_now
 from realtime.slow_clients import UnreadBytesProducer
@@ -49,6 +51,14 @@ class BoundedWebRequest(UnreadBytesProducer, WebRequest):
         super().handle_reply(message)
 
 
+class QuietHTTPFactory(HTTPFactory):
+    def log(self, request: Any) -> None:
+        """Nothing: Daphne writes the access log (with tokens redacted, by
+        ``mcp_platform.serve``). Twisted's own line was formatted for every request, and
+        thrown away, or with ``-v 2`` logged with the query string's token in it."""
+
+
 def install() -> None:
-    """Make Daphne's HTTP factory build ``BoundedWebRequest``s."""
+    """Make Daphne's HTTP factory build ``BoundedWebRequest``s, and log nothing itself."""
     daphne.http_protocol.WebRequest = BoundedWebRequest
+    daphne.server.HTTPFactory = QuietHTTPFactory

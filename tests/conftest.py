@@ -240,9 +240,11 @@ class LiveServer:
             self.process.wait()
 
 
-def start_server(tmp_dir: Path, env: dict[str, str] | None = None) -> LiveServer:
+def start_server(
+    tmp_dir: Path, env: dict[str, str] | None = None, args: list[str] | None = None
+) -> LiveServer:
     """Serve ``mcp_platform.asgi:application`` with the project's Daphne launcher on a free
-    port, and wait until it listens."""
+    port, with Daphne's ``args`` if any, and wait until it listens."""
     port = free_port()
     log_path = tmp_dir / f"daphne-{port}.log"
     process_env = {**os.environ, "DATABASE_URL": server_database_url(), **(env or {})}
@@ -256,6 +258,7 @@ def start_server(tmp_dir: Path, env: dict[str, str] | None = None) -> LiveServer
                 "127.0.0.1",
                 "-p",
                 str(port),
+                *(args or []),
                 "mcp_platform.asgi:application",
             ],
             cwd=ROOT,

@@ -8,13 +8,14 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 
 from mcp_platform.serve import PrettyWhenWritten, redact
 from realtime.layers import ChannelQueue
 from realtime.server import NowaitServer
-from tests.conftest import ROOT
+from tests.conftest import ROOT, LiveServer, start_server
 
 
 @pytest.mark.parametrize(
@@ -43,6 +44,8 @@ assert sys.getswitchinterval() == serve.SWITCH_INTERVAL
 assert gc.get_threshold() == serve.GC_THRESHOLDS
 assert daphne.cli.CommandLineInterface.server_class is server.NowaitServer
 assert daphne.http_protocol.WebRequest is http_protocol.BoundedWebRequest
+import daphne.server
+assert daphne.server.HTTPFactory is http_protocol.QuietHTTPFactory
 ws_factory = daphne.ws_protocol.WebSocketFactory
 assert ws_factory.protocol is websocket_protocol.FrameWritingWebSocketProtocol
 import autobahn.websocket.protocol
@@ -201,17 +204,29 @@ def test_a_write_to_a_reset_connection_ends_it_as_twisted_would():
     assert output.split() == ["True", "ConnectionLost"]
 
 
+@pytest.fixture(scope="module")
+def verbose_daphne_server(django_db_setup, tmp_path_factory) -> Iterator[LiveServer]:
+    """A server at Daphne's most verbose, which also logs Twisted's messages."""
+    server = start_server(tmp_path_factory.mktemp("verbose"), args=["-v", "2"])
+    yield server
+    server.stop()
+
+
 @pytest.mark.django_db(transaction=True)
-def test_served_access_log_never_shows_a_query_token(daphne_server):
+@pytest.mark.parametrize("server", ["daphne_server", "verbose_daphne_server"])
+def test_served_access_log_never_shows_a_query_token(server, request):
     import urllib.error
     import urllib.request
 
+    server = request.getfixturevalue(server)
     secret = "eyJhbGciOiJIUzI1NiJ9.not-a-real-token.but-secret"
-    with pytest.raises(urllib.error.HTTPError) as caught:
-        urllib.request.urlopen(f"{daphne_server.http_url}/events?token={secret}", timeout=10)
-    assert caught.value.code == 401
+    for path in ("/events", "/api/tasks/"):
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(f"{server.http_url}{path}?token={secret}", timeout=10)
+        assert caught.value.code == 401
     deadline = time.monotonic() + 10
-    while "/events?token=[redacted]" not in daphne_server.log() and time.monotonic() < deadline:
+    while "/api/tasks/?token=[redacted]" not in server.log() and time.monotonic() < deadline:
         time.sleep(0.05)
-    log = daphne_server.log()
-    assert "/events?token=[redacted]" in log and secret not in log
+    log = server.log()
+    assert "/events?token=[redacted]" in log and "/api/tasks/?token=[redacted]" in log
+    assert secret not in log
