@@ -12,7 +12,7 @@ from asgiref.sync import async_to_sync
 from channels_redis.pubsub import RedisPubSubChannelLayer as StockLayer
 
 from realtime.inbox import Inbox
-from realtime.redis_layer import RedisPubSubChannelLayer
+from realtime.redis_layer import OfferingQueue, RedisPubSubChannelLayer
 from tests.realtime.test_inbox import check_direct_handling
 
 pytestmark = pytest.mark.redis
@@ -211,3 +211,65 @@ def test_a_message_for_several_groups_is_serialized_once_and_reaches_each(
     first, again = async_to_sync(scenario)()
     assert first == [{"type": "hello"}] * 3 and again == {"type": "hello"}
     assert len(serialized) == 1
+
+
+def test_this_process_gets_its_own_group_message_at_once_and_drops_the_copy_from_redis(
+    redis_server, monkeypatch
+):
+    copies: list[bytes] = []
+    put_nowait = OfferingQueue.put_nowait
+
+    def recording(self, item):
+        if type(item) is bytes:
+            copies.append(item)
+        return put_nowait(self, item)
+
+    monkeypatch.setattr(OfferingQueue, "put_nowait", recording)
+
+    async def scenario():
+        async with layer_and_redis(redis_server) as (layer, _):
+            channel = await layer.new_channel()
+            await layer.group_add("watchers", channel)
+            queue = layer._get_layer().channels[channel]
+            await layer.group_send("watchers", {"type": "hello"})
+            queued_at_once = len(queue.items)  # before the receiver could run
+            received = await asyncio.wait_for(layer.receive(channel), 5)
+            for _ in range(500):  # until Redis's copy is back
+                if copies:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+            return queued_at_once, received, len(queue.items)
+
+    assert async_to_sync(scenario)() == (1, {"type": "hello"}, 0)
+    assert len(copies) == 1
+
+
+def test_another_process_gets_a_group_message_through_redis_once(redis_server):
+    async def scenario():
+        async with layer_and_redis(redis_server) as (here, _):
+            # Another process, with the same prefix.
+            there = RedisPubSubChannelLayer(hosts=[redis_server], prefix=here._get_layer().prefix)
+            try:
+                mine, theirs = await here.new_channel(), await there.new_channel()
+                await here.group_add("watchers", mine)
+                await there.group_add("watchers", theirs)
+                await here.group_send("watchers", {"type": "from here"})
+                await there.group_send("watchers", {"type": "from there"})
+                received = {
+                    name: [await asyncio.wait_for(layer.receive(channel), 5) for _ in range(2)]
+                    for name, layer, channel in [("here", here, mine), ("there", there, theirs)]
+                }
+                await asyncio.sleep(0.2)  # nothing more comes
+                left = [
+                    len(layer._get_layer().channels[channel].items)
+                    for layer, channel in [(here, mine), (there, theirs)]
+                ]
+                return received, left
+            finally:
+                await there.flush()
+
+    received, left = async_to_sync(scenario)()
+    for name in ("here", "there"):
+        assert sorted(m["type"] for m in received[name]) == ["from here", "from there"], name
+    assert left == [0, 0]
