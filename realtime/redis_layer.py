@@ -23,11 +23,10 @@ layer receives all of a process's channels on one list: a connection costs no SU
 and UNSUBSCRIBE of its own, no confirmations to parse, and no wait on the shard's lock.
 
 It relies on channels-redis 4.3's per-loop layer: its ``groups`` of member channels, its
-``channels`` dict of queues, filled
-by the shard receivers with ``put_nowait()`` for any message whose channel is in it (a
-pattern's messages included), its ``_get_group_channel_name()`` and ``_get_shard()``, and
-its shards' ``_lock``, ``_ensure_redis()``, ``_ensure_receiver()``, and redis-py ``_redis``
-and ``_pubsub``.
+``channels`` dict of queues, filled by the shard receivers with ``put_nowait()`` for any
+message whose channel is in it (a pattern's messages included), its
+``_get_group_channel_name()`` and ``_get_shard()``, and its shards' ``_lock``,
+``_ensure_redis()``, ``_ensure_receiver()``, and redis-py ``_redis`` and ``_pubsub``.
 """
 
 import asyncio
@@ -113,8 +112,9 @@ class RedisPubSubChannelLayer(StockLayer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # Each loop's layer (one per process, in a server) names its channels after itself.
-        self._layer_ids: weakref.WeakKeyDictionary[RedisPubSubLoopLayer, str] = (
+        # Each loop's layer (one per process, in a server) names its channels after itself
+        # and marks the group messages it publishes: its id, and ``ORIGIN_MARK`` + the id.
+        self._layer_ids: weakref.WeakKeyDictionary[RedisPubSubLoopLayer, tuple[str, bytes]] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -134,21 +134,23 @@ class RedisPubSubChannelLayer(StockLayer):
             return message.item
         return dict(self.decode(message))
 
-    def _layer_id(self, layer: RedisPubSubLoopLayer) -> str:
-        layer_id = self._layer_ids.get(layer)
-        if layer_id is None:
-            layer_id = self._layer_ids[layer] = uuid.uuid4().hex
-        return layer_id
+    def _layer_id(self, layer: RedisPubSubLoopLayer) -> tuple[str, bytes]:
+        """The loop layer's id, and the start of the group messages it publishes."""
+        ids = self._layer_ids.get(layer)
+        if ids is None:
+            layer_id = uuid.uuid4().hex
+            ids = self._layer_ids[layer] = (layer_id, ORIGIN_MARK + layer_id.encode())
+        return ids
 
     async def new_channel(self, prefix: str = "specific.") -> str:
         layer = self._get_layer()
-        layer_id = self._layer_id(layer)
+        layer_id, origin = self._layer_id(layer)
         start = f"{layer.prefix}{prefix}{layer_id}!"
         pattern = _pattern(start)
         for shard in layer._shards:
             await _listen(shard, pattern)
         channel = f"{start}{uuid.uuid4().hex}"
-        layer.channels[channel] = OfferingQueue(self, ORIGIN_MARK + layer_id.encode())
+        layer.channels[channel] = OfferingQueue(self, origin)
         return channel
 
     # The stock layer reaches these through ``__getattr__``, a ``functools.partial`` and a
@@ -175,7 +177,8 @@ class RedisPubSubChannelLayer(StockLayer):
         (docs/performance.md). If the publish fails, this process's members have the
         message and the others do not."""
         layer = self._get_layer()
-        data = ORIGIN_MARK + self._layer_id(layer).encode() + self.serialize(message)
+        _, origin = self._layer_id(layer)
+        data = origin + self.serialize(message)
         by_shard: dict[RedisSingleShardConnection, list[str]] = {}
         for group in groups:
             name = layer._get_group_channel_name(group)
