@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 from asgiref.sync import async_to_sync
 from channels_redis.pubsub import RedisPubSubChannelLayer as StockLayer
@@ -243,6 +244,40 @@ def test_this_process_gets_its_own_group_message_at_once_and_drops_the_copy_from
 
     assert async_to_sync(scenario)() == (1, {"type": "hello"}, 0)
     assert len(copies) == 1
+
+
+def test_the_publisher_delivers_to_its_own_members_once_redis_has_the_message(
+    redis_server, monkeypatch
+):
+    """Delivering first held the other processes' share of a fan-out back by the length of
+    this process's share."""
+
+    seen_by_other_processes: list[bool] = []
+    deliver = OfferingQueue.deliver
+
+    def deliver_checking(self, data):
+        # Blocks the loop: a publish still to be sent could not be sent meanwhile.
+        message = other_process.get_message(ignore_subscribe_messages=True, timeout=2)
+        seen_by_other_processes.append(message is not None and message["data"] == data)
+        return deliver(self, data)
+
+    monkeypatch.setattr(OfferingQueue, "deliver", deliver_checking)
+    other_process = redis.Redis.from_url(redis_server).pubsub()
+
+    async def scenario():
+        async with layer_and_redis(redis_server) as (layer, _):
+            channel = await layer.new_channel()
+            await layer.group_add("watchers", channel)
+            other_process.subscribe(layer._get_layer()._get_group_channel_name("watchers"))
+            other_process.get_message(timeout=2)  # the confirmation
+            await layer.group_send("watchers", {"type": "hello"})
+            return await asyncio.wait_for(layer.receive(channel), 5)
+
+    try:
+        assert async_to_sync(scenario)() == {"type": "hello"}
+    finally:
+        other_process.close()
+    assert seen_by_other_processes == [True]
 
 
 def test_another_process_gets_a_group_message_through_redis_once(redis_server):
