@@ -46,7 +46,7 @@ class BoundedWebRequest(UnreadBytesProducer, WebRequest):
                 # A chunk of a stream under way, as Daphne's and Twisted's general path
                 # (``Request.write()``) would write it, at a third of the cost.
                 self.sentLength += len(body)
-                write_now(self.channel.transport, as_chunk(body))
+                write_now(self.transport, as_chunk(body))
                 return
         super().handle_reply(message)
 

@@ -35,7 +35,7 @@ def write_now(transport: Any, data: bytes) -> None:
         and transport.connected
         and not transport.disconnecting
         and not transport.dataBuffer
-        and not transport._tempDataBuffer
+        and not transport._tempDataLen
     ):
         try:
             sent = transport.socket.send(data)
