@@ -57,6 +57,7 @@ class Config:
     profile: str = ""
     commit: str | None = None
     wait_quiet: float = 0.0
+    pin: bool = False
     from_json: Path | None = None
     command: str = ""
 
@@ -213,6 +214,13 @@ def parser() -> argparse.ArgumentParser:
         help="before each run, wait up to this long for other work on the machine to stop",
     )
     p.add_argument(
+        "--pin",
+        action="store_true",
+        help="run each server process and its load client on CPUs of their own: shows how "
+        "much of a figure is the scheduler putting both on one CPU (a diagnostic; the "
+        "targets are judged without it)",
+    )
+    p.add_argument(
         "--commit",
         help="measure the project as of this commit (a git archive), not the working tree",
     )
@@ -293,6 +301,7 @@ def from_args(argv: list[str] | None = None) -> Config:
         profile=args.profile,
         commit=args.commit,
         wait_quiet=args.wait_quiet,
+        pin=args.pin,
         from_json=args.from_json,
         **sizes,
     )

@@ -7,6 +7,7 @@ Each run starts its servers afresh and stops them afterwards.
 
 import asyncio
 import json
+import os
 import re
 import secrets
 import shlex
@@ -26,7 +27,14 @@ from bench.pool import ClientPool
 from bench.procstat import machine, wait_for_quiet
 from bench.project import Accounts, Project, base_env, describe_code, mint_accounts
 from bench.scenarios import Run
-from bench.servers import ROOT, Server, start_profiler, start_server, stop_profiler
+from bench.servers import (
+    ROOT,
+    Server,
+    pinned_cpus,
+    start_profiler,
+    start_server,
+    stop_profiler,
+)
 from bench.stats import summarize
 
 PROFILES_DIR = RESULTS_DIR / "profiles"
@@ -53,7 +61,11 @@ class Runner:
                 "BENCH_SECRET": self.secret,
                 "BENCH_USERS": json.dumps(self.accounts.staff_ids()),
             }
-            servers.append(await start_server("reference", env, self.workdir, [], "/ws", cwd=ROOT))
+            servers.append(
+                await start_server(
+                    "reference", env, self.workdir, [], "/ws", cwd=ROOT, cpus=self.server_cpus(0)
+                )
+            )
             return None
         redis_pid = None
         if target.layer != "memory":
@@ -62,7 +74,7 @@ class Runner:
             redis_pid = int(client.info("server")["process_id"])
             client.close()
         env = self.project.server_env(target.layer, self.config.redis_url)
-        for _ in range(target.processes):
+        for index in range(target.processes):
             servers.append(
                 await start_server(
                     target.server,
@@ -71,9 +83,13 @@ class Runner:
                     self.config.server_args,
                     "/api/tasks/",
                     cwd=self.project.source,
+                    cpus=self.server_cpus(index),
                 )
             )
         return redis_pid
+
+    def server_cpus(self, index: int) -> set[int] | None:
+        return pinned_cpus(index)[0] if self.config.pin else None
 
     async def run(self, target: Target, repeat: int) -> dict[str, Any]:
         """Measure one target once; a failure is recorded, and the other targets go on."""
@@ -92,6 +108,9 @@ class Runner:
                     for i, server in enumerate(servers)
                 ]
             pool = ClientPool(len(servers))
+            if self.config.pin:
+                for index, pid in enumerate(pool.pids):
+                    os.sched_setaffinity(pid, pinned_cpus(index)[1])
             try:
                 timeout = aiohttp.ClientTimeout(total=self.config.timeout)
                 async with aiohttp.ClientSession(timeout=timeout) as http:
@@ -206,6 +225,7 @@ def settings_of(config: Config) -> dict[str, Any]:
         "database": config.database,
         "env": config.env,
         "server_args": config.server_args,
+        "pin": config.pin,
     }
 
 

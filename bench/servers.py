@@ -8,6 +8,7 @@ benchmark leaves no server behind; ``stop_all()`` also runs at exit.
 import asyncio
 import atexit
 import ctypes
+import os
 import shutil
 import signal
 import socket
@@ -39,6 +40,14 @@ def free_port() -> int:
 
 def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def pinned_cpus(index: int) -> tuple[set[int], set[int]]:
+    """With ``--pin``: the CPU of server process ``index``, and the CPU of its load
+    client, so that the two never share one (server i on the 2i-th CPU this process may
+    use, its client on the next, round the list)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return {cpus[2 * index % len(cpus)]}, {cpus[(2 * index + 1) % len(cpus)]}
 
 
 @dataclass
@@ -119,9 +128,22 @@ def server_command(kind: str, port: int, extra: list[str], cwd: Path) -> list[st
 
 
 async def start_server(
-    kind: str, env: dict[str, str], log_dir: Path, extra: list[str], ready_path: str, cwd: Path
+    kind: str,
+    env: dict[str, str],
+    log_dir: Path,
+    extra: list[str],
+    ready_path: str,
+    cwd: Path,
+    cpus: set[int] | None = None,
 ) -> Server:
-    """Start a server in ``cwd`` on a free port; return once ``ready_path`` answers."""
+    """Start a server in ``cwd`` on a free port, on ``cpus`` if given (its threads too);
+    return once ``ready_path`` answers."""
+
+    def prepare_child() -> None:
+        _die_with_parent()
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
     port = free_port()
     log_path = log_dir / f"{kind}-{port}.log"
     with log_path.open("wb") as log:
@@ -132,7 +154,7 @@ async def start_server(
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=prepare_child,
         )
     _started.append(process)
     server = Server(kind, process, port, log_path)
