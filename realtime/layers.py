@@ -124,7 +124,9 @@ class InMemoryChannelLayer(BaseChannelLayer):
             capacity = realtime_settings.SLOW_CLIENT_QUEUE_LIMIT
         super().__init__(expiry=expiry, capacity=capacity, **kwargs)
         self.channels: dict[str, ChannelQueue] = {}
-        self.groups: dict[str, dict[str, None]] = {}
+        #: Each group's members, each with its queue: a fan-out reaches the queues without
+        #: looking each channel up again.
+        self.groups: dict[str, dict[str, ChannelQueue]] = {}
         self._memberships: defaultdict[str, set[str]] = defaultdict(set)
         self._overflowed: set[str] = set()
 
@@ -203,7 +205,7 @@ class InMemoryChannelLayer(BaseChannelLayer):
     async def group_add(self, group: str, channel: str) -> None:
         self.require_valid_group_name(group)
         self.require_valid_channel_name(channel)
-        self.groups.setdefault(group, {})[channel] = None
+        self.groups.setdefault(group, {})[channel] = self._queue(channel)
         self._memberships[channel].add(group)
 
     async def group_discard(self, group: str, channel: str) -> None:
@@ -223,8 +225,7 @@ class InMemoryChannelLayer(BaseChannelLayer):
         if not members:
             return
         expires = time.monotonic() + self.expiry
-        for channel in members:
-            queue = self._queue(channel)
+        for channel, queue in members.items():
             if queue.offer(message):
                 continue
             try:

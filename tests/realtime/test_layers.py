@@ -81,7 +81,12 @@ def test_cancelled_receive_drops_the_channel_and_its_groups():
         pending.cancel()
         with pytest.raises(asyncio.CancelledError):
             await pending
-        assert layer.groups == {"g2": {other: None}} and channel not in layer.channels
+        assert layer.groups == {"g2": {other: layer.channels[other]}}
+        assert channel not in layer.channels
+        # The group holds the queues of its members only: the send neither reaches nor
+        # brings back the forgotten channel.
+        await layer.group_send("g2", {"type": "m"})
+        assert await layer.receive(other) == {"type": "m"} and channel not in layer.channels
 
     run(scenario)
 
