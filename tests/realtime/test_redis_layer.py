@@ -280,6 +280,23 @@ def test_the_publisher_delivers_to_its_own_members_once_redis_has_the_message(
     assert seen_by_other_processes == [True]
 
 
+def test_a_failed_publish_still_reaches_this_processs_members_and_raises(redis_server, monkeypatch):
+    async def unreachable(self, *args, **kwargs):
+        raise redis.ConnectionError("Redis went away")
+
+    async def scenario():
+        async with layer_and_redis(redis_server) as (layer, _):
+            channel = await layer.new_channel()
+            await layer.group_add("watchers", channel)
+            monkeypatch.setattr(aioredis.client.Pipeline, "execute", unreachable)
+            with pytest.raises(redis.ConnectionError):
+                await layer.group_send("watchers", {"type": "hello"})
+            monkeypatch.undo()
+            return await asyncio.wait_for(layer.receive(channel), 5)
+
+    assert async_to_sync(scenario)() == {"type": "hello"}
+
+
 def test_another_process_gets_a_group_message_through_redis_once(redis_server):
     async def scenario():
         async with layer_and_redis(redis_server) as (here, _):
