@@ -27,7 +27,8 @@ It relies on channels-redis 4.3's per-loop layer: its ``groups`` of member chann
 ``channels`` dict of queues, filled by the shard receivers with ``put_nowait()`` for any
 message whose channel is in it (a pattern's messages included), its
 ``_get_group_channel_name()`` and ``_get_shard()``, and its shards' ``_lock``,
-``_ensure_redis()``, ``_ensure_receiver()``, and redis-py ``_redis`` and ``_pubsub``.
+``_ensure_redis()``, ``_ensure_receiver()``, ``_receive_message()`` (looked up on the
+shard, so that a shard can have its own), and redis-py ``_redis`` and ``_pubsub``.
 """
 
 import asyncio
@@ -66,29 +67,36 @@ ORIGIN_LENGTH = len(ORIGIN_MARK) + 32
 
 class OfferingQueue(ChannelQueue):
     """A channel's queue that offers each message from Redis to its handler first
-    (``ChannelQueue.offer()``): the shard receiver puts the same bytes in every member's.
-    A group message its own layer published was delivered then, and its copy from Redis is
-    dropped."""
+    (``ChannelQueue.offer()``): the shard receiver puts the same bytes in every member's."""
 
-    __slots__ = ("layer", "origin")
+    __slots__ = ("layer",)
 
-    def __init__(self, layer: "RedisPubSubChannelLayer", origin: bytes) -> None:
+    def __init__(self, layer: "RedisPubSubChannelLayer") -> None:
         super().__init__(UNBOUNDED)
         self.layer = layer
-        self.origin = origin
 
     def put_nowait(self, item: Any) -> None:
-        if type(item) is bytes:
-            if item.startswith(self.origin):
-                return  # published here, and delivered then (``group_send_many()``)
-            if self.offer(self.layer.decode(item)):
-                return
+        if type(item) is bytes and self.offer(self.layer.decode(item)):
+            return
         super().put_nowait(item)
 
     def deliver(self, data: bytes) -> None:
         """A group message published by this queue's own layer."""
         if not self.offer(self.layer.decode(data)):
             super().put_nowait(data)
+
+
+def _receive_unless_published_here(
+    shard: RedisSingleShardConnection, origin: bytes, message: dict[str, Any] | None
+) -> None:
+    """The shard receiver's handling of a message from Redis, except of a group message its
+    own layer published: the members had it then (``group_send_many()``). Dropping it here
+    costs one check; each member's queue dropping its own copy cost a call per member, on
+    the loop, while a fan-out might still be under way."""
+    data = None if message is None else message["data"]
+    if type(data) is bytes and data.startswith(origin):
+        return
+    RedisSingleShardConnection._receive_message(shard, message)
 
 
 async def _listen(shard: RedisSingleShardConnection, pattern: str) -> None:
@@ -136,22 +144,27 @@ class RedisPubSubChannelLayer(StockLayer):
         return dict(self.decode(message))
 
     def _layer_id(self, layer: RedisPubSubLoopLayer) -> tuple[str, bytes]:
-        """The loop layer's id, and the start of the group messages it publishes."""
+        """The loop layer's id, and the start of the group messages it publishes, which
+        its shards' receivers drop from then on."""
         ids = self._layer_ids.get(layer)
         if ids is None:
             layer_id = uuid.uuid4().hex
             ids = self._layer_ids[layer] = (layer_id, ORIGIN_MARK + layer_id.encode())
+            for shard in layer._shards:
+                shard._receive_message = functools.partial(
+                    _receive_unless_published_here, shard, ids[1]
+                )
         return ids
 
     async def new_channel(self, prefix: str = "specific.") -> str:
         layer = self._get_layer()
-        layer_id, origin = self._layer_id(layer)
+        layer_id, _ = self._layer_id(layer)
         start = f"{layer.prefix}{prefix}{layer_id}!"
         pattern = _pattern(start)
         for shard in layer._shards:
             await _listen(shard, pattern)
         channel = f"{start}{uuid.uuid4().hex}"
-        layer.channels[channel] = OfferingQueue(self, origin)
+        layer.channels[channel] = OfferingQueue(self)
         return channel
 
     # The stock layer reaches these through ``__getattr__``, a ``functools.partial`` and a
