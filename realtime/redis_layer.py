@@ -195,13 +195,13 @@ class RedisPubSubChannelLayer(StockLayer):
         _, origin = self._layer_id(layer)
         data = origin + self.serialize(message)
         by_shard: dict[RedisSingleShardConnection, list[str]] = {}
-        members: list[OfferingQueue] = []
+        members: list[Any] = []
         for group in groups:
             name = layer._get_group_channel_name(group)
             by_shard.setdefault(layer._get_shard(name), []).append(name)
             for channel in layer.groups.get(name, ()):
                 queue = layer.channels.get(channel)
-                if isinstance(queue, OfferingQueue):  # else one the stock layer made
+                if queue is not None:
                     members.append(queue)
         try:
             for shard, names in by_shard.items():
@@ -213,7 +213,10 @@ class RedisPubSubChannelLayer(StockLayer):
                         await pipe.execute()
         finally:
             for queue in members:
-                queue.deliver(data)
+                if type(queue) is OfferingQueue:
+                    queue.deliver(data)
+                else:  # one the stock layer made, whose ``receive()`` decodes it
+                    queue.put_nowait(data)
 
     def handle_directly(self, channel: str, handler: Callable[[dict[str, Any]], bool]) -> None:
         """As ``realtime.layers.InMemoryChannelLayer.handle_directly()``, for a channel

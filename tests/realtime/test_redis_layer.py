@@ -194,6 +194,26 @@ def test_a_channel_not_made_here_is_subscribed_on_first_receive(redis_server):
     assert async_to_sync(scenario)() == {"type": "hello"}
 
 
+def test_a_group_member_the_stock_layer_made_gets_this_processs_group_message_once(
+    redis_server,
+):
+    async def scenario():
+        async with layer_and_redis(redis_server) as (layer, client):
+            channel = f"{layer._get_layer().prefix}specific.elsewhere"
+            receiving = asyncio.ensure_future(layer.receive(channel))
+            for _ in range(100):
+                if await subscribers(client, channel) == 1:
+                    break
+                await asyncio.sleep(0.01)
+            await layer.group_add("watchers", channel)
+            await layer.group_send("watchers", {"type": "hello"})
+            first = await asyncio.wait_for(receiving, 5)
+            await asyncio.sleep(0.2)  # Redis's copy, if it were not dropped
+            return first, layer._get_layer().channels[channel].qsize()
+
+    assert async_to_sync(scenario)() == ({"type": "hello"}, 0)
+
+
 def test_a_message_for_several_groups_is_serialized_once_and_reaches_each(
     redis_server, monkeypatch
 ):
