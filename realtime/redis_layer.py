@@ -80,11 +80,6 @@ class OfferingQueue(ChannelQueue):
             return
         super().put_nowait(item)
 
-    def deliver(self, data: bytes) -> None:
-        """A group message published by this queue's own layer."""
-        if not self.offer(self.layer.decode(data)):
-            super().put_nowait(data)
-
 
 def _receive_unless_published_here(
     shard: RedisSingleShardConnection, origin: bytes, message: dict[str, Any] | None
@@ -195,7 +190,7 @@ class RedisPubSubChannelLayer(StockLayer):
         _, origin = self._layer_id(layer)
         data = origin + self.serialize(message)
         by_shard: dict[RedisSingleShardConnection, list[str]] = {}
-        members: list[Any] = []
+        members: list[Any] = []  # queues: ours offer the message, the stock layer's keep it
         for group in groups:
             name = layer._get_group_channel_name(group)
             by_shard.setdefault(layer._get_shard(name), []).append(name)
@@ -213,10 +208,7 @@ class RedisPubSubChannelLayer(StockLayer):
                         await pipe.execute()
         finally:
             for queue in members:
-                if type(queue) is OfferingQueue:
-                    queue.deliver(data)
-                else:  # one the stock layer made, whose ``receive()`` decodes it
-                    queue.put_nowait(data)
+                queue.put_nowait(data)
 
     def handle_directly(self, channel: str, handler: Callable[[dict[str, Any]], bool]) -> None:
         """As ``realtime.layers.InMemoryChannelLayer.handle_directly()``, for a channel
