@@ -1,0 +1,68 @@
+"""CPU time as the benchmark reads it: per thread, to the nanosecond, by process group."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+from bench.procstat import CpuMeter, cpu_seconds
+
+#: A child that burns ``argv[1]`` seconds of CPU, then idles.
+BURN = (
+    "import sys, time\n"
+    "end = time.thread_time() + float(sys.argv[1])\n"
+    "while time.thread_time() < end: pass\n"
+    "time.sleep(30)"
+)
+
+
+def burn(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def test_a_few_milliseconds_are_counted_finer_than_a_clock_tick():
+    before = cpu_seconds(os.getpid())
+    burn(0.003)
+    # /proc/PID/stat's 10 ms ticks would show 0 or 0.01.
+    assert 0.002 < cpu_seconds(os.getpid()) - before < 0.009
+
+
+def test_every_live_thread_is_counted():
+    started, stop = threading.Event(), threading.Event()
+
+    def work() -> None:
+        burn(0.05)
+        started.set()
+        stop.wait()
+
+    worker = threading.Thread(target=work)
+    before = cpu_seconds(os.getpid())
+    worker.start()
+    started.wait()
+    try:
+        assert cpu_seconds(os.getpid()) - before >= 0.05
+    finally:
+        stop.set()
+        worker.join()
+
+
+def test_a_group_of_processes_has_its_total_and_its_busiest():
+    children = [
+        subprocess.Popen([sys.executable, "-c", BURN, str(seconds)]) for seconds in (0.05, 0.2)
+    ]
+    try:
+        meter = CpuMeter({"server": [child.pid for child in children], "client": [os.getpid()]})
+        meter.start()
+        time.sleep(1.0)  # both children start, burn, and sleep within it
+        figures = meter.stop()
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+    assert 0.2 <= figures["server_max_cpu_s"] < 0.5
+    assert figures["server_cpu_s"] >= figures["server_max_cpu_s"] + 0.05
+    assert "client_max_cpu_s" not in figures  # one process: its busiest is its total
+    assert figures["wall_s"] >= 1.0
