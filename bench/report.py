@@ -46,6 +46,7 @@ ROWS = [
     ("sustained", "failed", "update requests refused"),
     ("sustained", "delivered", "delivered"),
     ("sustained", "lost", "lost"),
+    ("sustained", "clients_with_losses", "clients that missed an update"),
     ("sustained", "out_of_order", "out of order"),
     ("sustained", "p50_ms", "latency p50 ms"),
     ("sustained", "p99_ms", "latency p99 ms"),

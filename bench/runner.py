@@ -48,6 +48,7 @@ class Runner:
         self.project: Project | None = None
         self.accounts: Accounts | None = None
         self.failed = False
+        self.lost = False
         self.stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
 
     async def start(self, target: Target, servers: list[Server]) -> int | None:
@@ -116,7 +117,10 @@ class Runner:
                 async with aiohttp.ClientSession(timeout=timeout) as http:
                     run = Run(self.config, servers, pool, http, self.accounts, redis_pid)
                     command = shlex.join(["python", *servers[0].process.args[1:]])
-                    return {"server_command": command, **await run.measure()}
+                    results = await run.measure()
+                    if any(isinstance(r, dict) and r.get("lost") for r in results.values()):
+                        self.lost = True  # the servers' logs may say why
+                    return {"server_command": command, **results}
             finally:
                 await pool.close()
         except Exception as exc:
@@ -174,7 +178,7 @@ class Runner:
     def cleanup(self) -> None:
         if self.project is not None:
             self.project.drop()
-        if self.failed or self.config.keep_logs:
+        if self.failed or self.lost or self.config.keep_logs:
             progress(f"server logs kept in {self.workdir}")
         else:
             shutil.rmtree(self.workdir, ignore_errors=True)

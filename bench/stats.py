@@ -11,6 +11,7 @@ SUMMED = frozenset(
         "expected",
         "delivered",
         "lost",
+        "clients_with_losses",
         "out_of_order",
         "duplicates",
         "unexpected",
@@ -75,12 +76,14 @@ def stream_figures(
     latencies: list[float] = []
     from_change: list[float] = []
     duplicates = out_of_order = 0
+    others: Counter[str] = Counter()
     last_arrival = 0.0
     for log in logs:
         seen: set[int] = set()
         highest = -1
         for arrival, type_, seq in log:
             if type_ != "task_update":
+                others[type_] += 1
                 continue
             if seq in seen:
                 duplicates += 1
@@ -95,10 +98,16 @@ def stream_figures(
             if seq in changed:
                 from_change.append(arrival - changed[seq])
     expected = len(sent) * len(logs)
+    missing = [set(sent).difference(s for _, t, s in log if t == "task_update") for log in logs]
+    lost_seqs = Counter(seq for seqs in missing for seq in seqs)
     return {
         "expected": expected,
         "delivered": len(latencies),
         "lost": expected - len(latencies),
+        # Where a loss was: one client's stall, or one update missed by everyone.
+        "clients_with_losses": sum(1 for seqs in missing if seqs),
+        "lost_seqs": {str(seq): count for seq, count in sorted(lost_seqs.items())[:20]},
+        "other_messages": dict(others),
         "out_of_order": out_of_order,
         "duplicates": duplicates,
         **latency_figures(latencies),
