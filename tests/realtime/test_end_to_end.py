@@ -177,3 +177,56 @@ def test_concurrent_changes_of_one_task_all_succeed_and_arrive_in_order(daphne_s
                 assert seqs == list(range(2, 26))
 
     async_to_sync(scenario)()
+
+
+@pytest.mark.parametrize("servers", ["daphne_server", "daphne_redis_servers"])
+def test_a_stream_of_changes_reaches_every_subscriber_whole_and_in_order(request, servers, user):
+    """Changes kept in flight 8 at a time, as the benchmark's sustained stream sends them:
+    every subscriber gets every one, the last included, once and in order; on Redis, the
+    subscribers are split between the publishing process and another."""
+    servers = request.getfixturevalue(servers)
+    servers = list(servers) if isinstance(servers, tuple) else [servers]
+    publisher = servers[0]
+    subscribers, changes, in_flight = 20, 200, 8
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            token = await obtain_token(session, publisher.http_url, user.username)
+            auth = {"Authorization": f"Bearer {token}"}
+            async with session.post(
+                f"{publisher.http_url}/api/tasks/", json={"name": "stream"}, headers=auth
+            ) as response:
+                task = await response.json()
+            clients = []
+            for i in range(subscribers):
+                server = servers[i % len(servers)]
+                ws = await websockets.connect(f"{server.ws_url}/ws?token={token}")
+                await receive_type(ws, "connected")
+                await ws.send(json.dumps({"action": "subscribe", "task_id": task["id"]}))
+                await receive_type(ws, "subscribed")
+                clients.append(ws)
+            gate = asyncio.Semaphore(in_flight)
+
+            async def patch(progress: int) -> int:
+                async with gate:
+                    async with session.patch(
+                        f"{publisher.http_url}/api/tasks/{task['id']}/",
+                        json={"progress": progress % 101},
+                        headers=auth,
+                    ) as response:
+                        return (await response.json())["seq"]
+
+            async def updates(ws) -> list[int]:
+                return [(await receive_type(ws, "task_update", 30))["seq"] for _ in range(changes)]
+
+            try:
+                received = asyncio.gather(*(updates(ws) for ws in clients))
+                seqs = await asyncio.gather(*(patch(p) for p in range(changes)))
+                expected = list(range(2, changes + 2))
+                assert sorted(seqs) == expected
+                assert await received == [expected] * subscribers
+            finally:
+                for ws in clients:
+                    await ws.close()
+
+    async_to_sync(scenario)()
