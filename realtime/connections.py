@@ -6,6 +6,7 @@ consumer objects: a ``Connection`` is plain state that its consumer owns and pas
 """
 
 import enum
+import itertools
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,10 @@ class Transport(enum.StrEnum):
     SSE = "sse"
 
 
+#: Numbers of waits for missing updates, unique in the process (``Connection.waiting``).
+_waits = itertools.count(1)
+
+
 @dataclass(eq=False, slots=True)
 class Connection:
     """One live client connection, as its consumer and the manager see it."""
@@ -59,8 +64,8 @@ class Connection:
     follows_all: bool = False
     #: Updates that arrived ahead of a missing one, by task id, then seq.
     held: dict[str, dict[int, str]] = field(default_factory=dict)
-    #: Tasks whose held updates have a release timeout armed.
-    waiting: set[str] = field(default_factory=set)
+    #: Tasks whose held updates wait for a release, each with its wait's number.
+    waiting: dict[str, int] = field(default_factory=dict)
 
     @property
     def connection_id(self) -> uuid.UUID:
@@ -98,20 +103,28 @@ class Connection:
             ready.append((last, held.pop(last)))
         if not held:
             del self.held[task_id]
+            self.waiting.pop(task_id, None)  # the gap closed: its release is stale
         self.last_seq[task_id] = last
         return ready
 
-    def starts_waiting(self, task_id: str) -> bool:
-        """True once when updates of a task begin to be held: time to arm a timeout that
-        calls ``release_held()``."""
+    def starts_waiting(self, task_id: str) -> int | None:
+        """A new wait's number, once updates of a task begin to be held: time to arm the
+        release that calls ``release_held()`` with it; ``None`` otherwise."""
         if task_id not in self.held or task_id in self.waiting:
-            return False
-        self.waiting.add(task_id)
-        return True
+            return None
+        wait = self.waiting[task_id] = next(_waits)
+        return wait
 
-    def release_held(self, task_id: str) -> list[tuple[int, str]]:
-        """Stop waiting for a task's missing updates: the held ones, in ``seq`` order."""
-        self.waiting.discard(task_id)
+    def release_held(self, task_id: str, wait: int) -> list[tuple[int, str]]:
+        """Stop waiting for a task's missing updates: the held ones, in ``seq`` order.
+
+        A release armed for an earlier wait, whose gap has since closed, releases nothing:
+        a gap that opened after it has a release of its own, a whole window later. Ended
+        early by the stale one, that gap's wait dropped its missing update when it came,
+        for every subscriber alike."""
+        if self.waiting.get(task_id) != wait:
+            return []
+        del self.waiting[task_id]
         held = self.held.pop(task_id, None)
         if not held or task_id not in self.last_seq:
             return []
@@ -119,10 +132,23 @@ class Connection:
         self.last_seq[task_id] = ready[-1][0]
         return ready
 
+    def saw(self, task_id: str, seq: int) -> None:
+        """The client has seen the task up to ``seq`` (the state ``subscribed`` returned):
+        no update up to it is delivered, whether held or still to come."""
+        last = self.last_seq[task_id] = max(seq, self.last_seq.get(task_id, 0))
+        held = self.held.get(task_id)
+        if held:
+            for seen in [seen for seen in held if seen <= last]:
+                del held[seen]
+            if not held:
+                del self.held[task_id]
+                self.waiting.pop(task_id, None)
+
     def forget(self, task_id: str) -> None:
         """Drop what is known of a task's updates (on unsubscribe)."""
         self.last_seq.pop(task_id, None)
         self.held.pop(task_id, None)
+        self.waiting.pop(task_id, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,11 +248,7 @@ class ConnectionManager:
             if is_new:
                 await self._leave(connection, group)
             raise ProtocolError(ErrorCode.NOT_FOUND, "No such task.")
-        connection.last_seq[key] = max(snapshot.seq, connection.last_seq.get(key, 0))
-        held = connection.held.get(key)
-        if held:
-            for seq in [seq for seq in held if seq <= connection.last_seq[key]]:
-                del held[seq]
+        connection.saw(key, snapshot.seq)
         if is_new:
             await self.registry.add_subscription(connection.entry, task_id)
         return snapshot

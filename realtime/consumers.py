@@ -133,9 +133,11 @@ class InboxConsumerMixin:
         assert self.connection is not None
         task_id = event["task_id"]
         ready = self.connection.receive_update(task_id, event["seq"], event["text"])
-        if self.connection.starts_waiting(task_id):
+        wait = self.connection.starts_waiting(task_id)
+        if wait is not None:
             self.inbox.put_later(
-                realtime_settings.REORDER_WINDOW_SECONDS, {"type": RELEASE_HELD, "task_id": task_id}
+                realtime_settings.REORDER_WINDOW_SECONDS,
+                {"type": RELEASE_HELD, "task_id": task_id, "wait": wait},
             )
         return ready
 
@@ -215,7 +217,8 @@ class TaskConsumer(InboxConsumerMixin, AsyncWebsocketConsumer):
         return [websocket_text(text) for _, text in self.ready_updates(event)]
 
     def release_held_replies(self, event: dict[str, Any]) -> list[dict[str, Any]]:
-        return [websocket_text(text) for _, text in self.connection.release_held(event["task_id"])]
+        released = self.connection.release_held(event["task_id"], event["wait"])
+        return [websocket_text(text) for _, text in released]
 
     def text_replies(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         return [websocket_text(event["text"])]

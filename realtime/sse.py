@@ -208,7 +208,7 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
 
     def release_held_replies(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         task_id = event["task_id"]
-        return self.update_replies(task_id, self.connection.release_held(task_id))
+        return self.update_replies(task_id, self.connection.release_held(task_id, event["wait"]))
 
     def update_replies(self, task_id: str, ready: list[tuple[int, str]]) -> list[dict[str, Any]]:
         if len(ready) == 1:  # nearly always: the cached block, so as_chunk()'s cache holds

@@ -1,5 +1,6 @@
 """Per-connection delivery rules: each seq once, in order, a late one waited for briefly."""
 
+import asyncio
 import uuid
 
 import pytest
@@ -26,24 +27,65 @@ def test_in_order_updates_go_straight_through_and_duplicates_are_dropped():
     assert c.receive_update("t", 2, "two") == [(2, "two")]
     assert c.receive_update("t", 2, "two again") == []
     assert c.receive_update("t", 1, "old") == []
-    assert not c.starts_waiting("t")
+    assert c.starts_waiting("t") is None
 
 
 def test_an_early_update_waits_for_the_missing_one():
     c = connection(subscribed={"t": 1})
     assert c.receive_update("t", 3, "three") == []
-    assert c.starts_waiting("t") and not c.starts_waiting("t")
+    wait = c.starts_waiting("t")
+    assert wait is not None and c.starts_waiting("t") is None
     assert c.receive_update("t", 2, "two") == [(2, "two"), (3, "three")]
-    assert c.release_held("t") == []
+    assert c.release_held("t", wait) == []
 
 
 def test_release_gives_up_on_a_missing_update():
     c = connection(subscribed={"t": 1})
     c.receive_update("t", 4, "four")
+    wait = c.starts_waiting("t")
     c.receive_update("t", 3, "three")
-    assert c.release_held("t") == [(3, "three"), (4, "four")]
+    assert c.release_held("t", wait) == [(3, "three"), (4, "four")]
     assert c.receive_update("t", 2, "two, too late") == []
     assert c.receive_update("t", 5, "five") == [(5, "five")]
+
+
+def test_each_gap_is_waited_for_the_whole_window_however_soon_it_follows_another():
+    """A release armed for a gap that has since closed must not end a later gap's wait
+    early: the update missing from the later gap would be dropped when it came."""
+    c = connection(subscribed={"t": 1})
+    c.receive_update("t", 3, "three")
+    first = c.starts_waiting("t")
+    assert c.receive_update("t", 2, "two") == [(2, "two"), (3, "three")]
+    c.receive_update("t", 5, "five")
+    second = c.starts_waiting("t")
+    assert second is not None and second != first  # a release is armed for this gap too
+    assert c.release_held("t", first) == []  # the first gap's release, now stale
+    assert c.receive_update("t", 4, "four") == [(4, "four"), (5, "five")]
+    assert c.release_held("t", second) == []
+
+
+def test_unsubscribing_ends_a_wait():
+    c = connection(subscribed={"t": 1})
+    c.receive_update("t", 3, "three")
+    first = c.starts_waiting("t")
+    c.forget("t")
+    c.last_seq["t"] = 5  # subscribed again
+    c.receive_update("t", 7, "seven")
+    second = c.starts_waiting("t")
+    assert second is not None and c.release_held("t", first) == []
+    assert c.release_held("t", second) == [(7, "seven")]
+
+
+def test_a_subscribe_that_covers_the_held_updates_ends_their_wait():
+    c = connection(subscribed={"t": 1})
+    c.receive_update("t", 3, "three")
+    first = c.starts_waiting("t")
+    c.saw("t", 3)  # subscribed again: its state includes seq 3
+    assert c.held == {} and c.receive_update("t", 3, "three") == []
+    c.receive_update("t", 5, "five")
+    second = c.starts_waiting("t")
+    assert second is not None and c.release_held("t", first) == []
+    assert c.receive_update("t", 4, "four") == [(4, "four"), (5, "five")]
 
 
 def test_unsubscribed_tasks_get_nothing_and_followed_ones_start_where_first_seen():
@@ -81,5 +123,37 @@ def test_websocket_client_gets_out_of_order_publications_in_order(user, settings
             got = [(await ws.receive_json_from(timeout=5))["seq"] for _ in range(3)]
             assert got == [2, 3, 5]
             assert await ws.receive_nothing(timeout=0.3)
+
+    async_to_sync(scenario)()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_gap_soon_after_another_is_waited_for_and_nothing_is_lost(user, settings):
+    """The first gap's release comes while the second gap waits; the second's missing
+    update, published after it, still reaches the client, in order."""
+    from mcp_platform.tasks import services
+
+    window = 1.0
+    settings.REALTIME = {**settings.REALTIME, "REORDER_WINDOW_SECONDS": window}
+    task = services.create_task(owner=user, name="t")
+
+    def snapshot(seq: int) -> TaskSnapshot:
+        state = {"id": str(task.pk), "status": "running", "progress": seq}
+        return TaskSnapshot(task_id=task.pk, owner_id=user.pk, seq=seq, state=state)
+
+    async def scenario():
+        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+            await connect_user(ws)
+            await ws.send_json_to({"action": "subscribe", "task_id": str(task.pk)})
+            await ws.receive_json_from(timeout=5)
+            for seq in (3, 2):  # a first gap, closed at once; its release is armed
+                await api.apublish_task_update(snapshot(seq))
+            got = [(await ws.receive_json_from(timeout=5))["seq"] for _ in range(2)]
+            await asyncio.sleep(window / 2)
+            await api.apublish_task_update(snapshot(5))  # a second gap
+            await asyncio.sleep(window * 0.7)  # past the first release, within the second
+            await api.apublish_task_update(snapshot(4))
+            got += [(await ws.receive_json_from(timeout=5))["seq"] for _ in range(2)]
+            assert got == [2, 3, 4, 5]
 
     async_to_sync(scenario)()

@@ -426,6 +426,35 @@ def test_task_ids_limit_the_stream_to_those_tasks(user, task):
 
 
 @transactional
+def test_each_gap_waits_a_whole_window_and_a_missing_update_is_given_up_on(user, task):
+    window = 1.0
+
+    async def scenario():
+        query = {"token": token_for(user), "task_id": str(task.pk)}
+        with realtime_override(REORDER_WINDOW_SECONDS=window):
+            async with InProcessStream(query) as s:
+                await s.next_of("connected")
+
+                async def seqs(count: int) -> list[int]:
+                    events = [await s.next_of("task_update", timeout=5) for _ in range(count)]
+                    return [int(event.last_event_id.rsplit(":", 1)[1]) for event in events]
+
+                for seq in (3, 2):  # a gap, closed at once; its release is armed
+                    await api.apublish_task_update(snapshot(task, seq))
+                got = await seqs(2)
+                await asyncio.sleep(window / 2)
+                await api.apublish_task_update(snapshot(task, 5))  # a second gap
+                await asyncio.sleep(window * 0.7)  # past the first release, not the second
+                await api.apublish_task_update(snapshot(task, 4))
+                got += await seqs(2)
+                await api.apublish_task_update(snapshot(task, 7))  # 6 never comes
+                got += await seqs(1)
+                assert got == [2, 3, 4, 5, 7]
+
+    run(scenario)
+
+
+@transactional
 def test_without_task_ids_the_stream_follows_the_users_own_tasks(user, other_user, task):
     foreign = services.create_task(owner=other_user, name="not yours")
 
