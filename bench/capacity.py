@@ -16,7 +16,7 @@ import os
 import time
 
 from bench.loadclient import LoadClient, raise_open_file_limit
-from bench.procstat import cpu_seconds
+from bench.procstat import cpu_used, thread_times
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -87,11 +87,11 @@ async def measure(port: int, go: multiprocessing.Queue, clients: int, rounds: in
     client = LoadClient()
     opened = await client.open("ws", "127.0.0.1", port, ["/ws"] * clients, [""] * clients, 100, 30)
     client.clear("ws")
-    cpu = cpu_seconds(os.getpid())
+    before = thread_times(os.getpid())
     started = time.monotonic()
     go.put("send")
     complete = await client.wait("ws", rounds, 120)
-    cpu = cpu_seconds(os.getpid()) - cpu
+    cpu = cpu_used(before, thread_times(os.getpid()))
     last = max(log[-1][0] for log in client.collect("ws") if log)
     messages = opened["opened"] * rounds
     go.put("stop")

@@ -9,25 +9,41 @@ from collections.abc import Iterable
 TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time of a process's live threads so far, to the nanosecond; 0 once it is gone.
+#: CPU seconds of each live thread of a process so far, by thread id (``thread_times()``).
+ThreadTimes = dict[int, float]
+
+
+def thread_times(pid: int) -> ThreadTimes:
+    """CPU time of each live thread of a process so far, to the nanosecond; none once the
+    process is gone.
 
     The scheduler's own count (``/proc/PID/task/*/schedstat``), not ``/proc/PID/stat``'s
     utime and stime: those advance in 10 ms ticks, as coarse as a whole fan-out to 1,000
-    event streams. A thread that ended is no longer counted; the servers' and clients'
-    threads live as long as their process."""
-    total = 0
+    event streams."""
+    times: ThreadTimes = {}
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return 0.0
+        return times
     for task in tasks:
         try:
             with open(f"/proc/{pid}/task/{task}/schedstat") as schedstat:
-                total += int(schedstat.read().split()[0])
+                times[int(task)] = int(schedstat.read().split()[0]) / 1e9
         except (OSError, IndexError, ValueError):
             continue  # the thread ended meanwhile
-    return total / 1e9
+    return times
+
+
+def cpu_used(before: ThreadTimes, after: ThreadTimes) -> float:
+    """CPU seconds a process used between two readings of ``thread_times()``.
+
+    A thread that started in between counts whole; one that ended in between is left out
+    (its time since the first reading is lost, but the total never goes back)."""
+    total = 0.0
+    for tid, seconds in after.items():
+        earlier = before.get(tid, 0.0)
+        total += seconds - earlier if seconds >= earlier else seconds  # a reused thread id
+    return total
 
 
 def rss_kib(pid: int) -> int:
@@ -61,11 +77,11 @@ class CpuMeter:
 
     def __init__(self, groups: dict[str, Iterable[int]]) -> None:
         self.groups = {name: list(pids) for name, pids in groups.items()}
-        self.started: dict[int, float] = {}
+        self.started: dict[int, ThreadTimes] = {}
         self.wall = self.busy = 0.0
 
-    def _each(self) -> dict[int, float]:
-        return {pid: cpu_seconds(pid) for pids in self.groups.values() for pid in pids}
+    def _each(self) -> dict[int, ThreadTimes]:
+        return {pid: thread_times(pid) for pids in self.groups.values() for pid in pids}
 
     def start(self) -> None:
         self.wall = time.monotonic()
@@ -74,15 +90,14 @@ class CpuMeter:
 
     def stop(self) -> dict[str, float]:
         """CPU seconds of each group and of the rest, and ``wall`` seconds, since ``start()``."""
-        now = self._each()
+        used = {pid: cpu_used(self.started[pid], now) for pid, now in self._each().items()}
         figures: dict[str, float] = {}
         for name, pids in self.groups.items():
-            used = [now[pid] - self.started[pid] for pid in pids]
-            figures[f"{name}_cpu_s"] = sum(used)
-            if len(used) > 1:
-                figures[f"{name}_max_cpu_s"] = max(used)
-        grouped = sum(now[pid] - self.started[pid] for pid in now)
-        other = machine_busy_seconds() - self.busy - grouped
+            shares = [used[pid] for pid in pids]
+            figures[f"{name}_cpu_s"] = sum(shares)
+            if len(shares) > 1:
+                figures[f"{name}_max_cpu_s"] = max(shares)
+        other = machine_busy_seconds() - self.busy - sum(used.values())
         return {**figures, "other_cpu_s": max(0.0, other), "wall_s": time.monotonic() - self.wall}
 
 

@@ -6,7 +6,7 @@ import sys
 import threading
 import time
 
-from bench.procstat import CpuMeter, cpu_seconds
+from bench.procstat import CpuMeter, cpu_used, thread_times
 
 #: A child that burns ``argv[1]`` seconds of CPU, then idles.
 BURN = (
@@ -24,10 +24,11 @@ def burn(seconds: float) -> None:
 
 
 def test_a_few_milliseconds_are_counted_finer_than_a_clock_tick():
-    before = cpu_seconds(os.getpid())
+    me = threading.get_native_id()
+    before = thread_times(os.getpid())[me]
     burn(0.003)
     # /proc/PID/stat's 10 ms ticks would show 0 or 0.01.
-    assert 0.002 < cpu_seconds(os.getpid()) - before < 0.009
+    assert 0.002 < thread_times(os.getpid())[me] - before < 0.009
 
 
 def test_every_live_thread_is_counted():
@@ -39,14 +40,34 @@ def test_every_live_thread_is_counted():
         stop.wait()
 
     worker = threading.Thread(target=work)
-    before = cpu_seconds(os.getpid())
+    before = thread_times(os.getpid())
     worker.start()
     started.wait()
     try:
-        assert cpu_seconds(os.getpid()) - before >= 0.05
+        assert cpu_used(before, thread_times(os.getpid())) >= 0.05
     finally:
         stop.set()
         worker.join()
+
+
+def test_a_thread_that_ends_between_readings_takes_nothing_back():
+    busy, end = threading.Event(), threading.Event()
+
+    def work() -> None:
+        burn(0.05)  # before the first reading
+        busy.set()
+        end.wait()
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    busy.wait()
+    before = thread_times(os.getpid())
+    end.set()
+    worker.join()
+    after = thread_times(os.getpid())
+    # Summed per process, the ended thread's 0.05 s would come off the total.
+    assert worker.native_id in before and worker.native_id not in after
+    assert cpu_used(before, after) >= 0
 
 
 def test_a_group_of_processes_has_its_total_and_its_busiest():
