@@ -102,8 +102,7 @@ class Connection:
             last += 1
             ready.append((last, held.pop(last)))
         if not held:
-            del self.held[task_id]
-            self.waiting.pop(task_id, None)  # the gap closed: its release is stale
+            self._stop_holding(task_id)  # the gap closed: its release is stale
         self.last_seq[task_id] = last
         return ready
 
@@ -124,8 +123,7 @@ class Connection:
         for every subscriber alike."""
         if self.waiting.get(task_id) != wait:
             return []
-        del self.waiting[task_id]
-        held = self.held.pop(task_id, None)
+        held = self._stop_holding(task_id)
         if not held or task_id not in self.last_seq:
             return []
         ready = sorted(held.items())
@@ -141,14 +139,18 @@ class Connection:
             for seen in [seen for seen in held if seen <= last]:
                 del held[seen]
             if not held:
-                del self.held[task_id]
-                self.waiting.pop(task_id, None)
+                self._stop_holding(task_id)
 
     def forget(self, task_id: str) -> None:
         """Drop what is known of a task's updates (on unsubscribe)."""
         self.last_seq.pop(task_id, None)
-        self.held.pop(task_id, None)
+        self._stop_holding(task_id)
+
+    def _stop_holding(self, task_id: str) -> dict[int, str] | None:
+        """End a task's wait, if any, with its held updates, which it returns: a release
+        armed for the wait is stale from then on."""
         self.waiting.pop(task_id, None)
+        return self.held.pop(task_id, None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,12 +2,14 @@
 
 import asyncio
 import uuid
+from contextlib import asynccontextmanager
 
 import pytest
 from asgiref.sync import async_to_sync
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mcp_platform.tasks import services
 from realtime import api
 from realtime.connections import Connection
 from realtime.registry import Entry
@@ -102,26 +104,37 @@ def test_any_arrival_order_within_the_window_delivers_every_seq_once_in_order(or
     assert delivered == list(range(2, 12))
 
 
+@asynccontextmanager
+async def subscribed_websocket(user, task):
+    """A WebSocket client of ``user``, subscribed to ``task``, through the full application."""
+    async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+        await connect_user(ws)
+        await ws.send_json_to({"action": "subscribe", "task_id": str(task.pk)})
+        await ws.receive_json_from(timeout=5)
+        yield ws
+
+
+async def publish(task, seq: int) -> None:
+    state = {"id": str(task.pk), "status": "running", "progress": seq}
+    await api.apublish_task_update(
+        TaskSnapshot(task_id=task.pk, owner_id=task.owner_id, seq=seq, state=state)
+    )
+
+
+async def seqs_received(ws, count: int) -> list[int]:
+    return [(await ws.receive_json_from(timeout=5))["seq"] for _ in range(count)]
+
+
 @pytest.mark.django_db(transaction=True)
 def test_websocket_client_gets_out_of_order_publications_in_order(user, settings):
-    from mcp_platform.tasks import services
-
     settings.REALTIME = {**settings.REALTIME, "REORDER_WINDOW_SECONDS": 0.2}
     task = services.create_task(owner=user, name="t")
 
-    def snapshot(seq: int) -> TaskSnapshot:
-        state = {"id": str(task.pk), "status": "running", "progress": seq}
-        return TaskSnapshot(task_id=task.pk, owner_id=user.pk, seq=seq, state=state)
-
     async def scenario():
-        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
-            await connect_user(ws)
-            await ws.send_json_to({"action": "subscribe", "task_id": str(task.pk)})
-            await ws.receive_json_from(timeout=5)
+        async with subscribed_websocket(user, task) as ws:
             for seq in (3, 2, 5):  # 4 never comes
-                await api.apublish_task_update(snapshot(seq))
-            got = [(await ws.receive_json_from(timeout=5))["seq"] for _ in range(3)]
-            assert got == [2, 3, 5]
+                await publish(task, seq)
+            assert await seqs_received(ws, 3) == [2, 3, 5]
             assert await ws.receive_nothing(timeout=0.3)
 
     async_to_sync(scenario)()
@@ -131,29 +144,20 @@ def test_websocket_client_gets_out_of_order_publications_in_order(user, settings
 def test_a_gap_soon_after_another_is_waited_for_and_nothing_is_lost(user, settings):
     """The first gap's release comes while the second gap waits; the second's missing
     update, published after it, still reaches the client, in order."""
-    from mcp_platform.tasks import services
-
     window = 1.0
     settings.REALTIME = {**settings.REALTIME, "REORDER_WINDOW_SECONDS": window}
     task = services.create_task(owner=user, name="t")
 
-    def snapshot(seq: int) -> TaskSnapshot:
-        state = {"id": str(task.pk), "status": "running", "progress": seq}
-        return TaskSnapshot(task_id=task.pk, owner_id=user.pk, seq=seq, state=state)
-
     async def scenario():
-        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
-            await connect_user(ws)
-            await ws.send_json_to({"action": "subscribe", "task_id": str(task.pk)})
-            await ws.receive_json_from(timeout=5)
+        async with subscribed_websocket(user, task) as ws:
             for seq in (3, 2):  # a first gap, closed at once; its release is armed
-                await api.apublish_task_update(snapshot(seq))
-            got = [(await ws.receive_json_from(timeout=5))["seq"] for _ in range(2)]
+                await publish(task, seq)
+            got = await seqs_received(ws, 2)
             await asyncio.sleep(window / 2)
-            await api.apublish_task_update(snapshot(5))  # a second gap
+            await publish(task, 5)  # a second gap
             await asyncio.sleep(window * 0.7)  # past the first release, within the second
-            await api.apublish_task_update(snapshot(4))
-            got += [(await ws.receive_json_from(timeout=5))["seq"] for _ in range(2)]
+            await publish(task, 4)
+            got += await seqs_received(ws, 2)
             assert got == [2, 3, 4, 5]
 
     async_to_sync(scenario)()

@@ -32,17 +32,29 @@ async def receive_type(ws, type_: str, timeout: float = 10) -> dict:
     return message
 
 
+async def create_task(session: aiohttp.ClientSession, base: str, auth: dict, name: str) -> dict:
+    async with session.post(f"{base}/api/tasks/", json={"name": name}, headers=auth) as response:
+        assert response.status == 201, await response.text()
+        return await response.json()
+
+
+@contextlib.asynccontextmanager
+async def subscribed(ws_base: str, token: str, task_id: str):
+    """A WebSocket client, connected and subscribed to a task."""
+    async with websockets.connect(f"{ws_base}/ws?token={token}") as ws:
+        await receive_type(ws, "connected")
+        await ws.send(json.dumps({"action": "subscribe", "task_id": task_id}))
+        await receive_type(ws, "subscribed")
+        yield ws
+
+
 async def rest_to_websocket_round_trip(
     http_base: str, ws_base: str, patch_base: str, username: str
 ) -> None:
     async with aiohttp.ClientSession() as session:
         token = await obtain_token(session, http_base, username)
         auth = {"Authorization": f"Bearer {token}"}
-        async with session.post(
-            f"{http_base}/api/tasks/", json={"name": "e2e"}, headers=auth
-        ) as response:
-            assert response.status == 201, await response.text()
-            task = await response.json()
+        task = await create_task(session, http_base, auth, "e2e")
         async with websockets.connect(f"{ws_base}/ws?token={token}") as ws:
             connected = await receive_type(ws, "connected")
             assert connected["user_id"] == task["owner"]
@@ -155,14 +167,8 @@ def test_concurrent_changes_of_one_task_all_succeed_and_arrive_in_order(daphne_s
         async with aiohttp.ClientSession() as session:
             token = await obtain_token(session, daphne_server.http_url, user.username)
             auth = {"Authorization": f"Bearer {token}"}
-            async with session.post(
-                f"{daphne_server.http_url}/api/tasks/", json={"name": "busy"}, headers=auth
-            ) as response:
-                task = await response.json()
-            async with websockets.connect(f"{daphne_server.ws_url}/ws?token={token}") as ws:
-                await receive_type(ws, "connected")
-                await ws.send(json.dumps({"action": "subscribe", "task_id": task["id"]}))
-                await receive_type(ws, "subscribed")
+            task = await create_task(session, daphne_server.http_url, auth, "busy")
+            async with subscribed(daphne_server.ws_url, token, task["id"]) as ws:
 
                 async def patch(progress: int) -> int:
                     async with session.patch(
@@ -180,7 +186,9 @@ def test_concurrent_changes_of_one_task_all_succeed_and_arrive_in_order(daphne_s
     async_to_sync(scenario)()
 
 
-@pytest.mark.parametrize("servers", ["daphne_server", "daphne_redis_servers"])
+@pytest.mark.parametrize(
+    "servers", ["daphne_server", pytest.param("daphne_redis_servers", marks=pytest.mark.redis)]
+)
 def test_a_stream_of_changes_reaches_every_subscriber_whole_and_in_order(request, servers, user):
     """Changes kept in flight 8 at a time, as the benchmark's sustained stream sends them:
     every subscriber gets every one, the last included, once and in order; on Redis, the
@@ -194,18 +202,7 @@ def test_a_stream_of_changes_reaches_every_subscriber_whole_and_in_order(request
         async with aiohttp.ClientSession() as session:
             token = await obtain_token(session, publisher.http_url, user.username)
             auth = {"Authorization": f"Bearer {token}"}
-            async with session.post(
-                f"{publisher.http_url}/api/tasks/", json={"name": "stream"}, headers=auth
-            ) as response:
-                task = await response.json()
-            clients = []
-            for i in range(subscribers):
-                server = servers[i % len(servers)]
-                ws = await websockets.connect(f"{server.ws_url}/ws?token={token}")
-                await receive_type(ws, "connected")
-                await ws.send(json.dumps({"action": "subscribe", "task_id": task["id"]}))
-                await receive_type(ws, "subscribed")
-                clients.append(ws)
+            task = await create_task(session, publisher.http_url, auth, "stream")
             gate = asyncio.Semaphore(in_flight)
 
             async def patch(progress: int) -> int:
@@ -224,7 +221,13 @@ def test_a_stream_of_changes_reaches_every_subscriber_whole_and_in_order(request
                         seqs.append((await receive_type(ws, "task_update", 30))["seq"])
                 return seqs
 
-            try:
+            async with contextlib.AsyncExitStack() as stack:
+                clients = [
+                    await stack.enter_async_context(
+                        subscribed(servers[i % len(servers)].ws_url, token, task["id"])
+                    )
+                    for i in range(subscribers)
+                ]
                 received = asyncio.gather(*(updates(ws) for ws in clients))
                 seqs = await asyncio.gather(*(patch(p) for p in range(changes)))
                 expected = list(range(2, changes + 2))
@@ -238,8 +241,5 @@ def test_a_stream_of_changes_reaches_every_subscriber_whole_and_in_order(request
                     if got != expected
                 }
                 assert not short, f"missing or out of order: {short}"
-            finally:
-                for ws in clients:
-                    await ws.close()
 
     async_to_sync(scenario)()
