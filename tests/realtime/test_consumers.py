@@ -51,6 +51,35 @@ def test_connected_names_the_connection_and_user(user):
     run(scenario)
 
 
+def test_the_handshake_is_answered_once_the_connection_is_recorded(user, monkeypatch):
+    """A client whose handshake completed is already counted, and its answer and
+    ``connected`` go out together: nothing is sent while the registry write is pending."""
+    manager = get_connection_manager()
+    recording = asyncio.Event()
+    release = asyncio.Event()
+    add = manager.registry.add
+
+    async def slow_add(entry):
+        recording.set()
+        await release.wait()
+        await add(entry)
+
+    monkeypatch.setattr(manager.registry, "add", slow_add)
+
+    async def scenario():
+        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+            await ws.send_input({"type": "websocket.connect"})
+            await asyncio.wait_for(recording.wait(), 5)
+            assert await ws.receive_nothing(timeout=0.2)
+            release.set()
+            accepted = await ws.receive_output(timeout=5)
+            assert accepted == {"type": "websocket.accept", "subprotocol": None}
+            assert (await ws.receive_json_from(timeout=5))["type"] == "connected"
+            assert await manager.count_user_connections(user.pk) == 1
+
+    run(scenario)
+
+
 def test_trailing_slash_route(user):
     async def scenario():
         async with open_websocket(f"/ws/?token={token_for(user)}") as ws:
