@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from mcp_platform.serve import PrettyWhenWritten, redact
+from mcp_platform.serve import LinesPerTurn, PrettyWhenWritten, redact
 from realtime.layers import ChannelQueue
 from realtime.server import NowaitServer
 from tests.conftest import ROOT, LiveServer, start_server
@@ -29,6 +29,43 @@ from tests.conftest import ROOT, LiveServer, start_server
 )
 def test_tokens_are_redacted_from_logged_paths(path, expected):
     assert redact(path) == expected
+
+
+class Writes(list):
+    def write(self, text: str) -> None:
+        self.append(text)
+
+
+def test_log_lines_of_one_loop_turn_are_written_together_at_its_end():
+    async def scenario() -> None:
+        writes = Writes()
+        stream = LinesPerTurn(writes)
+        stream.write("one\n")
+        stream.write("two\n")
+        assert writes == []
+        await asyncio.sleep(0)
+        assert writes == ["one\ntwo\n"]
+        stream.write("three\n")
+        await asyncio.sleep(0)
+        assert writes == ["one\ntwo\n", "three\n"]
+
+    asyncio.run(scenario())
+
+
+def test_log_lines_outside_a_loop_or_left_at_exit_are_written_once():
+    writes = Writes()
+    stream = LinesPerTurn(writes)
+    stream.write("no loop\n")
+    assert writes == ["no loop\n"]
+
+    async def log_then_exit() -> None:
+        stream.write("last\n")
+        stream.flush()  # as at exit, before the turn ends
+        assert writes == ["no loop\n", "last\n"]
+        await asyncio.sleep(0)
+
+    asyncio.run(log_then_exit())
+    assert writes == ["no loop\n", "last\n"]
 
 
 INSTALLED_SCRIPT = r"""
