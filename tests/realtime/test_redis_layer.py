@@ -276,16 +276,18 @@ def test_the_publisher_delivers_to_its_own_members_once_redis_has_the_message(
     this process's share."""
 
     seen_by_other_processes: list[bool] = []
-    put_nowait = OfferingQueue.put_nowait
+    offer = OfferingQueue.offer
 
-    def delivered_checking(self, item):
-        if type(item) is bytes:  # the group message, from the publisher
-            # Blocks the loop: a publish still to be sent could not be sent meanwhile.
-            message = other_process.get_message(ignore_subscribe_messages=True, timeout=2)
-            seen_by_other_processes.append(message is not None and message["data"] == item)
-        return put_nowait(self, item)
+    def delivered_checking(self, message):
+        # The publisher's delivery to its own member starts with the offer. This blocks
+        # the loop: a publish still to be sent could not be sent meanwhile.
+        published = other_process.get_message(ignore_subscribe_messages=True, timeout=2)
+        seen_by_other_processes.append(
+            published is not None and self.layer.decode(published["data"]) == message
+        )
+        return offer(self, message)
 
-    monkeypatch.setattr(OfferingQueue, "put_nowait", delivered_checking)
+    monkeypatch.setattr(OfferingQueue, "offer", delivered_checking)
     other_process = redis.Redis.from_url(redis_server).pubsub()
 
     async def scenario():
@@ -302,6 +304,33 @@ def test_the_publisher_delivers_to_its_own_members_once_redis_has_the_message(
     finally:
         other_process.close()
     assert seen_by_other_processes == [True]
+
+
+def test_a_waiting_member_of_the_publishers_process_is_handed_the_message_undecoded(
+    redis_server, monkeypatch
+):
+    decoded = record_calls(monkeypatch, "deserialize")
+    handled = []
+
+    async def scenario():
+        async with layer_and_redis(redis_server) as (layer, _):
+            channels = [await layer.new_channel() for _ in range(3)]
+            for channel in channels:
+                layer.handle_directly(channel, lambda message: handled.append(message) or True)
+                await layer.group_add("watchers", channel)
+            readers = [asyncio.ensure_future(layer.receive(channel)) for channel in channels]
+            await asyncio.sleep(0)
+            message = {"type": "task.update", "seq": 7}
+            await layer.group_send("watchers", message)
+            await asyncio.sleep(0.05)  # Redis's copy comes back, and is dropped
+            assert not any(reader.done() for reader in readers)
+            for reader in readers:
+                reader.cancel()
+            return message
+
+    message = async_to_sync(scenario)()
+    assert handled == [message] * 3
+    assert decoded == []
 
 
 def test_a_failed_publish_still_reaches_this_processs_members_and_raises(redis_server, monkeypatch):
