@@ -64,8 +64,8 @@ class LinesPerTurn:
 
     Daphne logs each request and each WebSocket connect and disconnect; to an unbuffered
     stdout (``PYTHONUNBUFFERED``, usual in containers) every line was a ``write()`` of its
-    own, ~3% of a connect's CPU (docs/performance.md). Lines still leave within the turn
-    they were logged in, and any left at exit are written then."""
+    own, ~3% of a connect's CPU in a profile (docs/performance.md). Lines still leave
+    within the turn they were logged in, and any left at exit are written then."""
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream

@@ -156,8 +156,9 @@ class TaskConsumer(InboxConsumerMixin, AsyncWebsocketConsumer):
             channel_name=self.channel_name, user=user, transport=Transport.WEBSOCKET
         )
         # Accepted only now, so that the handshake's answer and ``connected`` leave in one
-        # write: accepted first, they took a socket send each (~4% of a connect's CPU,
-        # docs/performance.md). Messages that arrive meanwhile wait in the inbox.
+        # write: accepted first, they took a socket send each whenever recording the
+        # connection waited (on Redis; docs/performance.md). Messages that arrive
+        # meanwhile wait in the inbox.
         await self.accept()
         await self.send_message(protocol.connected(self.connection.connection_id, user.pk))
 

@@ -15,9 +15,8 @@ reader's direct handler first, as on the in-process layer (``handle_directly()``
 A group message is published marked with its layer's id (``ORIGIN_MARK``). Once Redis has
 it, the publisher delivers it to its own process's members itself (offering each the message
 it was given, as the in-process layer does), and drops their copies when Redis sends them
-back; other processes get it from Redis. channels-redis's own layer
-cannot read a marked message, so every process that shares the layer's prefix must use
-this one.
+back; other processes get it from Redis. channels-redis's own layer cannot read a marked
+message, so every process that shares the layer's prefix must use this one.
 
 Channels made here are named after their loop's layer (``…specific.<layer id>!<uuid>``)
 and reach it through one pattern subscription per Redis shard, as channels-redis's core
