@@ -12,7 +12,7 @@ import websockets
 from asgiref.sync import async_to_sync
 
 from mcp_platform.tasks import services
-from tests.conftest import ROOT, server_database_url, token_for
+from tests.conftest import ROOT, free_port, server_database_url, start_server, token_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -120,6 +120,38 @@ def test_foreign_origin_is_refused_403_and_no_origin_is_allowed(daphne_server, u
             await receive_type(ws, "connected")
         async with websockets.connect(url) as ws:  # no Origin header at all
             await receive_type(ws, "connected")
+
+    async_to_sync(scenario)()
+
+
+@pytest.fixture(scope="module")
+def server_without_redis(django_db_setup, tmp_path_factory):
+    """A process configured for Redis where nothing listens."""
+    unused = f"redis://127.0.0.1:{free_port()}/0"
+    server = start_server(tmp_path_factory.mktemp("no-redis"), {"REDIS_URL": unused})
+    yield server
+    server.stop()
+
+
+def test_clients_are_refused_with_500_at_once_while_redis_is_unreachable(
+    server_without_redis, user
+):
+    """Nothing is half made: no handshake is answered, no stream started, nothing hangs."""
+    token = token_for(user)
+
+    async def attempts():
+        with pytest.raises(websockets.InvalidStatus) as caught:
+            async with websockets.connect(f"{server_without_redis.ws_url}/ws?token={token}"):
+                pass
+        assert caught.value.response.status_code == 500
+        async with aiohttp.ClientSession() as session:
+            url = f"{server_without_redis.http_url}/events?token={token}"
+            async with session.get(url) as response:
+                assert response.status == 500
+                assert response.content_type != "text/event-stream"
+
+    async def scenario():
+        await asyncio.wait_for(attempts(), 10)
 
     async_to_sync(scenario)()
 
