@@ -31,15 +31,21 @@ REDIS_TIMEOUT_SECONDS = 5.0
 #: A registry write: a connection (its id) added to or removed from a set (its key).
 Write = tuple[Literal["add", "remove"], str, str]
 
-#: The writes of a batch in one command: as a pipeline of one ZADD and one EXPIRE per set,
-#: redis-py's packing and reply parsing cost ~7% of a connect's CPU (docs/performance.md).
-#: KEYS: the sets to add to, then those to remove from. ARGV: the expiry score, the sets'
-#: time to live, how many sets are added to, then per set its member count and members.
-#: A batch holds at most one write per member and set, so a ZADD has at most twice
-#: ``Batcher.max_size`` arguments, well within Lua's stack.
+#: Connections one script call writes or renews at most. A ZADD then has at most twice as
+#: many arguments, well within Lua's stack, and a renewal holds the event loop a few
+#: milliseconds per call, however many connections the process has.
+CHUNK = 500
+
+#: Registry writes in one command: as a pipeline of one ZADD and one EXPIRE per set and
+#: connection, redis-py's packing and reply parsing cost ~7% of a connect's CPU, and a
+#: renewal of 4,000 connections held the event loop for 0.3-0.5 s (docs/performance.md).
+#: KEYS: the sets to add to, then those to remove from. ARGV: the leases' expiry, the time
+#: up to which a lease has lapsed, the sets' time to live, ``XX`` to extend existing
+#: leases only (a renewal) or an empty string, how many sets are added to, then per set
+#: its member count and members. Sets added to are pruned of lapsed members.
 WRITE_SCRIPT = """
-local expiry, ttl, added = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local at = 4
+local expiry, now, ttl, only, added = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local at = 6
 for i, key in ipairs(KEYS) do
     local count = tonumber(ARGV[at])
     if i <= added then
@@ -48,7 +54,12 @@ for i, key in ipairs(KEYS) do
             leases[#leases + 1] = expiry
             leases[#leases + 1] = ARGV[j]
         end
-        redis.call("ZADD", key, unpack(leases))
+        if only == "XX" then
+            redis.call("ZADD", key, "XX", unpack(leases))
+        else
+            redis.call("ZADD", key, unpack(leases))
+        end
+        redis.call("ZREMRANGEBYSCORE", key, "-inf", now)
         redis.call("EXPIRE", key, ttl)
     else
         redis.call("ZREM", key, unpack(ARGV, at + 1, at + count))
@@ -73,7 +84,7 @@ class RedisRegistry(ConnectionRegistry):
         #: Sets outlive their members' leases, so a renewal finds them.
         self._key_ttl = int(lease_seconds * 2) + 1
         # Connections arriving (or leaving) together share one command.
-        self._writes: Batcher[list[Write], None] = Batcher(self._write_many)
+        self._writes: Batcher[list[Write], None] = Batcher(self._write_many, max_size=CHUNK)
         self._write_script: AsyncScript | None = None
 
     @property
@@ -103,9 +114,6 @@ class RedisRegistry(ConnectionRegistry):
     def _task_key(self, task_id: uuid.UUID) -> str:
         return f"{self.prefix}task:{task_id}"
 
-    def _expiry(self) -> float:
-        return time.time() + self.lease_seconds
-
     def _entry_keys(self, entry: Entry) -> tuple[str, str]:
         return self._transport_key(entry.transport), self._user_key(entry.user_id)
 
@@ -122,36 +130,47 @@ class RedisRegistry(ConnectionRegistry):
                 logger.warning("Could not renew connection leases; retrying", exc_info=True)
 
     async def renew(self) -> None:
-        """Extend the lease of every connection of this process and prune lapsed members."""
-        expiry, now = self._expiry(), time.time()
-        async with self.client.pipeline(transaction=False) as pipe:
-            touched: set[str] = set()
-            for connection_id, entry in list(self._local.items()):
+        """Extend the lease of every connection of this process and prune lapsed members,
+        ``CHUNK`` connections per command, so other work runs between the commands."""
+        connections = list(self._local.items())
+        for start in range(0, len(connections), CHUNK):
+            leases: defaultdict[str, list[str]] = defaultdict(list)
+            for connection_id, entry in connections[start : start + CHUNK]:
                 member = str(connection_id)
-                keys = [*self._entry_keys(entry)]
-                keys += [
-                    self._task_key(task_id) for task_id in self._local_tasks.get(connection_id, ())
-                ]
-                for key in keys:
-                    pipe.zadd(key, {member: expiry}, xx=True)
-                    touched.add(key)
-            for key in touched:
-                pipe.zremrangebyscore(key, "-inf", now)
-                pipe.expire(key, self._key_ttl)
-            await pipe.execute()
+                for key in self._entry_keys(entry):
+                    leases[key].append(member)
+                for task_id in self._local_tasks.get(connection_id, ()):
+                    leases[self._task_key(task_id)].append(member)
+            # Only existing members: a connection that left meanwhile stays gone.
+            await self._run_script(leases, {}, renewal=True)
 
     async def _write(self, writes: list[Write]) -> None:
         """Make ``writes`` with those of connections arriving (or leaving) together."""
         await self._writes.load(writes)
 
     async def _write_many(self, batches: list[list[Write]]) -> list[None]:
-        """One script call (``WRITE_SCRIPT``) for a whole batch."""
+        """One script call for a whole batch."""
         added: defaultdict[str, list[str]] = defaultdict(list)
         removed: defaultdict[str, list[str]] = defaultdict(list)
         for writes in batches:
             for kind, key, member in writes:
                 (added if kind == "add" else removed)[key].append(member)
-        args: list[str | float | int] = [self._expiry(), self._key_ttl, len(added)]
+        await self._run_script(added, removed, renewal=False)
+        return [None] * len(batches)
+
+    async def _run_script(
+        self, added: dict[str, list[str]], removed: dict[str, list[str]], *, renewal: bool
+    ) -> None:
+        """Lease the members of ``added`` to their sets, drop those of ``removed`` from
+        theirs (``WRITE_SCRIPT``)."""
+        now = time.time()
+        args: list[str | float | int] = [
+            now + self.lease_seconds,
+            now,
+            self._key_ttl,
+            "XX" if renewal else "",
+            len(added),
+        ]
         for members in (*added.values(), *removed.values()):
             args.append(len(members))
             args.extend(members)
@@ -159,7 +178,6 @@ class RedisRegistry(ConnectionRegistry):
         if self._write_script is None:  # any loop's client can run it
             self._write_script = client.register_script(WRITE_SCRIPT)
         await self._write_script(keys=[*added, *removed], args=args, client=client)
-        return [None] * len(batches)
 
     async def add(self, entry: Entry) -> None:
         member = str(entry.connection_id)

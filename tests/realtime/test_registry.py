@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 from asgiref.sync import async_to_sync
 
+from realtime import redis_registry
 from realtime.conf import realtime_settings
 from realtime.redis_registry import RedisRegistry
 from realtime.registry import ConnectionRegistry, Entry, LocalRegistry, Overview
@@ -165,6 +166,77 @@ def test_a_live_process_renews_its_leases(redis_server):
         await assert_empty(observer)
 
     run(scenario, live, observer)
+
+
+@pytest.mark.redis
+def test_a_renewal_extends_every_lease_a_bounded_number_of_connections_at_a_time(
+    redis_server, monkeypatch
+):
+    """One command per ``CHUNK`` connections: renewing 4,000 connections one ZADD per set
+    and connection held the event loop for 0.3-0.5 s."""
+    monkeypatch.setattr(redis_registry, "CHUNK", 4)
+    registry = redis_registry_factory(redis_server)(lease_seconds=30)
+    entries = [entry(user_id % 3, "websocket") for user_id in range(10)]
+    commands: list[int] = []
+    run_script = registry._run_script
+
+    async def recording(added, removed, *, renewal):
+        commands.append(len(set().union(*added.values())))
+        await run_script(added, removed, renewal=renewal)
+
+    async def scenario():
+        for connection in entries:
+            await registry.add(connection)
+            await registry.add_subscription(connection, TASK_1)
+        keys = [registry._transport_key("websocket"), registry._task_key(TASK_1)]
+        keys += [registry._user_key(user_id) for user_id in range(3)]
+        before = {
+            key: dict(await registry.client.zrange(key, 0, -1, withscores=True)) for key in keys
+        }
+        await asyncio.sleep(0.05)
+        registry._run_script = recording
+        await registry.renew()
+        assert commands == [4, 4, 2]
+        for key in keys:
+            after = dict(await registry.client.zrange(key, 0, -1, withscores=True))
+            assert after.keys() == before[key].keys()
+            assert all(after[member] > before[key][member] for member in after)
+        assert await registry.count_task(TASK_1) == 10
+
+    run(scenario, registry)
+
+
+@pytest.mark.redis
+def test_a_renewal_does_not_bring_back_a_connection_removed_meanwhile(redis_server):
+    registry = redis_registry_factory(redis_server)()
+    staying, leaving = entry(1, "websocket"), entry(1, "websocket")
+
+    async def scenario():
+        await registry.add(staying)
+        await registry.add(leaving)
+        # Removed in Redis while this process's renewal still lists it.
+        member = str(leaving.connection_id)
+        for key in registry._entry_keys(leaving):
+            await registry.client.zrem(key, member)
+        await registry.renew()
+        assert await registry.count_transport("websocket") == 1
+        assert await registry.count_user(1) == 1
+
+    run(scenario, registry)
+
+
+@pytest.mark.redis
+def test_a_set_written_to_is_pruned_of_lapsed_members(redis_server):
+    registry = redis_registry_factory(redis_server)()
+
+    async def scenario():
+        key = registry._transport_key("sse")
+        await registry.client.zadd(key, {"of-a-dead-process": time.time() - 1})
+        await registry.add(entry(1, "sse"))
+        assert await registry.client.zcard(key) == 1
+        assert await registry.count_transport("sse") == 1
+
+    run(scenario, registry)
 
 
 @pytest.mark.redis
