@@ -2,11 +2,11 @@
 
 Use it instead of the ``daphne`` command. It differs in these ways:
 
-- it installs ``realtime.reactor.CoalescingWriteReactor``, which writes fan-out frames
-  without an event-loop registration per write (docs/performance.md), and
-  ``realtime.websocket_protocol``, which frames them without autobahn's general path, and
-  ``realtime.http_protocol``; both also drop a client that stops reading once
-  ``REALTIME_SLOW_CLIENT_BUFFER_BYTES`` wait for it;
+- it installs ``realtime.reactor.CoalescingWriteReactor``, which runs on uvloop's event
+  loop and writes fan-out frames without an event-loop registration per write
+  (docs/performance.md), and ``realtime.websocket_protocol``, which frames them without
+  autobahn's general path, and ``realtime.http_protocol``; both also drop a client that
+  stops reading once ``REALTIME_SLOW_CLIENT_BUFFER_BYTES`` wait for it;
 - it gives applications a ``send`` that can also send without waiting
   (``realtime.server``), so a message for an idle connection is written without waking
   its consumer;
