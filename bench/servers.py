@@ -135,9 +135,12 @@ async def start_server(
     ready_path: str,
     cwd: Path,
     cpus: set[int] | None = None,
+    launcher: tuple[str, ...] = (),
+    ready_within: float = 60.0,
 ) -> Server:
-    """Start a server in ``cwd`` on a free port, on ``cpus`` if given (its threads too);
-    return once ``ready_path`` answers."""
+    """Start a server in ``cwd`` on a free port, on ``cpus`` if given (its threads too),
+    its command line after ``launcher`` (e.g. valgrind's); return once ``ready_path``
+    answers, within ``ready_within`` seconds."""
 
     def prepare_child() -> None:
         _die_with_parent()
@@ -148,7 +151,7 @@ async def start_server(
     log_path = log_dir / f"{kind}-{port}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            server_command(kind, port, extra, cwd),
+            [*launcher, *server_command(kind, port, extra, cwd)],
             cwd=cwd,
             env=env,
             stdout=log,
@@ -158,7 +161,7 @@ async def start_server(
         )
     _started.append(process)
     server = Server(kind, process, port, log_path)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + ready_within
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -172,7 +175,9 @@ async def start_server(
                 pass
             await asyncio.sleep(0.1)
     server.stop()
-    raise ServerFailed(f"{kind} did not answer on port {port} within 60 s:\n{server.log_tail()}")
+    raise ServerFailed(
+        f"{kind} did not answer on port {port} within {ready_within:g} s:\n{server.log_tail()}"
+    )
 
 
 def start_profiler(server: Server, output: Path, form: str) -> subprocess.Popen:
