@@ -74,7 +74,7 @@ async def count_connects(
         kind, ready_path, extra = "reference", "/ws", []
     else:
         # Under callgrind a handshake can outlast Daphne's 5 s limit.
-        kind, ready_path, extra = "daphne", "/api/tasks/", ["--websocket_connect_timeout", "-1"]
+        kind, ready_path, extra = "daphne", "/api/tasks/", ["--websocket_connect_timeout", "600"]
     server = await start_server(
         kind,
         env,
