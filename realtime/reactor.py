@@ -10,8 +10,9 @@ loop callback, as asyncio's own transports write at once. Only a connection whos
 buffer is full is registered with the loop, to be written when it drains, as before.
 
 The reactor runs on uvloop's event loop where uvloop is installed (it is not on Windows):
-the loop's own work (ready callbacks, timers, socket readiness) is then done in C, ~5% of
-the instructions of a WebSocket connect in-process and ~7% on Redis (docs/performance.md).
+the loop's own work (ready callbacks, timers, socket readiness) is then done in C, which
+saves 3-5% of a WebSocket connect's instructions in-process and 6-7% on Redis
+(docs/performance.md).
 
 ``write_now()`` goes further for the frames of a fan-out: with nothing buffered before it,
 a frame goes straight to the socket, as an asyncio transport writes, and Twisted's buffer
