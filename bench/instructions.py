@@ -93,11 +93,17 @@ async def count_connects(
         callgrind_control("--dump", str(server.pid))
     finally:
         server.stop()
-    dumps = sorted(workdir.glob(f"{out.name}.*"))
+    return dumped_instructions(out) / args.clients
+
+
+def dumped_instructions(out: Path) -> int:
+    """The instructions counted in the dump ``callgrind_control --dump`` wrote beside
+    ``out`` (``<out>.1``), not in ``out`` itself, which callgrind writes at exit."""
+    dumps = sorted(out.parent.glob(f"{out.name}.*"))
     match = TOTALS.search(dumps[-1].read_bytes()) if dumps else None
     if match is None:
-        raise RuntimeError(f"no callgrind dump for {label} in {workdir}")
-    return int(match.group(1)) / args.clients
+        raise RuntimeError(f"no callgrind dump beside {out}")
+    return int(match.group(1))
 
 
 async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
