@@ -161,8 +161,10 @@ def main(argv: list[str] | None = None) -> None:
         counts = asyncio.run(measure(args, Path(workdir)))
     reference = counts.get("reference")
     for label, count in counts.items():
-        ratio = f" ({reference / count:.2f}x the reference's rate)" if reference else ""
-        print(f"{label:<22} {count:>12,.0f}{ratio if label != 'reference' else ''}")
+        ratio = ""
+        if reference and label != "reference":
+            ratio = f" ({reference / count:.2f}x the reference's rate)"
+        print(f"{label:<22} {count:>12,.0f}{ratio}")
 
 
 if __name__ == "__main__":
