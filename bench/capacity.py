@@ -16,7 +16,7 @@ import os
 import time
 
 from bench.loadclient import LoadClient, raise_open_file_limit
-from bench.procstat import cpu_used, thread_times
+from bench.procstat import seconds_added, thread_times
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -91,7 +91,7 @@ async def measure(port: int, go: multiprocessing.Queue, clients: int, rounds: in
     started = time.monotonic()
     go.put("send")
     complete = await client.wait("ws", rounds, 120)
-    cpu = cpu_used(before, thread_times(os.getpid()))
+    cpu = seconds_added(before, thread_times(os.getpid()))
     last = max(log[-1][0] for log in client.collect("ws") if log)
     messages = opened["opened"] * rounds
     go.put("stop")

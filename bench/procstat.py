@@ -9,33 +9,40 @@ from collections.abc import Iterable
 TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 
 
-#: CPU seconds of each live thread of a process so far, by thread id (``thread_times()``).
+#: Seconds of each live thread of a process so far, by thread id (``thread_times()``).
 ThreadTimes = dict[int, float]
 
 
-def thread_times(pid: int) -> ThreadTimes:
-    """CPU time of each live thread of a process so far, to the nanosecond; none once the
-    process is gone.
+def thread_schedstats(pid: int) -> dict[int, tuple[float, float]]:
+    """Of each live thread of a process, the seconds it has so far run on a CPU and waited
+    for one (runnable, in a run queue), to the nanosecond; none once the process is gone.
 
     The scheduler's own count (``/proc/PID/task/*/schedstat``), not ``/proc/PID/stat``'s
     utime and stime: those advance in 10 ms ticks, as coarse as a whole fan-out to 1,000
     event streams."""
-    times: ThreadTimes = {}
+    stats: dict[int, tuple[float, float]] = {}
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return times
+        return stats
     for task in tasks:
         try:
             with open(f"/proc/{pid}/task/{task}/schedstat") as schedstat:
-                times[int(task)] = int(schedstat.read().split()[0]) / 1e9
-        except (OSError, IndexError, ValueError):
+                ran, waited = schedstat.read().split()[:2]
+        except (OSError, ValueError):
             continue  # the thread ended meanwhile
-    return times
+        stats[int(task)] = (int(ran) / 1e9, int(waited) / 1e9)
+    return stats
 
 
-def cpu_used(before: ThreadTimes, after: ThreadTimes) -> float:
-    """CPU seconds a process used between two readings of ``thread_times()``.
+def thread_times(pid: int) -> ThreadTimes:
+    """CPU seconds of each live thread of a process so far (``thread_schedstats()``)."""
+    return {tid: ran for tid, (ran, _) in thread_schedstats(pid).items()}
+
+
+def seconds_added(before: ThreadTimes, after: ThreadTimes) -> float:
+    """Seconds a process's threads added between two readings of ``thread_times()`` (or
+    of either count of ``thread_schedstats()``): the CPU time it used.
 
     A thread that started in between counts whole; one that ended in between is left out
     (its time since the first reading is lost, but the total never goes back)."""
@@ -72,16 +79,18 @@ class CpuMeter:
     ``other_cpu_s`` is what everything else on the machine used meanwhile: on a shared
     machine, a high value marks a figure as disturbed. A group of several processes also
     has its busiest one's (``server_max_cpu_s``): with a core each, the work that sets
-    the pace.
+    the pace. ``{group}_wait_s`` is the time its threads were ready to run but waited for
+    a CPU: a fan-out whose wall time exceeds its CPU time by that much was held up by
+    whatever ran on its core meanwhile, not by its own work.
     """
 
     def __init__(self, groups: dict[str, Iterable[int]]) -> None:
         self.groups = {name: list(pids) for name, pids in groups.items()}
-        self.started: dict[int, ThreadTimes] = {}
+        self.started: dict[int, dict[int, tuple[float, float]]] = {}
         self.wall = self.busy = 0.0
 
-    def _each(self) -> dict[int, ThreadTimes]:
-        return {pid: thread_times(pid) for pids in self.groups.values() for pid in pids}
+    def _each(self) -> dict[int, dict[int, tuple[float, float]]]:
+        return {pid: thread_schedstats(pid) for pids in self.groups.values() for pid in pids}
 
     def start(self) -> None:
         self.wall = time.monotonic()
@@ -90,11 +99,19 @@ class CpuMeter:
 
     def stop(self) -> dict[str, float]:
         """CPU seconds of each group and of the rest, and ``wall`` seconds, since ``start()``."""
-        used = {pid: cpu_used(self.started[pid], now) for pid, now in self._each().items()}
+        used, waited = {}, {}
+        for pid, now in self._each().items():
+            before = self.started[pid]
+            for field, totals in enumerate((used, waited)):
+                totals[pid] = seconds_added(
+                    {tid: stat[field] for tid, stat in before.items()},
+                    {tid: stat[field] for tid, stat in now.items()},
+                )
         figures: dict[str, float] = {}
         for name, pids in self.groups.items():
             shares = [used[pid] for pid in pids]
             figures[f"{name}_cpu_s"] = sum(shares)
+            figures[f"{name}_wait_s"] = sum(waited[pid] for pid in pids)
             if len(shares) > 1:
                 figures[f"{name}_max_cpu_s"] = max(shares)
         other = machine_busy_seconds() - self.busy - sum(used.values())

@@ -16,6 +16,7 @@ ROWS = [
     ("connect", "rss_per_connection_kib", "RSS KiB per idle connection"),
     ("connect", "server_cpu_s", "server CPU s"),
     ("connect", "client_cpu_s", "client CPU s"),
+    ("connect", "server_wait_s", "server waiting for a CPU s"),
     ("connect", "other_cpu_s", "other processes' CPU s"),
     ("fanout", "deliveries_per_s", "deliveries/s"),
     ("fanout", "fanout_s", "full fan-out s"),
@@ -25,6 +26,7 @@ ROWS = [
     ("fanout", "delivered", "delivered"),
     ("fanout", "server_cpu_s", "server CPU s"),
     ("fanout", "server_max_cpu_s", "busiest server process CPU s"),
+    ("fanout", "server_wait_s", "server waiting for a CPU s"),
     ("fanout", "redis_cpu_s", "Redis CPU s"),
     ("fanout", "client_cpu_s", "client CPU s"),
     ("fanout", "other_cpu_s", "other processes' CPU s"),
@@ -35,12 +37,14 @@ ROWS = [
     ("broadcast", "recipients_ok", "recipients = clients"),
     ("broadcast", "server_cpu_s", "server CPU s"),
     ("broadcast", "server_max_cpu_s", "busiest server process CPU s"),
+    ("broadcast", "server_wait_s", "server waiting for a CPU s"),
     ("sse", "deliveries_per_s", "deliveries/s"),
     ("sse", "fanout_s", "full fan-out s"),
     ("sse", "p99_ms", "latency p99 ms"),
     ("sse", "delivered", "delivered"),
     ("sse", "server_cpu_s", "server CPU s"),
     ("sse", "server_max_cpu_s", "busiest server process CPU s"),
+    ("sse", "server_wait_s", "server waiting for a CPU s"),
     ("sustained", "updates", "updates sent"),
     ("sustained", "update_rate", "updates/s achieved"),
     ("sustained", "failed", "update requests refused"),
@@ -56,6 +60,7 @@ ROWS = [
     ("sustained", "change_max_ms", "latency from the saved change max ms"),
     ("sustained", "lag_s", "last delivery after last update s"),
     ("sustained", "server_cpu_s", "server CPU s"),
+    ("sustained", "server_wait_s", "server waiting for a CPU s"),
     ("sustained", "redis_cpu_s", "Redis CPU s"),
     ("sustained", "client_cpu_s", "client CPU s"),
     ("sustained", "other_cpu_s", "other processes' CPU s"),
@@ -65,7 +70,7 @@ ROWS = [
 #: Figures shown as "value/whole", without a ratio.
 PAIRED = {"delivered": "expected", "updates": "planned"}
 #: Figures whose ratio to the reference means nothing.
-NO_RATIO = frozenset({"other_cpu_s"})
+NO_RATIO = frozenset({"other_cpu_s", "server_wait_s"})
 
 
 def number(value: float) -> str:

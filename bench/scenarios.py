@@ -20,7 +20,7 @@ import aiohttp
 from bench.config import Config
 from bench.console import progress
 from bench.pool import ClientPool
-from bench.procstat import CpuMeter, cpu_used, rss_kib, thread_times
+from bench.procstat import CpuMeter, rss_kib, seconds_added, thread_times
 from bench.project import Accounts
 from bench.servers import HOST, Server
 from bench.stats import fanout_figures, latency_figures, stream_figures, summarize
@@ -81,7 +81,7 @@ class Run:
             before = [thread_times(server.pid) for server in self.servers]
             await asyncio.sleep(window)
             used = sum(
-                cpu_used(times, thread_times(server.pid))
+                seconds_added(times, thread_times(server.pid))
                 for times, server in zip(before, self.servers, strict=True)
             )
             if used <= 0.1 * window * len(self.servers):

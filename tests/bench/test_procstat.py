@@ -6,7 +6,7 @@ import sys
 import threading
 import time
 
-from bench.procstat import CpuMeter, cpu_used, thread_times
+from bench.procstat import CpuMeter, seconds_added, thread_times
 
 #: A child that, told to on stdin, burns ``argv[1]`` seconds of CPU, says so, then idles.
 BURN = (
@@ -47,7 +47,7 @@ def test_every_live_thread_is_counted():
     worker.start()
     started.wait()
     try:
-        assert cpu_used(before, thread_times(os.getpid())) >= 0.05
+        assert seconds_added(before, thread_times(os.getpid())) >= 0.05
     finally:
         stop.set()
         worker.join()
@@ -73,18 +73,21 @@ def test_a_thread_that_ends_between_readings_takes_nothing_back():
         time.sleep(0.01)
     # Summed per process, the ended thread's 0.05 s would come off the total.
     assert worker.native_id in before
-    assert cpu_used(before, after) >= 0
+    assert seconds_added(before, after) >= 0
 
 
-def test_a_group_of_processes_has_its_total_and_its_busiest():
+def metered_burns(seconds: tuple[float, ...], cpus: set[int] | None = None) -> dict[str, float]:
+    """A meter's figures around children ("server") that each burn ``seconds[i]`` of CPU at
+    the same time, on ``cpus`` if given."""
     children = [
         subprocess.Popen(
-            [sys.executable, "-c", BURN, str(seconds)],
+            [sys.executable, "-c", BURN, str(burn_for)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         )
-        for seconds in (0.05, 0.2)
+        for burn_for in seconds
     ]
     try:
         for child in children:
@@ -96,12 +99,24 @@ def test_a_group_of_processes_has_its_total_and_its_busiest():
             child.stdin.flush()
         for child in children:
             assert child.stdout.readline() == "done\n"
-        figures = meter.stop()
+        return meter.stop()
     finally:
         for child in children:
             child.kill()
             child.wait()
+
+
+def test_a_group_of_processes_has_its_total_and_its_busiest():
+    figures = metered_burns((0.05, 0.2))
     assert 0.2 <= figures["server_max_cpu_s"] < 0.3
     assert figures["server_cpu_s"] >= figures["server_max_cpu_s"] + 0.05
     assert "client_max_cpu_s" not in figures  # one process: its busiest is its total
     assert figures["wall_s"] >= 0.2
+
+
+def test_time_spent_waiting_for_a_cpu_is_counted():
+    """Two processes that want the same CPU take turns: each waits while the other runs."""
+    one_cpu = {min(os.sched_getaffinity(0))}
+    figures = metered_burns((0.2, 0.2), cpus=one_cpu)
+    assert figures["server_wait_s"] >= 0.15
+    assert figures["wall_s"] >= 0.35
