@@ -28,3 +28,13 @@ def test_a_missing_dump_is_an_error_not_a_zero(tmp_path):
     out.write_bytes(DUMP)
     with pytest.raises(RuntimeError, match="no callgrind dump"):
         dumped_instructions(out)
+
+
+def test_the_latest_of_several_dumps_is_read(tmp_path):
+    """A server measured in several windows leaves one dump per window: ``.1`` to ``.10``
+    and beyond, which sort as numbers, not as text."""
+    out = tmp_path / "callgrind-daphne-memory.out"
+    for number in range(1, 11):
+        dump = DUMP.replace(b"664567", str(number).encode())
+        (tmp_path / f"callgrind-daphne-memory.out.{number}").write_bytes(dump)
+    assert dumped_instructions(out) == 10
