@@ -199,14 +199,15 @@ def test_reactor_delivers_every_byte_in_order_then_closes(size, how):
 
 
 RESET_SCRIPT = r"""
-import sys, time
+import sys
 from realtime.reactor import install, write_now
 reactor = install()
 from twisted.internet import protocol
 
 class Sender(protocol.Protocol):
     def connectionMade(self):
-        time.sleep(0.5)  # the peer resets meanwhile, before the reactor reads again
+        print("connected", flush=True)
+        sys.stdin.readline()  # the peer resets meanwhile, before the reactor reads again
         write_now(self.transport, b"x" * 1000)
         # The send() failed, so the data went to Twisted's buffer, whose send ends it.
         print(self.transport._tempDataBuffer == [b"x" * 1000])
@@ -238,15 +239,19 @@ def test_a_write_to_a_reset_connection_ends_it_as_twisted_would():
         sender = subprocess.Popen(
             [sys.executable, "-c", RESET_SCRIPT, str(server.getsockname()[1])],
             cwd=ROOT,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
         server.settimeout(30)
         connection, _ = server.accept()
+        # Only once the sender has seen the connection made: reset earlier, a loaded
+        # machine's sender could find its connect failed instead.
+        assert sender.stdout.readline() == "connected\n"
         # Closed with a reset, not a FIN: the sender's next send() fails.
         connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         connection.close()
-        output, _ = sender.communicate(timeout=30)
+        output, _ = sender.communicate("go\n", timeout=30)
     assert sender.returncode == 0
     buffered, reason = output.split()
     assert buffered == "True"
