@@ -36,10 +36,6 @@ def utf8_length_exceeds(text: str, limit: int) -> bool:
     return len(text.encode("utf-8", "surrogatepass")) > limit
 
 
-def websocket_text(text: str) -> dict[str, Any]:
-    return {"type": "websocket.send", "text": text}
-
-
 class InboxConsumerMixin:
     """Channels' ``AsyncConsumer.__call__`` and ``dispatch()``, reading one ``Inbox``.
 
@@ -51,14 +47,18 @@ class InboxConsumerMixin:
     A message that needs nothing but sending (``reply_builders``: updates, broadcasts) is
     handled by the sender's side while the consumer waits idle, when the server can send
     without waiting (``handle_nowait()``, ``realtime.server``): waking the consumer for it
-    was ~30% of a delivery's CPU.
+    was ~30% of a delivery's CPU. What to send is said as the transport's payloads (a
+    WebSocket text, an event-stream chunk), which the server then writes without an ASGI
+    message built and read back for each: ~20% of a WebSocket delivery's instructions and
+    ~12% of an event stream's (docs/performance.md). Awaited, each goes as its
+    ``payload_message()``.
     """
 
     connection: Connection | None = None
 
     #: Channel-message types whose handling only sends to the client, each with the
-    #: method that says what to send (ASGI messages).
-    reply_builders: dict[str, Callable[[Any, dict[str, Any]], list[dict[str, Any]]]] = {}
+    #: method that says what to send (payloads, see ``payload_message()``).
+    reply_builders: dict[str, Callable[[Any, dict[str, Any]], list[Any]]] = {}
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         self.scope = scope
@@ -66,7 +66,7 @@ class InboxConsumerMixin:
         self.channel_name = await self.channel_layer.new_channel()
         self.base_send = send
         self.inbox = Inbox(self.channel_layer, self.channel_name)
-        if getattr(send, "nowait", None) is not None:
+        if getattr(send, "write", None) is not None:
             self.inbox.handle_directly(self.handle_nowait)
         self.inbox.feed_from(receive)
         try:
@@ -80,9 +80,13 @@ class InboxConsumerMixin:
             finally:
                 await self.inbox.close()
 
-    def replies(self, message: dict[str, Any]) -> list[dict[str, Any]] | None:
-        """What to send for a channel message that needs nothing else (``reply_builders``);
-        ``None`` for one with a handler."""
+    def payload_message(self, payload: Any) -> dict[str, Any]:
+        """The ASGI message that sends one payload of ``reply_builders``."""
+        raise NotImplementedError
+
+    def replies(self, message: dict[str, Any]) -> list[Any] | None:
+        """The payloads to send for a channel message that needs nothing else
+        (``reply_builders``); ``None`` for one with a handler."""
         build = self.reply_builders.get(message["type"])
         if build is None:
             return None
@@ -95,11 +99,11 @@ class InboxConsumerMixin:
         sending and the server can send without waiting (``realtime.server``). The layer
         calls it only while the consumer waits with nothing queued, so order is kept."""
         try:
-            replies = self.replies(message)
-            if replies is None:
+            payloads = self.replies(message)
+            if payloads is None:
                 return False
-            for reply in replies:
-                self.base_send.nowait(reply)
+            for payload in payloads:
+                self.base_send.write(payload)
         except Exception as exc:
             # Not the sender's failure, who may be sending to thousands: the consumer
             # raises it on its next read, as if its handler had.
@@ -107,10 +111,10 @@ class InboxConsumerMixin:
         return True
 
     async def dispatch(self, message: dict[str, Any]) -> None:
-        replies = self.replies(message)
-        if replies is not None:
-            for reply in replies:
-                await self.base_send(reply)
+        payloads = self.replies(message)
+        if payloads is not None:
+            for payload in payloads:
+                await self.base_send(self.payload_message(payload))
             return
         # Channels awaits aclose_old_connections() (a hop through the single sync
         # thread) before every message. No handler here touches the database outside
@@ -218,15 +222,21 @@ class TaskConsumer(InboxConsumerMixin, AsyncWebsocketConsumer):
 
     # Channel-layer messages: the text was encoded once by the sender.
 
-    def task_update_replies(self, event: dict[str, Any]) -> list[dict[str, Any]]:
-        return [websocket_text(text) for _, text in self.ready_updates(event)]
+    def payload_message(self, text: str) -> dict[str, Any]:
+        return {"type": "websocket.send", "text": text}
 
-    def release_held_replies(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+    def task_update_replies(self, event: dict[str, Any]) -> list[str]:
+        ready = self.ready_updates(event)
+        if len(ready) == 1:  # nearly always; a comprehension costs a function and a frame
+            return [ready[0][1]]
+        return [text for _, text in ready]
+
+    def release_held_replies(self, event: dict[str, Any]) -> list[str]:
         released = self.connection.release_held(event["task_id"], event["wait"])
-        return [websocket_text(text) for _, text in released]
+        return [text for _, text in released]
 
-    def text_replies(self, event: dict[str, Any]) -> list[dict[str, Any]]:
-        return [websocket_text(event["text"])]
+    def text_replies(self, event: dict[str, Any]) -> list[str]:
+        return [event["text"]]
 
     reply_builders = {
         TASK_UPDATE: task_update_replies,

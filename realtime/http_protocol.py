@@ -34,21 +34,38 @@ class BoundedWebRequest(UnreadBytesProducer, WebRequest):
             and not self.finished
             and self.channel is not None
         ):
-            body = message.get("body", b"")
             if not message.get("more_body", False):
                 self.unregisterProducer()  # the connection may serve another request
             elif self.producer is None:
                 self.registerProducer(self, True)
-            elif self.too_far_behind(len(body)):
-                self.channel.transport.abortConnection()
-                return
-            elif body and self.chunked and self.startedWriting:
-                # A chunk of a stream under way, as Daphne's and Twisted's general path
-                # (``Request.write()``) would write it, at a third of the cost.
-                self.sentLength += len(body)
-                write_now(self.transport, as_chunk(body))
+            elif self.write_under_way(message.get("body", b"")):
                 return
         super().handle_reply(message)
+
+    def write_payload(self, body: bytes) -> None:
+        """``http.response.body`` of ``body`` with ``more_body``, the next chunk of a
+        stream, as ``handle_reply()`` sends it, without the message
+        (``realtime.server.Send.write()``)."""
+        if (
+            self.producer is None
+            or self.finished
+            or self.channel is None
+            or not self.write_under_way(body)
+        ):
+            self.handle_reply({"type": "http.response.body", "body": body, "more_body": True})
+
+    def write_under_way(self, body: bytes) -> bool:
+        """Write ``body`` as the next chunk of a stream under way, as Daphne's and
+        Twisted's general path (``Request.write()``) would write it, at a third of the
+        cost, or drop a client too far behind; ``False`` if that path must write it."""
+        if self.unread_bytes is not None and self.too_far_behind(len(body)):
+            self.channel.transport.abortConnection()
+            return True
+        if body and self.chunked and self.startedWriting:
+            self.sentLength += len(body)
+            write_now(self.transport, as_chunk(body))
+            return True
+        return False
 
 
 class QuietHTTPFactory(HTTPFactory):

@@ -4,9 +4,11 @@ A fan-out delivery used to wake its connection's consumer, which then awaited ``
 a future, a task step, five coroutine frames resumed and a coroutine built per message,
 about 30% of the server's CPU per delivery (docs/performance.md). Nothing in Daphne's
 own ``send`` ever waits: it hands the message to the connection's Twisted protocol, which
-writes. ``Send.nowait()`` does the same from plain code, so a channel layer can give a
+writes. ``Send.write()`` does the same from plain code, so a channel layer can give a
 message to an idle consumer's handler directly (``realtime.consumers.InboxConsumerMixin``),
-which then writes it without being woken. ``python -m mcp_platform.serve`` installs it.
+which then writes it without being woken; it takes the payload itself (a WebSocket text,
+an event-stream chunk) rather than an ASGI message to be built and read back.
+``python -m mcp_platform.serve`` installs it.
 """
 
 import asyncio
@@ -20,7 +22,7 @@ from realtime.layers import UNBOUNDED, ChannelQueue
 
 
 class Send:
-    """The ASGI ``send`` of one connection; also callable without awaiting, as ``nowait``."""
+    """The ASGI ``send`` of one connection; ``write()`` also sends, without awaiting."""
 
     __slots__ = ("server", "protocol", "state")
 
@@ -34,13 +36,14 @@ class Send:
     def __call__(self, message: dict[str, Any]) -> Awaitable[None]:
         return self.server.handle_reply(self.protocol, message)
 
-    def nowait(self, message: dict[str, Any]) -> None:
-        """Send ``message`` now, as awaiting ``self(message)`` would."""
+    def write(self, payload: str | bytes) -> None:
+        """Send a payload of the open connection now, as awaiting ``self()`` with its
+        message would: a text frame's text (``websocket.send``) or the next chunk of a
+        streamed body (``http.response.body`` with ``more_body``); the protocol knows which
+        (``write_payload()``)."""
         if self.state.get("disconnected"):
             return  # as Daphne: the connection is gone, and the application learns so
-        if message["type"] == "http.response.start":
-            self.server.check_headers_type(message)
-        self.protocol.handle_reply(message)
+        self.protocol.write_payload(payload)
 
 
 class NowaitServer(Server):

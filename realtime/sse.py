@@ -162,7 +162,7 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
         if keeps_alive(request):
             headers.append((b"Connection", b"keep-alive"))
         await self.send_headers(headers=headers)
-        await self.send_frames(protocol.sse_connected(self.connection.connection_id, user.pk))
+        await self.send_chunk(protocol.sse_connected(self.connection.connection_id, user.pk))
         self.tick()
 
     async def refuse(self, refusal: Refused) -> None:
@@ -171,14 +171,17 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
         await self.send_response(refusal.status, refusal.body(), headers=refusal.headers())
         raise StopConsumer()
 
-    async def send_frames(self, data: bytes) -> None:
-        for reply in self.chunk(data):
-            await self.send(reply)
+    async def send_chunk(self, data: bytes) -> None:
+        for body in self.chunk(data):
+            await self.send(self.payload_message(body))
 
-    def chunk(self, data: bytes) -> list[dict[str, Any]]:
+    def payload_message(self, body: bytes) -> dict[str, Any]:
+        return {"type": "http.response.body", "body": body, "more_body": True}
+
+    def chunk(self, data: bytes) -> list[bytes]:
         """``data`` as the next chunk of the stream."""
         self.last_sent = time.monotonic()
-        return [{"type": "http.response.body", "body": data, "more_body": True}]
+        return [data]
 
     def tick(self) -> None:
         """A heartbeat goes in only after a whole interval without a frame; a full inbox
@@ -203,30 +206,31 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
 
     # Channel-layer and local messages: the text was encoded once by the sender.
 
-    def task_update_replies(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+    def task_update_replies(self, event: dict[str, Any]) -> list[bytes]:
         return self.update_replies(event["task_id"], self.ready_updates(event))
 
-    def release_held_replies(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+    def release_held_replies(self, event: dict[str, Any]) -> list[bytes]:
         task_id = event["task_id"]
         return self.update_replies(task_id, self.connection.release_held(task_id, event["wait"]))
 
-    def update_replies(self, task_id: str, ready: list[tuple[int, str]]) -> list[dict[str, Any]]:
-        if len(ready) == 1:  # nearly always: the cached block, so as_chunk()'s cache holds
-            seq, text = ready[0]
-            return self.chunk(protocol.sse_task_update(task_id, seq, text))
+    def update_replies(self, task_id: str, ready: list[tuple[int, str]]) -> list[bytes]:
+        """A chunk per update: each is one block for every stream (``sse_task_update()``
+        and ``as_chunk()`` are cached)."""
         if not ready:
             return []
-        return self.chunk(
-            b"".join(protocol.sse_task_update(task_id, seq, text) for seq, text in ready)
-        )
+        self.last_sent = time.monotonic()
+        if len(ready) == 1:  # nearly always; a comprehension costs a function and a frame
+            seq, text = ready[0]
+            return [protocol.sse_task_update(task_id, seq, text)]
+        return [protocol.sse_task_update(task_id, seq, text) for seq, text in ready]
 
-    def broadcast_replies(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+    def broadcast_replies(self, event: dict[str, Any]) -> list[bytes]:
         return self.chunk(protocol.sse_event(SseEvent.BROADCAST, event["text"]))
 
-    def message_replies(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+    def message_replies(self, event: dict[str, Any]) -> list[bytes]:
         return self.chunk(protocol.sse_event(SseEvent.MESSAGE, event["text"]))
 
-    def heartbeat_replies(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+    def heartbeat_replies(self, event: dict[str, Any]) -> list[bytes]:
         return self.chunk(protocol.sse_heartbeat())
 
     reply_builders = {

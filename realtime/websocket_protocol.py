@@ -97,11 +97,23 @@ class FrameWritingWebSocketProtocol(UnreadBytesProducer, WebSocketProtocol):
         self.__dict__ = {k: v for k, v in vars(self).items() if k not in HANDSHAKE_ONLY}
         self.request.headers = self.request.params = {}
 
+    def write_payload(self, text: str) -> None:
+        """``websocket.send`` of ``text``, as Daphne's ``handle_reply()`` sends it, without
+        the message (``realtime.server.Send.write()``)."""
+        if self.state == self.STATE_CONNECTING:
+            raise ValueError("Socket has not been accepted, so cannot send over it")
+        if text:
+            self.serverSend(text, False)
+
     def serverSend(self, content: str | bytes, binary: bool = False) -> None:  # noqa: N802
         if self.state in (self.STATE_CLOSING, self.STATE_CLOSED):
             return  # going away: autobahn would raise, and the client learns of it anyway
         length, frame = data_frame(content, binary)
-        if self.state == self.STATE_OPEN and self.too_far_behind(length):
+        if (
+            self.unread_bytes is not None
+            and self.state == self.STATE_OPEN
+            and self.too_far_behind(length)
+        ):
             # Closed with 4008 (the client resubscribes and gets the current state)
             # instead of the server holding an unbounded backlog for it.
             self.serverClose(CloseCode.SLOW_CLIENT.value)

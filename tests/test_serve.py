@@ -116,14 +116,18 @@ def test_a_debug_lines_pretty_text_is_made_only_when_the_line_is_written():
 
 
 def test_the_servers_send_also_sends_without_waiting_until_the_connection_is_gone():
-    """And the application's input is the lean ``ChannelQueue``."""
+    """A payload written goes to the protocol as it is; the application's input is the
+    lean ``ChannelQueue``."""
 
     class Protocol:
         def __init__(self) -> None:
-            self.replies = []
+            self.sent = []
 
         def handle_reply(self, message) -> None:
-            self.replies.append(message["text"])
+            self.sent.append(message["text"])
+
+        def write_payload(self, text) -> None:
+            self.sent.append(text)
 
     sends = []
 
@@ -138,12 +142,12 @@ def test_the_servers_send_also_sends_without_waiting_until_the_connection_is_gon
         assert isinstance(server.create_application(protocol, {"type": "websocket"}), ChannelQueue)
         await asyncio.sleep(0)
         [send] = sends
-        send.nowait({"type": "websocket.send", "text": "now"})
+        send.write("now")
         await send({"type": "websocket.send", "text": "awaited"})
         server.protocol_disconnected(protocol)
-        send.nowait({"type": "websocket.send", "text": "after it went"})
+        send.write("after it went")
         await send({"type": "websocket.send", "text": "awaited after it went"})
-        return protocol.replies
+        return protocol.sent
 
     assert asyncio.run(scenario()) == ["now", "awaited"]
 

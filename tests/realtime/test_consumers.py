@@ -342,9 +342,10 @@ class NowaitSend:
     def __call__(self, message):
         return self.send(message)
 
-    def nowait(self, message) -> None:
-        self.sent_nowait.append(message)
-        self.send.__self__.put_nowait(message)  # the communicator's output queue
+    def write(self, text: str) -> None:
+        self.sent_nowait.append(text)
+        # The communicator's output queue, as the awaited send would put it.
+        self.send.__self__.put_nowait({"type": "websocket.send", "text": text})
 
 
 def nowait_communicator(path: str, sent_nowait: list) -> WebsocketCommunicator:
@@ -377,7 +378,7 @@ def test_an_idle_consumer_is_sent_updates_without_being_woken(user, task):
         ("task_update", 4),
         ("broadcast", None),
     ]
-    assert [json.loads(m["text"]) for m in sent_nowait] == received
+    assert [json.loads(text) for text in sent_nowait] == received
 
 
 def test_a_failure_in_one_direct_delivery_ends_that_connection_not_the_sender(
