@@ -14,10 +14,12 @@ a window between zeroing the counts and dumping them:
   then the window: ``--updates`` more, each sent once the last has reached every stream.
   Per update: the ``PATCH`` and its fan-out, as the benchmark's SSE figure times them.
 
-The Redis registry's lease renewals, periodic rather than per connect, are kept out of the
-windows (a lease of an hour). Instructions are not time (a cache miss costs more than an
-addition, and the kernel's share, a socket's ``send()`` for one, is not counted), but their
-ratio to the reference's followed the connect rates' ratios of the full runs.
+Periodic work is kept out of the windows, since whether it falls into one depends on
+callgrind's pace: the Redis registry's lease renewals (a lease of an hour), event-stream
+heartbeats (the reference's too) and Daphne's WebSocket pings (an hour's interval each).
+Instructions are not time (a cache miss costs more than an addition, and the kernel's
+share, a socket's ``send()`` for one, is not counted), but their ratio to the reference's
+followed the connect rates' ratios of the full runs.
 
     python -m bench.instructions [--scenario connect,sse] [--layer memory,redis-pubsub]
 
@@ -168,7 +170,8 @@ async def count_target(
         kind, ready_path, extra = "reference", "/ws", []
     else:
         # Under callgrind a handshake can outlast Daphne's 5 s limit.
-        kind, ready_path, extra = "daphne", "/api/tasks/", ["--websocket_connect_timeout", "600"]
+        kind, ready_path = "daphne", "/api/tasks/"
+        extra = ["--websocket_connect_timeout", "600", "--ping-interval", "3600"]
     server = await start_server(
         kind,
         env,
@@ -214,7 +217,11 @@ UNITS = {"connect": "per connect", "fanout": "per update", "sse": "per update"}
 async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, dict[str, float]]:
     """Each target's instructions, by scenario."""
     secret = secrets.token_urlsafe(40)
-    env = {"REALTIME_CONNECTION_LEASE_SECONDS": "3600", **dict(args.env)}
+    env = {
+        "REALTIME_CONNECTION_LEASE_SECONDS": "3600",
+        "REALTIME_SSE_HEARTBEAT_SECONDS": "3600",
+        **dict(args.env),
+    }
     project = Project(workdir, secret, args.database, args.postgres_url, env, args.commit)
     try:
         accounts = await asyncio.to_thread(project.create, 50)
@@ -226,6 +233,7 @@ async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, dict[str
                 **base_env(secret),
                 "BENCH_SECRET": secret,
                 "BENCH_USERS": json.dumps(accounts.staff_ids()),
+                "BENCH_HEARTBEAT_SECONDS": "3600",
             }
             targets.append(("reference", reference_env))
         counts = {}

@@ -24,7 +24,8 @@ from typing import Any
 import jwt
 from aiohttp import WSMsgType, web
 
-HEARTBEAT_SECONDS = 15.0
+#: As the project's default; ``bench.instructions`` keeps heartbeats out of its windows.
+HEARTBEAT_SECONDS = float(os.environ.get("BENCH_HEARTBEAT_SECONDS", "15"))
 
 
 def now_iso() -> str:
