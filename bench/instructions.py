@@ -1,4 +1,4 @@
-"""Instructions per WebSocket connect and per event-stream update, counted by callgrind:
+"""Instructions per WebSocket connect and per update fanned out, counted by callgrind:
 figures the machine's speed does not move.
 
 On the shared 2-core machines CPU time per connect varied by ±20-25% from run to run, more
@@ -10,20 +10,23 @@ a window between zeroing the counts and dumping them:
 
 - ``connect``: ``--warm-up`` clients connect, then the window: ``--clients`` more connect
   (``--concurrency`` handshakes at a time). Per connect.
-- ``sse``: ``--sse-clients`` event streams follow one task and one update reaches them all,
-  then the window: ``--updates`` more, each sent once the last has reached every stream.
-  Per update: the ``PATCH`` and its fan-out, as the benchmark's SSE figure times them.
+- ``fanout`` and ``sse``: ``--followers`` WebSockets subscribe to one task (or as many
+  event streams follow it) and one update reaches them all, then the window: ``--updates``
+  more, each sent once the last has reached every follower. Per update: the ``PATCH`` and
+  its fan-out, as the benchmark's fan-out figures time them.
 
 Periodic work is kept out of the windows, since whether it falls into one depends on
 callgrind's pace: the Redis registry's lease renewals (a lease of an hour), event-stream
 heartbeats (the reference's too) and Daphne's WebSocket pings (an hour's interval each).
-Instructions are not time (a cache miss costs more than an addition, and the kernel's
-share, a socket's ``send()`` for one, is not counted), but their ratio to the reference's
-followed the connect rates' ratios of the full runs.
+What is left still varies by a few per cent between runs of one code in the update
+windows, where timing decides how much a client reads at once and when the collector
+runs. Instructions are not time (a cache miss costs more than an addition, and the
+kernel's share, a socket's ``send()`` for one, is not counted), but their ratio to the
+reference's followed the connect rates' ratios of the full runs.
 
-    python -m bench.instructions [--scenario connect,sse] [--layer memory,redis-pubsub]
+    python -m bench.instructions [--scenario connect,fanout,sse] [--layer memory,redis-pubsub]
 
-Each server takes ~50 times its usual CPU; the defaults take two to three minutes per
+Each server takes ~50 times its usual CPU; the defaults take three to four minutes per
 target. Needs valgrind (``callgrind_control`` on the PATH).
 """
 
