@@ -81,8 +81,10 @@ class InboxConsumerMixin:
                 await self.inbox.close()
 
     def payload_message(self, payload: Any) -> dict[str, Any]:
-        """The ASGI message that sends one payload of ``reply_builders``."""
-        raise NotImplementedError
+        """The ASGI message that sends one payload of ``reply_builders``. The transport's
+        consumer says it (a ``websocket.send``, an ``http.response.body``): the mixin does
+        not know its transport."""
+        raise NotImplementedError("a consumer with reply_builders says how to send them")
 
     def replies(self, message: dict[str, Any]) -> list[Any] | None:
         """The payloads to send for a channel message that needs nothing else
