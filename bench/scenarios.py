@@ -34,6 +34,13 @@ HANDSHAKE_TIMEOUT = 30.0
 STREAM_OVERRUN = 1.5
 
 
+def saved_at(task: dict[str, Any]) -> float:
+    """When the server saved the change a task's representation shows (its ``updated_at``,
+    on the wall clock), on the monotonic clock that arrivals are timed by."""
+    wall_offset = time.time() - time.monotonic()
+    return datetime.fromisoformat(task["updated_at"]).timestamp() - wall_offset
+
+
 class Skip(Exception):
     """A scenario the server does not offer (yet): it answered 404."""
 
@@ -189,6 +196,7 @@ class Run:
         published = time.monotonic()
         try:
             extra = await trigger()
+            changed = extra.pop("changed", None)
         except BaseException:
             await self.pool.call_all("abandon")
             await asyncio.gather(*waits, return_exceptions=True)
@@ -197,7 +205,7 @@ class Run:
         cpu = meter.stop()
         logs = [log for share in await self.pool.call_all("collect", kind=kind) for log in share]
         closed = sum(await self.pool.call_all("closed", kind=kind))
-        figures = fanout_figures(published, logs, message_type)
+        figures = fanout_figures(published, logs, message_type, changed)
         return {**figures, "complete": complete, "closed_by_server": closed, **extra, **cpu}
 
     def update_trigger(self, task_id: str, number: int) -> Callable[[], Awaitable[dict]]:
@@ -205,7 +213,7 @@ class Run:
             status, body = await self.update_task(task_id, number)
             if status != 200:
                 raise RuntimeError(f"PATCH answered {status}: {body}")
-            return {}
+            return {"changed": saved_at(body)}
 
         return trigger
 
@@ -302,8 +310,6 @@ class Run:
         meter.start()
         sent: dict[int, float] = {}
         changed: dict[int, float] = {}
-        # The server stamps a change with the wall clock; arrivals use the monotonic one.
-        wall_offset = time.time() - time.monotonic()
         refused: Counter[str] = Counter()
         gate = asyncio.Semaphore(config.stream_in_flight)
 
@@ -315,8 +321,7 @@ class Run:
                 gate.release()
             if status == 200:
                 sent[body["seq"]] = began
-                saved = datetime.fromisoformat(body["updated_at"]).timestamp()
-                changed[body["seq"]] = saved - wall_offset
+                changed[body["seq"]] = saved_at(body)
             else:
                 refused[f"{status} {str(body)[:80]}"] += 1
 

@@ -41,11 +41,15 @@ def latency_figures(latencies: list[float]) -> dict[str, float]:
     }
 
 
-def fanout_figures(published: float, logs: list[list[Arrival]], kind: str) -> dict[str, Any]:
+def fanout_figures(
+    published: float, logs: list[list[Arrival]], kind: str, changed: float | None = None
+) -> dict[str, Any]:
     """One message to every client: how many got it, how fast, how late.
 
     ``published`` is the time just before the trigger request was sent; a client's latency
-    is the arrival of its first message of type ``kind`` after that.
+    is the arrival of its first message of type ``kind`` after that. ``changed``, where
+    the trigger's answer tells it, is when the server saved the change: the fan-out from
+    there leaves out the trigger request's own cost, the same for every server.
     """
     latencies, unexpected = [], 0
     for log in logs:
@@ -54,14 +58,23 @@ def fanout_figures(published: float, logs: list[list[Arrival]], kind: str) -> di
         if firsts:
             latencies.append(firsts[0] - published)
     span = max(latencies, default=math.nan)
-    return {
+    figures = {
         "expected": len(logs),
         "delivered": len(latencies),
         "fanout_s": span,
-        "deliveries_per_s": len(latencies) / span if latencies and span > 0 else 0.0,
+        "deliveries_per_s": per_second(len(latencies), span),
         **latency_figures(latencies),
         "unexpected": unexpected,
     }
+    if changed is not None:
+        from_change = span + published - changed
+        figures["change_fanout_s"] = from_change
+        figures["change_deliveries_per_s"] = per_second(len(latencies), from_change)
+    return figures
+
+
+def per_second(count: int, seconds: float) -> float:
+    return count / seconds if count and seconds > 0 else 0.0
 
 
 def stream_figures(
