@@ -378,3 +378,57 @@ def test_another_process_gets_a_group_message_through_redis_once(redis_server):
     for name in ("here", "there"):
         assert sorted(m["type"] for m in received[name]) == ["from here", "from there"], name
     assert left == [0, 0]
+
+
+def test_a_groups_members_are_delivered_to_in_the_order_they_joined(redis_server):
+    """By the publisher, and by the receiver of another process: the in-process layer's
+    order, which follows the connections' order in memory (``redis_layer.Members``)."""
+
+    async def joined(layer: RedisPubSubChannelLayer, count: int, offered: list) -> list[str]:
+        channels = [await layer.new_channel() for _ in range(count)]
+        for channel in channels:
+            layer.handle_directly(channel, lambda message, c=channel: offered.append(c) or True)
+        order = channels[::2] + channels[1::2]
+        for channel in order:
+            await layer.group_add("watchers", channel)
+        await layer.group_discard("watchers", order[0])
+        await layer.group_add("watchers", order[0])  # it joins again, last
+        return order[1:] + order[:1]
+
+    async def scenario():
+        async with layer_and_redis(redis_server) as (here, _):
+            there = RedisPubSubChannelLayer(hosts=[redis_server], prefix=here._get_layer().prefix)
+            offered_here, offered_there = [], []
+            try:
+                order_here = await joined(here, 30, offered_here)
+                order_there = await joined(there, 30, offered_there)
+                readers = [
+                    asyncio.ensure_future(layer.receive(channel))
+                    for layer, order in [(here, order_here), (there, order_there)]
+                    for channel in order
+                ]
+                await asyncio.sleep(0)
+                await here.group_send("watchers", {"type": "task.update"})
+                for _ in range(50):
+                    if len(offered_there) == len(order_there):
+                        break
+                    await asyncio.sleep(0.05)
+                for reader in readers:
+                    reader.cancel()
+                return (offered_here, order_here), (offered_there, order_there)
+            finally:
+                await there.flush()
+
+    (offered_here, order_here), (offered_there, order_there) = async_to_sync(scenario)()
+    assert offered_here == order_here
+    assert offered_there == order_there
+
+
+def test_a_refused_group_add_leaves_no_group_behind(redis_server):
+    async def scenario():
+        async with layer_and_redis(redis_server) as (layer, _):
+            with pytest.raises(RuntimeError):
+                await layer.group_add("watchers", "specific.made-elsewhere!1")
+            return dict(layer._get_layer().groups)
+
+    assert async_to_sync(scenario)() == {}
