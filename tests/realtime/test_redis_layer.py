@@ -432,3 +432,24 @@ def test_a_refused_group_add_leaves_no_group_behind(redis_server):
             return dict(layer._get_layer().groups)
 
     assert async_to_sync(scenario)() == {}
+
+
+def test_a_group_is_dropped_with_its_subscription_when_its_last_member_leaves(redis_server):
+    async def scenario():
+        async with layer_and_redis(redis_server) as (layer, _):
+            loop_layer = layer._get_layer()
+            name = loop_layer._get_group_channel_name("watchers")
+            shard = loop_layer._get_shard(name)
+            first, second = await layer.new_channel(), await layer.new_channel()
+            await layer.group_add("watchers", first)
+            await layer.group_add("watchers", second)
+            subscribed = name in shard._subscribed_to
+            await layer.group_discard("watchers", first)
+            left = list(loop_layer.groups[name])
+            await layer.group_discard("watchers", second)
+            return subscribed, left, name in loop_layer.groups, name in shard._subscribed_to
+
+    subscribed, left, group_kept, still_subscribed = async_to_sync(scenario)()
+    assert subscribed
+    assert len(left) == 1
+    assert not group_kept and not still_subscribed
