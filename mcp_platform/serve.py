@@ -19,6 +19,10 @@ Use it instead of the ``daphne`` command. It differs in these ways:
 - it collects garbage less often (``gc.set_threshold``): with thousands of long-lived
   connection objects the default thresholds spent ~25% of a fan-out in the collector,
   while young generations of 50,000 objects paused the loop for up to 0.5 s;
+- once it serves, it leaves what start-up loaded (~120,000 objects: modules, classes,
+  Django's registries) out of every later collection (``gc.freeze``): they live as long as
+  the process, and a full collection, such as the one that follows thousands of clients
+  leaving at once, walked them each time (169 ms against 85 ms with them left out);
 - it hands the GIL back to the event loop sooner (``sys.setswitchinterval``), so a request
   thread does not hold up the writes of a fan-out;
 - its access log shows ``token=[redacted]`` instead of a query-string token, since browsers'
@@ -131,8 +135,9 @@ def unproxied_twisted_http() -> None:
 
 def prepare() -> None:
     """Install everything above into Daphne, Twisted and autobahn, before Daphne starts."""
-    install()  # before Daphne imports Twisted's reactor
+    reactor = install()  # before Daphne imports Twisted's reactor
     gc.set_threshold(*GC_THRESHOLDS)
+    reactor.callWhenRunning(gc.freeze)  # once Daphne has loaded the application
     sys.setswitchinterval(SWITCH_INTERVAL)
     quiet_autobahn_debug_text()
     unproxied_twisted_http()

@@ -100,6 +100,27 @@ def test_the_launcher_installs_the_projects_server_parts():
     assert result.stdout.strip() == "installed", result.stderr
 
 
+FROZEN_SCRIPT = r"""
+import gc
+from mcp_platform import serve
+serve.prepare()
+import mcp_platform.asgi  # as Daphne loads the application before it runs the reactor
+from twisted.internet import reactor
+loaded = gc.get_freeze_count()
+reactor.callLater(0, lambda: (print(loaded, gc.get_freeze_count()), reactor.stop()))
+reactor.run()
+"""
+
+
+def test_what_start_up_loaded_is_left_out_of_collections_once_the_server_runs():
+    result = subprocess.run(
+        [sys.executable, "-c", FROZEN_SCRIPT], cwd=ROOT, capture_output=True, text=True
+    )
+    before, serving = map(int, result.stdout.split())
+    assert before == 0
+    assert serving > 50_000, result.stderr  # modules, classes, Django's registries
+
+
 def test_a_debug_lines_pretty_text_is_made_only_when_the_line_is_written():
     shown: list[str] = []
 
