@@ -178,10 +178,10 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
     def payload_message(self, body: bytes) -> dict[str, Any]:
         return {"type": "http.response.body", "body": body, "more_body": True}
 
-    def chunk(self, data: bytes) -> list[bytes]:
-        """``data`` as the next chunk of the stream."""
+    def chunk(self, *data: bytes) -> list[bytes]:
+        """``data`` as the next chunks of the stream, one each."""
         self.last_sent = time.monotonic()
-        return [data]
+        return list(data)
 
     def tick(self) -> None:
         """A heartbeat goes in only after a whole interval without a frame; a full inbox
@@ -218,11 +218,10 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
         and ``as_chunk()`` are cached)."""
         if not ready:
             return []
-        self.last_sent = time.monotonic()
-        if len(ready) == 1:  # nearly always; a comprehension costs a function and a frame
+        if len(ready) == 1:  # nearly always; a generator costs a function and a frame
             seq, text = ready[0]
-            return [protocol.sse_task_update(task_id, seq, text)]
-        return [protocol.sse_task_update(task_id, seq, text) for seq, text in ready]
+            return self.chunk(protocol.sse_task_update(task_id, seq, text))
+        return self.chunk(*(protocol.sse_task_update(task_id, seq, text) for seq, text in ready))
 
     def broadcast_replies(self, event: dict[str, Any]) -> list[bytes]:
         return self.chunk(protocol.sse_event(SseEvent.BROADCAST, event["text"]))
