@@ -8,6 +8,7 @@ import uuid
 import pytest
 from django.core.exceptions import ValidationError
 from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIClient
 
 from mcp_platform.tasks import services
@@ -89,6 +90,25 @@ def test_users_see_their_own_tasks_and_staff_see_all(user, other_user, staff_use
         .status_code
         == 200
     )
+
+
+def test_tasks_name_their_owner_by_id_without_reading_the_owners(user, staff_user):
+    task = services.create_task(owner=user, name="theirs")
+    user_table = type(user)._meta.db_table
+    client = api_client(staff_user)
+    for method, path, body in [
+        ("get", "/api/tasks/", None),
+        ("get", f"/api/tasks/{task.pk}/", None),
+        ("patch", f"/api/tasks/{task.pk}/", {"progress": 5}),
+    ]:
+        with CaptureQueriesContext(connection) as queries:
+            response = getattr(client, method)(path, body, format="json")
+        assert response.status_code == 200, response.content
+        shown = response.json()
+        assert (shown[0] if isinstance(shown, list) else shown)["owner"] == user.pk
+        # The one read of a user is the requester's, by the token's authentication.
+        reads_of_users = [q["sql"] for q in queries if user_table in q["sql"]]
+        assert len(reads_of_users) == 1, reads_of_users
 
 
 def test_unknown_task_and_unknown_path_are_404_json(user):
