@@ -76,7 +76,7 @@ def parse_client_message(text: str) -> ClientMessage:
     """Parse one client frame, raising ``ProtocolError`` with the code the client gets."""
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # the latter: nested deeper than Python's parser goes
         raise ProtocolError(ErrorCode.INVALID_JSON, "Message is not valid JSON.") from None
     if not isinstance(data, dict):
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, "Message must be a JSON object.")

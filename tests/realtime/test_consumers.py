@@ -185,6 +185,7 @@ def test_subscribing_twice_delivers_each_update_once(user, task):
     ("frame", "code"),
     [
         ("{oops", "invalid_json"),
+        ("[" * 5_000, "invalid_json"),  # nested deeper than Python's parser goes
         ("[]", "invalid_message"),
         ('{"id": 1}', "invalid_message"),
         ('{"action": ["subscribe"]}', "invalid_message"),

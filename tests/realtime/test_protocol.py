@@ -33,6 +33,7 @@ def test_parse_round_trips_every_valid_message(action, task_id, request_id):
     [
         ("{not json", ErrorCode.INVALID_JSON),
         ("", ErrorCode.INVALID_JSON),
+        ("[" * 5_000, ErrorCode.INVALID_JSON),  # nested deeper than Python's parser goes
         ("[1, 2]", ErrorCode.INVALID_MESSAGE),
         ('"subscribe"', ErrorCode.INVALID_MESSAGE),
         ("{}", ErrorCode.INVALID_MESSAGE),
