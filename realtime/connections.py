@@ -5,6 +5,7 @@ Consumers and the SSE view call ``ConnectionManager``; so does the one publish p
 consumer objects: a ``Connection`` is plain state that its consumer owns and passes in.
 """
 
+import contextlib
 import enum
 import itertools
 import uuid
@@ -194,6 +195,18 @@ class ConnectionManager:
         connection.groups.discard(group)
         await self.layer.group_discard(group, connection.channel_name)
 
+    async def _leave_all(self, connection: Connection) -> None:
+        """Leave every group of the connection. One that fails to be left (Redis away)
+        does not keep the connection in the others; the first failure is raised after."""
+        failure: BaseException | None = None
+        for group in list(connection.groups):
+            try:
+                await self._leave(connection, group)
+            except Exception as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+
     async def connect(
         self,
         *,
@@ -212,19 +225,29 @@ class ConnectionManager:
         joined = [groups.user_group(user.pk), groups.BROADCAST_GROUP]
         if follow_all:
             joined.append(groups.STAFF_FEED_GROUP if user.is_staff else groups.feed_group(user.pk))
-        for group in joined:
-            await self._join(connection, group)
-        await self.registry.add(entry)
+        try:
+            for group in joined:
+                await self._join(connection, group)
+            await self.registry.add(entry)
+        except BaseException:
+            # The caller gets no connection to disconnect, and a layer keeps a channel in
+            # its groups until told: a failed connect leaves nothing behind.
+            with contextlib.suppress(Exception):
+                await self._leave_all(connection)
+            raise
         return connection
 
     async def disconnect(self, connection: Connection) -> None:
-        """Leave every group and drop every registry entry of the connection."""
+        """Leave every group and drop every registry entry of the connection, the latter
+        even if leaving a group failed: a process renews its entries for as long as it
+        holds them, so one left behind would be counted for good."""
         subscribed = frozenset(uuid.UUID(task_id) for task_id in connection.last_seq)
-        for group in list(connection.groups):
-            await self._leave(connection, group)
         connection.last_seq.clear()
         connection.held.clear()
-        await self.registry.remove(connection.entry, subscribed)
+        try:
+            await self._leave_all(connection)
+        finally:
+            await self.registry.remove(connection.entry, subscribed)
 
     async def subscribe_to_task(
         self, connection: Connection, user: AbstractBaseUser, task_id: uuid.UUID

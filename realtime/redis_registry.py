@@ -40,12 +40,11 @@ CHUNK = 500
 #: connection, redis-py's packing and reply parsing cost ~7% of a connect's CPU, and a
 #: renewal of 4,000 connections held the event loop for 0.3-0.5 s (docs/performance.md).
 #: KEYS: the sets to add to, then those to remove from. ARGV: the leases' expiry, the time
-#: up to which a lease has lapsed, the sets' time to live, ``XX`` to extend existing
-#: leases only (a renewal) or an empty string, how many sets are added to, then per set
-#: its member count and members. Sets added to are pruned of lapsed members.
+#: up to which a lease has lapsed, the sets' time to live, how many sets are added to,
+#: then per set its member count and members. Sets added to are pruned of lapsed members.
 WRITE_SCRIPT = """
-local expiry, now, ttl, only, added = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
-local at = 6
+local expiry, now, ttl, added = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local at = 5
 for i, key in ipairs(KEYS) do
     local count = tonumber(ARGV[at])
     if i <= added then
@@ -54,11 +53,7 @@ for i, key in ipairs(KEYS) do
             leases[#leases + 1] = expiry
             leases[#leases + 1] = ARGV[j]
         end
-        if only == "XX" then
-            redis.call("ZADD", key, "XX", unpack(leases))
-        else
-            redis.call("ZADD", key, unpack(leases))
-        end
+        redis.call("ZADD", key, unpack(leases))
         redis.call("ZREMRANGEBYSCORE", key, "-inf", now)
         redis.call("EXPIRE", key, ttl)
     else
@@ -81,7 +76,7 @@ class RedisRegistry(ConnectionRegistry):
         self._local: dict[uuid.UUID, Entry] = {}
         self._local_tasks: defaultdict[uuid.UUID, set[uuid.UUID]] = defaultdict(set)
         self._renewer: asyncio.Task | None = None
-        #: Sets outlive their members' leases, so a renewal finds them.
+        #: Sets outlive their members' leases: a live one never lapses between renewals.
         self._key_ttl = int(lease_seconds * 2) + 1
         # Connections arriving (or leaving) together share one command.
         self._writes: Batcher[list[Write], None] = Batcher(self._write_many, max_size=CHUNK)
@@ -130,19 +125,39 @@ class RedisRegistry(ConnectionRegistry):
                 logger.warning("Could not renew connection leases; retrying", exc_info=True)
 
     async def renew(self) -> None:
-        """Extend the lease of every connection of this process and prune lapsed members,
-        ``CHUNK`` connections per command, so other work runs between the commands."""
-        connections = list(self._local.items())
-        for start in range(0, len(connections), CHUNK):
-            leases: defaultdict[str, list[str]] = defaultdict(list)
-            for connection_id, entry in connections[start : start + CHUNK]:
-                member = str(connection_id)
-                for key in self._entry_keys(entry):
-                    leases[key].append(member)
-                for task_id in self._local_tasks.get(connection_id, ()):
-                    leases[self._task_key(task_id)].append(member)
-            # Only existing members: a connection that left meanwhile stays gone.
-            await self._run_script(leases, {}, renewal=True)
+        """Lease every connection of this process and its subscriptions again, and prune
+        lapsed members, ``CHUNK`` connections per command, so other work runs between the
+        commands. What Redis lost of them (a restart, a flush, leases that lapsed while
+        it was out of reach) is written again: this process knows they are live."""
+        connection_ids = list(self._local)
+        for start in range(0, len(connection_ids), CHUNK):
+            chunk = connection_ids[start : start + CHUNK]
+            leases = self._leases(chunk)
+            await self._run_script(leases, {})
+            # What ended while the command was on its way may have been removed before
+            # the command wrote it back: remove that again.
+            live = self._leases(chunk)
+            ended = {
+                key: stale
+                for key, members in leases.items()
+                if (stale := sorted(set(members).difference(live.get(key, ()))))
+            }
+            if ended:
+                await self._run_script({}, ended)
+
+    def _leases(self, connection_ids: list[uuid.UUID]) -> dict[str, list[str]]:
+        """The members each set has for those of ``connection_ids`` still live here."""
+        leases: defaultdict[str, list[str]] = defaultdict(list)
+        for connection_id in connection_ids:
+            entry = self._local.get(connection_id)
+            if entry is None:
+                continue
+            member = str(connection_id)
+            for key in self._entry_keys(entry):
+                leases[key].append(member)
+            for task_id in self._local_tasks.get(connection_id, ()):
+                leases[self._task_key(task_id)].append(member)
+        return leases
 
     async def _write(self, writes: list[Write]) -> None:
         """Make ``writes`` with those of connections arriving (or leaving) together."""
@@ -155,22 +170,14 @@ class RedisRegistry(ConnectionRegistry):
         for writes in batches:
             for kind, key, member in writes:
                 (added if kind == "add" else removed)[key].append(member)
-        await self._run_script(added, removed, renewal=False)
+        await self._run_script(added, removed)
         return [None] * len(batches)
 
-    async def _run_script(
-        self, added: dict[str, list[str]], removed: dict[str, list[str]], *, renewal: bool
-    ) -> None:
+    async def _run_script(self, added: dict[str, list[str]], removed: dict[str, list[str]]) -> None:
         """Lease the members of ``added`` to their sets, drop those of ``removed`` from
         theirs (``WRITE_SCRIPT``)."""
         now = time.time()
-        args: list[str | float | int] = [
-            now + self.lease_seconds,
-            now,
-            self._key_ttl,
-            "XX" if renewal else "",
-            len(added),
-        ]
+        args: list[str | float | int] = [now + self.lease_seconds, now, self._key_ttl, len(added)]
         for members in (*added.values(), *removed.values()):
             args.append(len(members))
             args.extend(members)

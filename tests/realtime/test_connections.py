@@ -3,6 +3,7 @@
 import asyncio
 import uuid
 from contextlib import asynccontextmanager
+from types import SimpleNamespace
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -10,9 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mcp_platform.tasks import services
-from realtime import api
-from realtime.connections import Connection
-from realtime.registry import Entry
+from realtime import api, groups
+from realtime.connections import Connection, ConnectionManager, Transport
+from realtime.layers import InMemoryChannelLayer
+from realtime.registry import Entry, LocalRegistry
 from realtime.sources import TaskSnapshot
 from tests.conftest import connect_user, open_websocket, token_for
 
@@ -159,5 +161,79 @@ def test_a_gap_soon_after_another_is_waited_for_and_nothing_is_lost(user, settin
             await publish(task, 4)
             got += await seqs_received(ws, 2)
             assert got == [2, 3, 4, 5]
+
+    async_to_sync(scenario)()
+
+
+class FlakyLayer(InMemoryChannelLayer):
+    """The in-process layer, failing to leave (or join) the groups named, as Redis away."""
+
+    def __init__(self, fail_leaving=(), fail_joining=()):
+        super().__init__()
+        self.fail_leaving, self.fail_joining = set(fail_leaving), set(fail_joining)
+
+    async def group_add(self, group, channel):
+        if group in self.fail_joining:
+            raise ConnectionError("layer is down")
+        await super().group_add(group, channel)
+
+    async def group_discard(self, group, channel):
+        if group in self.fail_leaving:
+            raise ConnectionError("layer is down")
+        await super().group_discard(group, channel)
+
+
+class ManagerOn(ConnectionManager):
+    def __init__(self, registry, layer):
+        super().__init__(registry)
+        self._layer = layer
+
+    @property
+    def layer(self):
+        return self._layer
+
+
+class FailingRegistry(LocalRegistry):
+    async def add(self, entry):
+        raise ConnectionError("registry is down")
+
+
+def members(layer):
+    return {group: set(channels) for group, channels in layer.groups.items()}
+
+
+def test_a_connection_that_fails_to_leave_a_group_still_leaves_the_others_and_the_registry():
+    layer = FlakyLayer(fail_leaving={groups.user_group(7)})
+    manager = ManagerOn(LocalRegistry(), layer)
+    user = SimpleNamespace(pk=7, is_staff=False)
+
+    async def scenario():
+        connection = await manager.connect(
+            channel_name="specific.a", user=user, transport=Transport.SSE, follow_all=True
+        )
+        with pytest.raises(ConnectionError):
+            await manager.disconnect(connection)
+        assert await manager.count_connections() == 0
+        assert members(layer) == {groups.user_group(7): {"specific.a"}}
+
+    async_to_sync(scenario)()
+
+
+@pytest.mark.parametrize("failing", ["group", "registry"])
+def test_a_connect_that_fails_leaves_no_group_behind(failing):
+    if failing == "group":
+        layer, registry = FlakyLayer(fail_joining={groups.BROADCAST_GROUP}), LocalRegistry()
+    else:
+        layer, registry = FlakyLayer(), FailingRegistry()
+    manager = ManagerOn(registry, layer)
+    user = SimpleNamespace(pk=7, is_staff=False)
+
+    async def scenario():
+        with pytest.raises(ConnectionError):
+            await manager.connect(
+                channel_name="specific.a", user=user, transport=Transport.WEBSOCKET
+            )
+        assert members(layer) == {}
+        assert await manager.count_connections() == 0
 
     async_to_sync(scenario)()

@@ -180,9 +180,9 @@ def test_a_renewal_extends_every_lease_a_bounded_number_of_connections_at_a_time
     commands: list[int] = []
     run_script = registry._run_script
 
-    async def recording(added, removed, *, renewal):
+    async def recording(added, removed):
         commands.append(len(set().union(*added.values())))
-        await run_script(added, removed, renewal=renewal)
+        await run_script(added, removed)
 
     async def scenario():
         for connection in entries:
@@ -207,20 +207,49 @@ def test_a_renewal_extends_every_lease_a_bounded_number_of_connections_at_a_time
 
 
 @pytest.mark.redis
-def test_a_renewal_does_not_bring_back_a_connection_removed_meanwhile(redis_server):
+def test_a_renewal_does_not_bring_back_a_connection_that_left_while_it_ran(redis_server):
+    """The renewal's command, sent before the connection left, reaches Redis after the
+    connection's removal."""
     registry = redis_registry_factory(redis_server)()
     staying, leaving = entry(1, "websocket"), entry(1, "websocket")
+    run_script = registry._run_script
+
+    async def leaving_first(added, removed):
+        if added and registry._local.get(leaving.connection_id) is not None:
+            await registry.remove(leaving, frozenset({TASK_1}))
+        await run_script(added, removed)
 
     async def scenario():
-        await registry.add(staying)
-        await registry.add(leaving)
-        # Removed in Redis while this process's renewal still lists it.
-        member = str(leaving.connection_id)
-        for key in registry._entry_keys(leaving):
-            await registry.client.zrem(key, member)
+        for connection in (staying, leaving):
+            await registry.add(connection)
+            await registry.add_subscription(connection, TASK_1)
+        registry._run_script = leaving_first
         await registry.renew()
         assert await registry.count_transport("websocket") == 1
         assert await registry.count_user(1) == 1
+        assert await registry.count_task(TASK_1) == 1
+
+    run(scenario, registry)
+
+
+@pytest.mark.redis
+def test_a_renewal_writes_back_the_live_connections_redis_lost(redis_server):
+    """After a restart of a Redis that keeps nothing on disk (or a flush), this process's
+    connections are counted again from its next renewal, not only once they reconnect."""
+    registry = redis_registry_factory(redis_server)()
+
+    async def scenario():
+        first, second, third = await populate(registry)
+        await registry.remove_subscription(first, TASK_1)
+        keys = [key async for key in registry.client.scan_iter(match=f"{registry.prefix}*")]
+        await registry.client.delete(*keys)
+        await assert_empty(registry)
+        await registry.renew()
+        assert await registry.overview(TRANSPORTS) == Overview(
+            by_transport={"websocket": 2, "sse": 1},
+            by_user={1: 2, 2: 1},
+            by_task={TASK_1: 1, TASK_2: 1},
+        )
 
     run(scenario, registry)
 
