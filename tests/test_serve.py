@@ -26,6 +26,9 @@ from tests.conftest import ROOT, LiveServer, start_server
         ("/events?token=abc.def.ghi", "/events?token=[redacted]"),
         ("/events?task_id=1&token=abc&x=2", "/events?task_id=1&token=[redacted]&x=2"),
         ("/ws?mytoken=keep", "/ws?mytoken=keep"),
+        ("/events?%74oken=abc&to%6Ben=def", "/events?%74oken=[redacted]&to%6Ben=[redacted]"),
+        ("/ws?token=abc&token=def", "/ws?token=[redacted]&token=[redacted]"),
+        ("/ws?token=", "/ws?token=[redacted]"),
         ("/api/tasks/", "/api/tasks/"),
     ],
 )
