@@ -17,8 +17,9 @@ from typing import Any
 
 from channels.exceptions import StopConsumer
 from channels.generic.http import AsyncHttpConsumer
+from django.conf import settings
 from django.contrib.auth.base_user import AbstractBaseUser
-from django.core.exceptions import DisallowedHost
+from django.core.exceptions import DisallowedHost, TooManyFieldsSent
 from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpRequest
 
@@ -99,7 +100,12 @@ def authenticated_user(scope: dict[str, Any]) -> AbstractBaseUser:
 def requested_task_ids(request: HttpRequest) -> list[uuid.UUID]:
     """The ``task_id`` parameters, in order and without repeats."""
     try:
-        task_ids = [protocol.parse_task_id(value) for value in request.GET.getlist("task_id")]
+        values = request.GET.getlist("task_id")
+    except TooManyFieldsSent:
+        limit = settings.DATA_UPLOAD_MAX_NUMBER_FIELDS
+        raise Refused(400, "bad_request", f"More than {limit} query parameters.") from None
+    try:
+        task_ids = [protocol.parse_task_id(value) for value in values]
     except ValueError:
         raise ProtocolError(ErrorCode.INVALID_TASK_ID, "task_id must be a UUID.") from None
     return list(dict.fromkeys(task_ids))

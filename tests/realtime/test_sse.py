@@ -326,6 +326,24 @@ def test_task_id_that_is_not_a_uuid_is_400(user, task, value, disconnected):
 
 
 @transactional
+def test_more_query_parameters_than_django_reads_is_400(user, task, settings, disconnected):
+    settings.DATA_UPLOAD_MAX_NUMBER_FIELDS = 10
+
+    async def scenario():
+        query = [("token", token_for(user))] + [("task_id", str(task.pk))] * 10
+        async with InProcessStream(query) as stream:
+            assert stream.status == 400
+            assert stream.json() == {
+                "code": "bad_request",
+                "detail": "More than 10 query parameters.",
+            }
+        await assert_no_connections([task.pk])
+
+    run(scenario)
+    assert disconnected == []
+
+
+@transactional
 def test_unknown_task_and_another_users_task_are_the_same_404(user, other_user, task, disconnected):
     foreign = services.create_task(owner=other_user, name="not yours")
 
