@@ -104,6 +104,9 @@ class Connection:
             ready.append((last, held.pop(last)))
         if not held:
             self._stop_holding(task_id)  # the gap closed: its release is stale
+        elif ready:
+            # The gap closed with another behind it, which gets a wait of its own.
+            self.waiting.pop(task_id, None)
         self.last_seq[task_id] = last
         return ready
 

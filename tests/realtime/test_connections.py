@@ -68,6 +68,19 @@ def test_each_gap_is_waited_for_the_whole_window_however_soon_it_follows_another
     assert c.release_held("t", second) == []
 
 
+def test_a_gap_left_when_the_one_waited_for_closes_is_waited_for_the_whole_window():
+    c = connection(subscribed={"t": 3})
+    c.receive_update("t", 5, "five")
+    first = c.starts_waiting("t")
+    c.receive_update("t", 7, "seven")  # behind a second gap, at 6
+    assert c.starts_waiting("t") is None  # one wait at a time
+    assert c.receive_update("t", 4, "four") == [(4, "four"), (5, "five")]
+    second = c.starts_waiting("t")
+    assert second is not None and second != first
+    assert c.release_held("t", first) == []  # stale: 7 has not waited its window yet
+    assert c.receive_update("t", 6, "six") == [(6, "six"), (7, "seven")]
+
+
 def test_unsubscribing_ends_a_wait():
     c = connection(subscribed={"t": 1})
     c.receive_update("t", 3, "three")
