@@ -56,6 +56,7 @@ GC_THRESHOLDS = (5_000, 20, 100)
 #: each time: writing 1,000 event streams took 15-20 ms instead of ~4.
 SWITCH_INTERVAL = 0.001
 
+
 def redact(path: str) -> str:
     """``path`` with the value of each ``token`` query parameter replaced, its name read
     as the server reads it (``%74oken`` is ``token`` too)."""

@@ -27,6 +27,8 @@ from realtime.sources import TaskSnapshot, get_task_source
 TASK_UPDATE = "task.update"  # task_update()
 #: A transport's own reminder to stop waiting for a missing update (``release_held()``).
 RELEASE_HELD = "realtime.release_held"  # realtime_release_held()
+#: A transport's own note that a subscribed task changed hands (``ready_updates()``).
+TASK_HIDDEN = "realtime.task_hidden"  # realtime_task_hidden()
 BROADCAST = "realtime.broadcast"  # realtime_broadcast()
 PERSONAL = "realtime.message"  # realtime_message()
 
@@ -63,6 +65,8 @@ class Connection:
     last_seq: dict[str, int] = field(default_factory=dict)
     #: Whether every task the user may see is followed, not just subscribed ones.
     follows_all: bool = False
+    #: Whether the user may see every task (staff), not just their own.
+    sees_all: bool = False
     #: Updates that arrived ahead of a missing one, by task id, then seq.
     held: dict[str, dict[int, str]] = field(default_factory=dict)
     #: Tasks whose held updates wait for a release, each with its wait's number.
@@ -75,6 +79,11 @@ class Connection:
     @property
     def user_id(self) -> int:
         return self.entry.user_id
+
+    def may_see(self, owner_id: int) -> bool:
+        """Whether the user may see a task of this owner: ``visible_tasks()``'s rule, for a
+        task whose owner an update names, without a query."""
+        return self.sees_all or owner_id == self.entry.user_id
 
     def receive_update(self, task_id: str, seq: int, text: str) -> list[tuple[int, str]]:
         """The updates to deliver now, ``(seq, text)`` in ``seq`` order, after this one arrived.
@@ -224,7 +233,9 @@ class ConnectionManager:
         ``follow_all`` it also follows every task the user may see (staff: all tasks).
         """
         entry = Entry(connection_id=uuid.uuid4(), user_id=user.pk, transport=str(transport))
-        connection = Connection(channel_name=channel_name, entry=entry, follows_all=follow_all)
+        connection = Connection(
+            channel_name=channel_name, entry=entry, follows_all=follow_all, sees_all=user.is_staff
+        )
         joined = [groups.user_group(user.pk), groups.BROADCAST_GROUP]
         if follow_all:
             joined.append(groups.STAFF_FEED_GROUP if user.is_staff else groups.feed_group(user.pk))
@@ -275,19 +286,23 @@ class ConnectionManager:
         if snapshot is None:
             if is_new:
                 await self._leave(connection, group)
+            else:  # held, but gone or no longer the user's to see: it ends here
+                await self.unsubscribe_from_task(connection, task_id)
             raise ProtocolError(ErrorCode.NOT_FOUND, "No such task.")
         connection.saw(key, snapshot.seq)
         if is_new:
             await self.registry.add_subscription(connection.entry, task_id)
         return snapshot
 
-    async def unsubscribe_from_task(self, connection: Connection, task_id: uuid.UUID) -> None:
-        """Stop a subscription; doing so twice, or for a task never subscribed, is harmless."""
+    async def unsubscribe_from_task(self, connection: Connection, task_id: uuid.UUID) -> bool:
+        """Stop a subscription, saying whether there was one: doing so twice, or for a task
+        never subscribed, is harmless."""
         if str(task_id) not in connection.last_seq:
-            return
+            return False
         connection.forget(str(task_id))
         await self._leave(connection, groups.task_group(task_id))
         await self.registry.remove_subscription(connection.entry, task_id)
+        return True
 
     async def send_personal_message(self, user_id: int, payload: dict[str, Any]) -> None:
         """Send ``{"type": "message", "payload": …}`` to every connection of one user."""
@@ -314,6 +329,7 @@ class ConnectionManager:
         message = {
             "type": TASK_UPDATE,
             "task_id": str(snapshot.task_id),
+            "owner_id": snapshot.owner_id,
             "seq": snapshot.seq,
             "text": protocol.encode(
                 protocol.task_update(snapshot.task_id, snapshot.seq, snapshot.state)

@@ -4,6 +4,7 @@
 a consumer reads its messages, and how its connection ends.
 """
 
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from realtime.connections import (
     BROADCAST,
     PERSONAL,
     RELEASE_HELD,
+    TASK_HIDDEN,
     TASK_UPDATE,
     Connection,
     Transport,
@@ -127,6 +129,20 @@ class InboxConsumerMixin:
             raise ValueError(f"No handler for message type {message['type']}")
         await handler(message)
 
+    async def realtime_task_hidden(self, event: dict[str, Any]) -> None:
+        """A subscribed task is no longer the user's to see: its subscription ends, and
+        the client is told so, unasked (``unsubscribed_replies()``)."""
+        task_id = uuid.UUID(event["task_id"])
+        if self.connection is not None and await get_connection_manager().unsubscribe_from_task(
+            self.connection, task_id
+        ):
+            for payload in self.unsubscribed_replies(task_id):
+                await self.base_send(self.payload_message(payload))
+
+    def unsubscribed_replies(self, task_id: uuid.UUID) -> list[Any]:
+        """The payloads that tell the client a subscription has ended."""
+        raise NotImplementedError("a consumer with subscriptions says how they end")
+
     async def leave(self) -> None:
         """Hand the connection back to the manager; a no-op once done."""
         if self.connection is not None:
@@ -135,11 +151,19 @@ class InboxConsumerMixin:
 
     def ready_updates(self, event: dict[str, Any]) -> list[tuple[int, str]]:
         """The updates a ``task_update`` lets through, in ``seq`` order; if it opens a gap,
-        a release of what waits behind the gap is scheduled (``Connection.receive_update``)."""
-        assert self.connection is not None
+        a release of what waits behind the gap is scheduled (``Connection.receive_update``).
+
+        An update of a subscribed task that changed hands to another user goes no further,
+        and the subscription is ended (``realtime_task_hidden()``)."""
+        connection = self.connection
+        assert connection is not None
         task_id = event["task_id"]
-        ready = self.connection.receive_update(task_id, event["seq"], event["text"])
-        wait = self.connection.starts_waiting(task_id)
+        if not connection.may_see(event["owner_id"]):
+            if task_id in connection.last_seq:
+                self.inbox.put_nowait({"type": TASK_HIDDEN, "task_id": task_id})
+            return []
+        ready = connection.receive_update(task_id, event["seq"], event["text"])
+        wait = connection.starts_waiting(task_id)
         if wait is not None:
             self.inbox.put_later(
                 realtime_settings.REORDER_WINDOW_SECONDS,
@@ -236,6 +260,9 @@ class TaskConsumer(InboxConsumerMixin, AsyncWebsocketConsumer):
     def release_held_replies(self, event: dict[str, Any]) -> list[str]:
         released = self.connection.release_held(event["task_id"], event["wait"])
         return [text for _, text in released]
+
+    def unsubscribed_replies(self, task_id: uuid.UUID) -> list[str]:
+        return [protocol.encode(protocol.unsubscribed(task_id))]
 
     def text_replies(self, event: dict[str, Any]) -> list[str]:
         return [event["text"]]

@@ -203,6 +203,7 @@ class SseEvent(enum.StrEnum):
 
     CONNECTED = "connected"
     TASK_UPDATE = "task_update"
+    UNSUBSCRIBED = "unsubscribed"
     BROADCAST = "broadcast"
     MESSAGE = "message"
     HEARTBEAT = "heartbeat"
@@ -221,6 +222,11 @@ def sse_task_update(task_id: str, seq: int, text: str) -> bytes:
     Cached as ``sse_event()`` is, and ahead of it: one lookup per stream instead of an id
     built and hashed for each."""
     return sse_event(SseEvent.TASK_UPDATE, text, f"{task_id}:{seq}")
+
+
+def sse_unsubscribed(task_id: uuid.UUID) -> bytes:
+    """The end of a task's subscription, which the server ended itself."""
+    return sse_event(SseEvent.UNSUBSCRIBED, encode({"task_id": str(task_id)}))
 
 
 def sse_heartbeat() -> bytes:

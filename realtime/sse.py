@@ -229,6 +229,9 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
             return self.chunk(protocol.sse_task_update(task_id, seq, text))
         return self.chunk(*(protocol.sse_task_update(task_id, seq, text) for seq, text in ready))
 
+    def unsubscribed_replies(self, task_id: uuid.UUID) -> list[bytes]:
+        return self.chunk(protocol.sse_unsubscribed(task_id))
+
     def broadcast_replies(self, event: dict[str, Any]) -> list[bytes]:
         return self.chunk(protocol.sse_event(SseEvent.BROADCAST, event["text"]))
 

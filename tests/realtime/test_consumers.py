@@ -10,6 +10,7 @@ from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 
 from mcp_platform.tasks import services
+from mcp_platform.tasks.models import Task
 from realtime import api
 from realtime.connections import get_connection_manager
 from realtime.consumers import TaskConsumer
@@ -231,6 +232,45 @@ def test_another_users_task_is_not_found_like_a_missing_one(user, other_user):
             await database_sync_to_async(services.update_task)(task=theirs, progress=50)
             assert await ws.receive_nothing(timeout=0.3)
             assert await get_connection_manager().count_task_subscribers(theirs.pk) == 0
+
+    run(scenario)
+
+
+def test_a_task_that_changes_hands_ends_its_former_owners_subscription(user, other_user):
+    task = services.create_task(owner=user, name="mine, then theirs")
+
+    def give_away() -> None:
+        task.owner = other_user  # as the admin may
+        task.save()
+
+    async def scenario():
+        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+            await connect_user(ws)
+            await request(ws, {"action": "subscribe", "task_id": str(task.pk)})
+            await database_sync_to_async(give_away)()
+            assert await ws.receive_json_from(timeout=5) == {
+                "type": "unsubscribed",
+                "task_id": str(task.pk),
+            }
+            await database_sync_to_async(services.update_task)(task=task, progress=60)
+            assert await ws.receive_nothing(timeout=0.3)
+            assert await get_connection_manager().count_task_subscribers(task.pk) == 0
+            assert (await request(ws, {"action": "ping"}))["type"] == "pong"
+
+    run(scenario)
+
+
+def test_subscribing_again_to_a_task_gone_meanwhile_ends_the_subscription(user):
+    task = services.create_task(owner=user, name="soon gone")
+
+    async def scenario():
+        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+            await connect_user(ws)
+            await request(ws, {"action": "subscribe", "task_id": str(task.pk)})
+            await database_sync_to_async(Task.objects.filter(pk=task.pk).delete)()
+            error = await request(ws, {"action": "subscribe", "task_id": str(task.pk)})
+            assert error["code"] == "not_found"
+            assert await get_connection_manager().count_task_subscribers(task.pk) == 0
 
     run(scenario)
 

@@ -421,6 +421,25 @@ def snapshot(task, seq, **state):
 
 
 @transactional
+def test_a_task_that_changes_hands_ends_its_place_in_the_stream(user, other_user, task):
+    async def scenario():
+        async with InProcessStream({"token": token_for(user), "task_id": str(task.pk)}) as s:
+            await s.next_of("connected")
+            given_away = TaskSnapshot(
+                task_id=task.pk, owner_id=other_user.pk, seq=2, state=snapshot(task, 2).state
+            )
+            await api.apublish_task_update(given_away)
+            event = await s.next_event()
+            assert (event.type, event.json()) == ("unsubscribed", {"task_id": str(task.pk)})
+            await api.apublish_task_update(snapshot(task, 3))  # given back: not followed
+            await get_connection_manager().send_personal_message(user.pk, {"end": True})
+            assert (await s.next_event()).type == "message"
+            assert await get_connection_manager().count_task_subscribers(task.pk) == 0
+
+    run(scenario)
+
+
+@transactional
 def test_task_ids_limit_the_stream_to_those_tasks(user, task):
     other = services.create_task(owner=user, name="unwatched")
 
