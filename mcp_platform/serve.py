@@ -30,7 +30,8 @@ Use it instead of the ``daphne`` command. It differs in these ways:
   ``WSCONNECT`` or ``WSREJECT`` line follows within milliseconds, and writing both cost
   ~3% of a connect; Twisted writes no access log line of its own, which it formatted for
   every request and, with ``-v 2``, logged with the query string's token;
-- its access log writes the lines of one event-loop turn together (``LinesPerTurn``).
+- its access log writes the lines of one event-loop turn together (``LinesPerTurn``);
+- it runs Django's system checks first, as ``runserver`` does, and stops on an error.
 
 Without arguments it serves ``mcp_platform.asgi:application`` on 127.0.0.1:8000.
 """
@@ -38,6 +39,7 @@ Without arguments it serves ``mcp_platform.asgi:application`` on 127.0.0.1:8000.
 import asyncio
 import atexit
 import gc
+import os
 import pprint
 import sys
 from typing import TextIO
@@ -173,8 +175,25 @@ def prepare() -> None:
     cli.AccessLogGenerator = RedactingAccessLog
 
 
+def check() -> None:
+    """Run Django's system checks, as ``runserver`` does before it serves (Daphne does
+    not): a setting they refuse would otherwise break the server quietly. Exits on an
+    error."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mcp_platform.settings")
+    import django
+    from django.core.management import call_command
+    from django.core.management.base import SystemCheckError
+
+    django.setup(set_prefix=False)
+    try:
+        call_command("check")
+    except SystemCheckError as exc:
+        sys.exit(str(exc))
+
+
 def main(argv: list[str] | None = None) -> None:
     prepare()
+    check()  # after prepare(): the apps may import Twisted's reactor
     from daphne import cli
 
     args = sys.argv[1:] if argv is None else argv

@@ -7,6 +7,16 @@ from django.core.checks import Error, Warning, register
 
 from realtime.conf import DEFAULTS, realtime_settings
 
+#: Settings that must be above 0, each with what would go wrong otherwise.
+MUST_BE_POSITIVE = {
+    "SSE_HEARTBEAT_SECONDS": "idle SSE streams would send heartbeats without pause",
+    "CONNECTION_LEASE_SECONDS": "registry entries would lapse at once, renewed without pause",
+    "SUBSCRIPTION_LIMIT": "no task could be subscribed to",
+    "MAX_MESSAGE_BYTES": "every client frame would close its connection",
+    "BROADCAST_MAX_BYTES": "every broadcast would be refused",
+    "SLOW_CLIENT_QUEUE_LIMIT": "a connection's first message would wait for room forever",
+}
+
 
 @register()
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list:
@@ -20,14 +30,15 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list:
                 id="realtime.E001",
             )
         )
-    if realtime_settings.SSE_HEARTBEAT_SECONDS <= 0:
-        messages.append(
-            Error(
-                "SSE_HEARTBEAT_SECONDS must be greater than 0.",
-                hint="At 0 or below, idle SSE streams would send heartbeats without pause.",
-                id="realtime.E002",
+    for name, harm in MUST_BE_POSITIVE.items():
+        if getattr(realtime_settings, name) <= 0:
+            messages.append(
+                Error(
+                    f"{name} must be greater than 0.",
+                    hint=f"At 0 or below, {harm}.",
+                    id="realtime.E002",
+                )
             )
-        )
     if not realtime_settings.TASK_SOURCE:
         messages.append(
             Error(
@@ -37,6 +48,16 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list:
             )
         )
     backend = settings.CHANNEL_LAYERS.get("default", {}).get("BACKEND", "")
+    if bool(realtime_settings.REDIS_URL) != ("redis" in backend.lower()):
+        messages.append(
+            Error(
+                "The channel layer and the connection registry must both use Redis, or neither.",
+                hint="Set REDIS_URL, which sets both; REALTIME_REDIS_URL sets the registry only."
+                " Apart, broadcasts would count the clients of every process and reach those of"
+                " one, or the other way round.",
+                id="realtime.E004",
+            )
+        )
     if not settings.DEBUG and backend.endswith("InMemoryChannelLayer"):
         messages.append(
             Warning(

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 BASE_ENV = {"PATH": os.environ.get("PATH", ""), "DJANGO_SETTINGS_MODULE": "mcp_platform.settings"}
 
@@ -116,15 +116,31 @@ def test_malformed_values_are_refused_with_the_variable_named(env, message):
     [
         ("REALTIME_SUBSCRIPTON_LIMIT", "5", "realtime.E001"),
         ("REALTIME_TASK_SOURCE", "", "realtime.E003"),
+        ("REALTIME_CONNECTION_LEASE_SECONDS", "0", "realtime.E002"),
+        ("REALTIME_SLOW_CLIENT_QUEUE_LIMIT", "-1", "realtime.E002"),
+        ("REALTIME_REDIS_URL", "redis://127.0.0.1:6379/0", "realtime.E004"),
     ],
-    ids=["unknown-name", "no-task-source"],
+    ids=["unknown-name", "no-task-source", "no-lease", "no-queue", "registry-apart-from-layer"],
 )
-def test_bad_realtime_variables_fail_the_system_checks(variable, value, check):
+@pytest.mark.parametrize("command", ["check", "serve"])
+def test_bad_realtime_variables_fail_the_system_checks(variable, value, check, command):
+    """The launcher runs the checks too (Daphne does not), and does not serve then."""
+    if command == "check":
+        arguments = ["manage.py", "check"]
+    else:
+        arguments = [
+            "-m",
+            "mcp_platform.serve",
+            "-p",
+            str(free_port()),
+            "mcp_platform.asgi:application",
+        ]
     result = subprocess.run(
-        [sys.executable, "manage.py", "check"],
+        [sys.executable, *arguments],
         env={**BASE_ENV, "DJANGO_DEBUG": "1", variable: value},
         cwd=ROOT,
         capture_output=True,
         text=True,
+        timeout=60,
     )
     assert result.returncode != 0 and check in result.stderr
