@@ -51,6 +51,10 @@ class Transport(enum.StrEnum):
 
 #: Numbers of waits for missing updates, unique in the process (``Connection.waiting``).
 _waits = itertools.count(1)
+#: Tasks whose last seq a connection that follows every task keeps, the most recently
+#: updated: an update arrives out of order only within moments of another of its task, and
+#: a stream open for months must not keep one entry per task it ever saw.
+FOLLOWED_TASKS_KEPT = 10_000
 
 
 @dataclass(eq=False, slots=True)
@@ -61,7 +65,8 @@ class Connection:
     entry: Entry
     #: Channel-layer groups joined, so that all are left on disconnect.
     groups: set[str] = field(default_factory=set)
-    #: Subscribed task ids (as strings), each with the newest seq the client has seen.
+    #: Subscribed task ids (as strings), each with the newest seq the client has seen;
+    #: with ``follows_all``, the followed tasks seen last (``FOLLOWED_TASKS_KEPT``).
     last_seq: dict[str, int] = field(default_factory=dict)
     #: Whether every task the user may see is followed, not just subscribed ones.
     follows_all: bool = False
@@ -100,8 +105,12 @@ class Connection:
             if not self.follows_all:
                 return []
             last = seq - 1  # a followed task seen for the first time starts here
+            if len(self.last_seq) >= FOLLOWED_TASKS_KEPT:
+                self._forget_least_recent()
         if seq <= last:
             return []
+        if self.follows_all:
+            self.last_seq.pop(task_id, None)  # set again below, as the most recent
         if seq == last + 1 and task_id not in self.held:  # the usual case: the next one
             self.last_seq[task_id] = seq
             return [(seq, text)]
@@ -153,6 +162,13 @@ class Connection:
                 del held[seen]
             if not held:
                 self._stop_holding(task_id)
+
+    def _forget_least_recent(self) -> None:
+        """Forget the followed task updated longest ago that has no update held."""
+        for task_id in self.last_seq:
+            if task_id not in self.held:
+                del self.last_seq[task_id]
+                return
 
     def forget(self, task_id: str) -> None:
         """Drop what is known of a task's updates (on unsubscribe)."""
@@ -255,7 +271,9 @@ class ConnectionManager:
         """Leave every group and drop every registry entry of the connection, the latter
         even if leaving a group failed: a process renews its entries for as long as it
         holds them, so one left behind would be counted for good."""
-        subscribed = frozenset(uuid.UUID(task_id) for task_id in connection.last_seq)
+        subscribed = frozenset(
+            () if connection.follows_all else map(uuid.UUID, connection.last_seq)
+        )  # a connection that follows every task subscribes to none
         connection.last_seq.clear()
         connection.held.clear()
         try:

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mcp_platform.tasks import services
-from realtime import api, groups
+from realtime import api, connections, groups
 from realtime.connections import Connection, ConnectionManager, Transport
 from realtime.layers import InMemoryChannelLayer
 from realtime.registry import Entry, LocalRegistry
@@ -250,3 +250,39 @@ def test_a_connect_that_fails_leaves_no_group_behind(failing):
         assert await manager.count_connections() == 0
 
     async_to_sync(scenario)()
+
+
+def test_a_connection_that_follows_every_task_keeps_the_last_seqs_of_the_latest_only(
+    monkeypatch,
+):
+    monkeypatch.setattr(connections, "FOLLOWED_TASKS_KEPT", 3)
+    c = connection(follows_all=True)
+    for task_id in ("a", "b", "c"):
+        c.receive_update(task_id, 1, "one")
+    assert c.receive_update("a", 2, "two") == [(2, "two")]  # "a" is now the latest
+    c.receive_update("d", 1, "one")  # "b", updated longest ago, makes room
+    assert set(c.last_seq) == {"a", "c", "d"}
+    assert c.receive_update("a", 2, "again") == []  # still known: a repeat is dropped
+
+
+def test_a_connection_that_follows_every_task_leaves_no_subscription_to_remove():
+    removed = []
+
+    class Recording(LocalRegistry):
+        async def remove(self, entry, task_ids):
+            removed.append(task_ids)
+            await super().remove(entry, task_ids)
+
+    manager = ManagerOn(Recording(), InMemoryChannelLayer())
+    user = SimpleNamespace(pk=7, is_staff=True)
+
+    async def scenario():
+        connection = await manager.connect(
+            channel_name="specific.a", user=user, transport=Transport.SSE, follow_all=True
+        )
+        for task_id in (uuid.uuid4(), uuid.uuid4()):
+            connection.receive_update(str(task_id), 1, "one")
+        await manager.disconnect(connection)
+
+    async_to_sync(scenario)()
+    assert removed == [frozenset()]
