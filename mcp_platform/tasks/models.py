@@ -92,7 +92,8 @@ class Task(models.Model):
     def save(self, *args, **kwargs) -> None:
         """Save and advance ``seq``. The stored status and ``seq`` are read under a row
         lock, so that concurrent writers in other processes never reuse a number and no
-        save leaves a finished status (``ValidationError``), whoever calls it."""
+        save leaves a finished status (``ValidationError``), whoever calls it. A task
+        deleted since it was read is not brought back (``Task.DoesNotExist``)."""
         if kwargs.get("update_fields") is not None:
             kwargs["update_fields"] = {*kwargs["update_fields"], "seq", "updated_at"}
         if self._state.adding:
@@ -102,12 +103,16 @@ class Task(models.Model):
         using = kwargs.get("using") or router.db_for_write(type(self), instance=self)
         # Within a caller's transaction, no savepoint: a failure here fails it anyway.
         with transaction.atomic(using=using, savepoint=False):
-            status, seq = self._locked_state(connections[using]) or (None, 0)
-            allowed = status is None or transition_allowed(status, self.status)
+            stored = self._locked_state(connections[using])
+            allowed = stored is not None and transition_allowed(stored[0], self.status)
             if allowed:
-                self.seq = seq + 1
+                self.seq = stored[1] + 1
                 super().save(*args, **kwargs)
+        # Refusals are raised once the block is left: nothing was written, and a caller's
+        # transaction stays usable.
+        if stored is None:
+            # Deleted since it was read. Saved, it would come back as new, with seq 1: its
+            # numbers would start again, and its subscribers would drop them.
+            raise self.DoesNotExist(f"Task {self.pk} was deleted.")
         if not allowed:
-            # Raised once the block is left: nothing was written, and a caller's
-            # transaction stays usable.
-            self.check_transition(status)
+            self.check_transition(stored[0])

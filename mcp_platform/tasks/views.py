@@ -1,5 +1,10 @@
+from typing import Any
+
 from django.core.exceptions import ValidationError
+from django.db import transaction
 from rest_framework import mixins, viewsets
+from rest_framework.request import Request
+from rest_framework.response import Response
 from rest_framework.serializers import BaseSerializer
 
 from mcp_platform.api import as_api_validation_error
@@ -21,7 +26,10 @@ class TaskViewSet(
     http_method_names = ["get", "post", "patch", "head", "options"]
 
     def get_queryset(self):
-        return visible_tasks(self.request.user)
+        tasks = visible_tasks(self.request.user)
+        if self.request.method == "PATCH":
+            return tasks.select_for_update()  # see update()
+        return tasks
 
     def perform_create(self, serializer: BaseSerializer) -> None:
         try:
@@ -31,8 +39,16 @@ class TaskViewSet(
         except ValidationError as exc:
             raise as_api_validation_error(exc) from None
 
-    def perform_update(self, serializer: BaseSerializer) -> None:
-        try:
-            services.update_task(task=serializer.instance, **serializer.validated_data)
-        except ValidationError as exc:
-            raise as_api_validation_error(exc) from None
+    def update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        """A PATCH: the fields sent are checked, then applied to the task read under its row
+        lock, so that a change committed since another request read it is not undone."""
+        serializer = self.get_serializer(data=request.data, partial=True)
+        serializer.is_valid(raise_exception=True)
+        with transaction.atomic():
+            try:
+                serializer.instance = services.update_locked_task(
+                    self.get_object(), **serializer.validated_data
+                )
+            except ValidationError as exc:
+                raise as_api_validation_error(exc) from None
+        return Response(serializer.data)

@@ -254,6 +254,71 @@ def test_a_transition_is_checked_against_the_status_a_concurrent_writer_commits(
     assert (task.status, task.seq) == ("completed", 2)
 
 
+def test_an_update_does_not_undo_a_change_committed_since_its_task_was_read(user):
+    task = services.create_task(owner=user, name="t")
+    stale = Task.objects.get(pk=task.pk)  # a PATCH's read, before another writer's change
+    services.update_task(task=task, status="running", result={"rows": 1})
+    saved = services.update_task(task=stale, progress=50)
+    stored = Task.objects.values("status", "result", "progress", "seq").get(pk=task.pk)
+    assert stored == {"status": "running", "result": {"rows": 1}, "progress": 50, "seq": 3}
+    assert (saved.status, saved.result, saved.progress, saved.seq) == (
+        "running",
+        {"rows": 1},
+        50,
+        3,
+    )
+
+
+def test_a_task_deleted_since_it_was_read_is_not_brought_back(user):
+    task = services.create_task(owner=user, name="t")
+    services.update_task(task=task, progress=10)
+    stale = Task.objects.get(pk=task.pk)
+    Task.objects.filter(pk=task.pk).delete()
+    with pytest.raises(Task.DoesNotExist):
+        services.update_task(task=stale, progress=20)
+    stale.progress = 30
+    with pytest.raises(Task.DoesNotExist):
+        stale.save()  # as the admin's form would, or any other caller
+    assert not Task.objects.filter(pk=task.pk).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_patch_is_applied_on_top_of_a_change_being_committed(user):
+    """A PATCH that arrives while another writer holds the task reads it once that writer
+    has committed, and keeps the fields it did not send."""
+    task = services.create_task(owner=user, name="t")
+    locked = threading.Event()
+
+    def start_it_slowly() -> None:
+        try:
+            with transaction.atomic():
+                row = Task.objects.select_for_update().get(pk=task.pk)
+                locked.set()
+                time.sleep(0.5)
+                row.status, row.result = "running", {"rows": 1}
+                row.save()
+        finally:
+            connection.close()
+
+    writer = threading.Thread(target=start_it_slowly)
+    writer.start()
+    try:
+        assert locked.wait(5)
+        response = api_client(user).patch(f"/api/tasks/{task.pk}/", {"progress": 50}, format="json")
+    finally:
+        writer.join()
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert (body["status"], body["result"], body["progress"], body["seq"]) == (
+        "running",
+        {"rows": 1},
+        50,
+        3,
+    )
+    stored = Task.objects.values("status", "result", "progress", "seq").get(pk=task.pk)
+    assert stored == {"status": "running", "result": {"rows": 1}, "progress": 50, "seq": 3}
+
+
 @pytest.mark.django_db
 def test_no_save_leaves_a_finished_status_and_the_callers_transaction_goes_on(user):
     task = services.create_task(owner=user, name="t", status="completed")

@@ -26,8 +26,7 @@ class Command(BaseCommand):
         if not changes:
             raise CommandError("Nothing to change: give --status, --progress, --result or --error.")
         try:
-            task = Task.objects.get(pk=task_id)
-            services.update_task(task=task, **changes)
+            task = services.update_task(task=Task.objects.get(pk=task_id), **changes)
         except (Task.DoesNotExist, ValidationError) as exc:
             message = (
                 "No such task." if isinstance(exc, Task.DoesNotExist) else "; ".join(exc.messages)
