@@ -140,6 +140,7 @@ SIMPLE_JWT = {
     "SIGNING_KEY": env_str("JWT_SIGNING_KEY") or SECRET_KEY,
     "ALGORITHM": "HS256",
     "UPDATE_LAST_LOGIN": False,
+    "TOKEN_REFRESH_SERIALIZER": "mcp_platform.tokens.TokenRefreshSerializer",
 }
 
 # Every REALTIME_* variable overrides the setting of the same name; realtime.conf

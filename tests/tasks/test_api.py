@@ -39,6 +39,21 @@ def test_token_pair_and_refresh(user):
     assert refreshed.status_code == 200 and refreshed.json()["access"]
 
 
+@pytest.mark.parametrize("gone", ["deleted", "inactive"])
+def test_refreshing_the_token_of_a_user_gone_since_is_401_json(user, gone):
+    client = api_client()
+    pair = client.post(
+        "/api/token/", {"username": user.username, "password": PASSWORD}, format="json"
+    ).json()
+    if gone == "deleted":
+        user.delete()
+    else:
+        user.is_active = False
+        user.save()
+    response = client.post("/api/token/refresh/", {"refresh": pair["refresh"]}, format="json")
+    assert_error(response, 401, "no_active_account")
+
+
 def test_wrong_password_is_401_json(user):
     response = api_client().post(
         "/api/token/", {"username": user.username, "password": "nope"}, format="json"
