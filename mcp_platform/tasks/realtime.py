@@ -3,6 +3,7 @@
 import uuid
 from collections.abc import Sequence
 
+from django.contrib.auth import get_user_model
 from django.contrib.auth.base_user import AbstractBaseUser
 
 from mcp_platform.tasks.models import Task
@@ -34,11 +35,19 @@ class TaskSource(sources.TaskSource):
     def get_visible_many(
         self, requests: Sequence[tuple[AbstractBaseUser, uuid.UUID]]
     ) -> list[sources.TaskSnapshot | None]:
-        """One query for every task asked for, and one snapshot per task: a thousand
-        clients subscribing to one task cost one read and one serialization."""
+        """One query for every task asked for, one for their users, and one snapshot per
+        task: a thousand clients subscribing to one task cost two reads and one
+        serialization.
+
+        The users are read again: a connection outlives the check made when it opened,
+        and a user deactivated, deleted or no longer staff since then must not subscribe to
+        what they may no longer see."""
         tasks = Task.objects.in_bulk({task_id for _, task_id in requests})
+        users = get_user_model()._default_manager.in_bulk({user.pk for user, _ in requests})
         snapshots = {task_id: task_snapshot(task) for task_id, task in tasks.items()}
-        return [
-            snapshots[task_id] if task_id in tasks and can_see(user, tasks[task_id]) else None
-            for user, task_id in requests
-        ]
+        answers = []
+        for user, task_id in requests:
+            now = users.get(user.pk)
+            visible = now is not None and now.is_active and task_id in tasks
+            answers.append(snapshots[task_id] if visible and can_see(now, tasks[task_id]) else None)
+        return answers

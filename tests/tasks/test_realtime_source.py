@@ -17,7 +17,7 @@ def test_can_see_agrees_with_visible_tasks(user, other_user, staff_user):
         }
 
 
-def test_get_visible_many_answers_each_request_with_one_query(
+def test_get_visible_many_answers_every_request_with_two_queries(
     user, other_user, staff_user, django_assert_num_queries
 ):
     mine = services.create_task(owner=user, name="mine")
@@ -31,7 +31,7 @@ def test_get_visible_many_answers_each_request_with_one_query(
         (user, missing),
         (user, mine.pk),
     ]
-    with django_assert_num_queries(1):
+    with django_assert_num_queries(2):  # the tasks, and their users as they are now
         snapshots = TaskSource().get_visible_many(requests)
     assert [s and (s.task_id, s.seq) for s in snapshots] == [
         (mine.pk, 1),
@@ -43,3 +43,15 @@ def test_get_visible_many_answers_each_request_with_one_query(
     ]
     assert snapshots[0].state["name"] == "mine"
     assert TaskSource().get_visible(other_user, theirs.pk) == snapshots[2]
+
+
+@pytest.mark.parametrize("change", ["deactivated", "deleted", "no longer staff"])
+def test_a_user_changed_since_connecting_is_checked_as_they_are_now(staff_user, other_user, change):
+    theirs = services.create_task(owner=other_user, name="theirs")
+    connected_as = type(staff_user).objects.get(pk=staff_user.pk)  # what a connection holds
+    if change == "deleted":
+        staff_user.delete()
+    else:
+        setattr(staff_user, "is_active" if change == "deactivated" else "is_staff", False)
+        staff_user.save()
+    assert TaskSource().get_visible(connected_as, theirs.pk) is None
