@@ -1,11 +1,12 @@
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import include, path, re_path
 from rest_framework_simplejwt.views import TokenObtainPairView, TokenRefreshView
 
 urlpatterns = [
     path("admin/", admin.site.urls),
-    path("api/token/", TokenObtainPairView.as_view(), name="token_obtain_pair"),
-    path("api/token/refresh/", TokenRefreshView.as_view(), name="token_refresh"),
+    # The API's paths take or leave the last slash (see tasks/urls.py).
+    re_path(r"^api/token/?$", TokenObtainPairView.as_view(), name="token_obtain_pair"),
+    re_path(r"^api/token/refresh/?$", TokenRefreshView.as_view(), name="token_refresh"),
     path("api/", include("mcp_platform.tasks.urls")),
     path("", include("realtime.urls")),
     path("", include("django_prometheus.urls")),

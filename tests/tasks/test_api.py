@@ -131,6 +131,24 @@ def test_unknown_task_and_unknown_path_are_404_json(user):
     assert_error(api_client(user).get("/api/no-such-thing/"), 404, "not_found")
 
 
+def test_the_api_takes_its_paths_with_or_without_the_last_slash(user):
+    """Django would answer a 301 to add it, which clients follow with a body-less GET."""
+    client = api_client()
+    credentials = {"username": user.username, "password": PASSWORD}
+    pair = client.post("/api/token", credentials, format="json")
+    assert pair.status_code == 200
+    refreshed = client.post(
+        "/api/token/refresh", {"refresh": pair.json()["refresh"]}, format="json"
+    )
+    assert refreshed.status_code == 200
+    client = api_client(user)
+    created = client.post("/api/tasks", {"name": "t"}, format="json")
+    assert created.status_code == 201
+    patched = client.patch(f"/api/tasks/{created.json()['id']}", {"progress": 5}, format="json")
+    assert (patched.status_code, patched.json()["progress"]) == (200, 5)
+    assert client.get("/api/tasks").status_code == 200
+
+
 def test_patch_changes_and_advances_seq(user):
     task = services.create_task(owner=user, name="t")
     response = api_client(user).patch(
