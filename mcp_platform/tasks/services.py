@@ -22,13 +22,17 @@ def update_task(*, task: Task, **changes: Any) -> Task:
 
     The row is read again under its lock: ``task`` may have been read before another
     writer's change, which saving it would undo (a change of the progress would put back
-    the status it was read with). Raises ``Task.DoesNotExist`` if the task was deleted
-    meanwhile; otherwise as ``update_locked_task()``.
+    the status it was read with). ``task`` gets the saved state too. Raises
+    ``Task.DoesNotExist`` if the task was deleted meanwhile; otherwise as
+    ``update_locked_task()``.
     """
     using = router.db_for_write(Task, instance=task)
     with transaction.atomic(using=using):
         current = Task.objects.using(using).select_for_update().get(pk=task.pk)
-        return update_locked_task(current, **changes)
+        update_locked_task(current, **changes)
+    for field in Task._meta.concrete_fields:
+        setattr(task, field.attname, getattr(current, field.attname))
+    return task
 
 
 def update_locked_task(task: Task, **changes: Any) -> Task:

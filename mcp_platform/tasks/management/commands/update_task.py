@@ -26,7 +26,8 @@ class Command(BaseCommand):
         if not changes:
             raise CommandError("Nothing to change: give --status, --progress, --result or --error.")
         try:
-            task = services.update_task(task=Task.objects.get(pk=task_id), **changes)
+            task = Task.objects.get(pk=task_id)
+            services.update_task(task=task, **changes)
         except (Task.DoesNotExist, ValidationError) as exc:
             message = (
                 "No such task." if isinstance(exc, Task.DoesNotExist) else "; ".join(exc.messages)
