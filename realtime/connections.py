@@ -25,6 +25,7 @@ from realtime.sources import TaskSnapshot, get_task_source
 
 #: Channel-layer message types, and the consumer handler each one calls.
 TASK_UPDATE = "task.update"  # task_update()
+TASK_DELETED = "task.deleted"  # task_deleted()
 #: A transport's own reminder to stop waiting for a missing update (``release_held()``).
 RELEASE_HELD = "realtime.release_held"  # realtime_release_held()
 #: A transport's own note that a subscribed task changed hands (``ready_updates()``).
@@ -359,6 +360,20 @@ class ConnectionManager:
                 groups.feed_group(snapshot.owner_id),
                 groups.STAFF_FEED_GROUP,
             ],
+            message,
+        )
+
+    async def send_task_deleted(self, task_id: uuid.UUID, owner_id: int) -> None:
+        """Tell a deleted task's subscribers and the feeds that followed it; each
+        subscription to it ends."""
+        message = {
+            "type": TASK_DELETED,
+            "task_id": str(task_id),
+            "owner_id": owner_id,
+            "text": protocol.encode(protocol.task_deleted(task_id)),
+        }
+        await self._group_send_all(
+            [groups.task_group(task_id), groups.feed_group(owner_id), groups.STAFF_FEED_GROUP],
             message,
         )
 

@@ -129,6 +129,25 @@ class InboxConsumerMixin:
             raise ValueError(f"No handler for message type {message['type']}")
         await handler(message)
 
+    async def task_deleted(self, event: dict[str, Any]) -> None:
+        """A watched task was deleted: what is known of it is dropped (a subscription
+        ends), and the client is told (``deleted_replies()``)."""
+        connection = self.connection
+        if connection is None:
+            return
+        if connection.follows_all:  # it came through a feed: the task was followed
+            connection.forget(event["task_id"])
+        elif not await get_connection_manager().unsubscribe_from_task(
+            connection, uuid.UUID(event["task_id"])
+        ):
+            return  # not subscribed (any more): nothing to tell
+        for payload in self.deleted_replies(event):
+            await self.base_send(self.payload_message(payload))
+
+    def deleted_replies(self, event: dict[str, Any]) -> list[Any]:
+        """The payloads that tell the client a watched task was deleted (its ``text``)."""
+        raise NotImplementedError("a consumer with subscriptions says how tasks end")
+
     async def realtime_task_hidden(self, event: dict[str, Any]) -> None:
         """A subscribed task is no longer the user's to see: its subscription ends, and
         the client is told so, unasked (``unsubscribed_replies()``)."""
@@ -263,6 +282,9 @@ class TaskConsumer(InboxConsumerMixin, AsyncWebsocketConsumer):
 
     def unsubscribed_replies(self, task_id: uuid.UUID) -> list[str]:
         return [protocol.encode(protocol.unsubscribed(task_id))]
+
+    def deleted_replies(self, event: dict[str, Any]) -> list[str]:
+        return [event["text"]]
 
     def text_replies(self, event: dict[str, Any]) -> list[str]:
         return [event["text"]]

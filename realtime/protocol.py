@@ -161,6 +161,10 @@ def task_update(task_id: uuid.UUID, seq: int, task: dict[str, Any]) -> dict[str,
     }
 
 
+def task_deleted(task_id: uuid.UUID) -> dict[str, Any]:
+    return {"type": "task_deleted", "task_id": str(task_id), "timestamp": now_iso()}
+
+
 def broadcast(payload: dict[str, Any]) -> dict[str, Any]:
     return {"type": "broadcast", "payload": payload, "timestamp": now_iso()}
 
@@ -204,6 +208,7 @@ class SseEvent(enum.StrEnum):
     CONNECTED = "connected"
     TASK_UPDATE = "task_update"
     UNSUBSCRIBED = "unsubscribed"
+    TASK_DELETED = "task_deleted"
     BROADCAST = "broadcast"
     MESSAGE = "message"
     HEARTBEAT = "heartbeat"

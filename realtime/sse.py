@@ -232,6 +232,9 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
     def unsubscribed_replies(self, task_id: uuid.UUID) -> list[bytes]:
         return self.chunk(protocol.sse_unsubscribed(task_id))
 
+    def deleted_replies(self, event: dict[str, Any]) -> list[bytes]:
+        return self.chunk(protocol.sse_event(SseEvent.TASK_DELETED, event["text"]))
+
     def broadcast_replies(self, event: dict[str, Any]) -> list[bytes]:
         return self.chunk(protocol.sse_event(SseEvent.BROADCAST, event["text"]))
 

@@ -260,7 +260,30 @@ def test_a_task_that_changes_hands_ends_its_former_owners_subscription(user, oth
     run(scenario)
 
 
-def test_subscribing_again_to_a_task_gone_meanwhile_ends_the_subscription(user):
+def test_subscribing_again_to_a_task_no_longer_visible_ends_the_subscription(
+    staff_user, other_user
+):
+    theirs = services.create_task(owner=other_user, name="seen while staff")
+
+    def demote() -> None:
+        staff_user.is_staff = False
+        staff_user.save()
+
+    async def scenario():
+        async with open_websocket(f"/ws?token={token_for(staff_user)}") as ws:
+            await connect_user(ws)
+            await request(ws, {"action": "subscribe", "task_id": str(theirs.pk)})
+            await database_sync_to_async(demote)()
+            error = await request(ws, {"action": "subscribe", "task_id": str(theirs.pk)})
+            assert error["code"] == "not_found"
+            assert await get_connection_manager().count_task_subscribers(theirs.pk) == 0
+            await database_sync_to_async(services.update_task)(task=theirs, progress=5)
+            assert await ws.receive_nothing(timeout=0.3)
+
+    run(scenario)
+
+
+def test_a_deleted_task_ends_its_subscriptions_with_task_deleted(user):
     task = services.create_task(owner=user, name="soon gone")
 
     async def scenario():
@@ -268,9 +291,10 @@ def test_subscribing_again_to_a_task_gone_meanwhile_ends_the_subscription(user):
             await connect_user(ws)
             await request(ws, {"action": "subscribe", "task_id": str(task.pk)})
             await database_sync_to_async(Task.objects.filter(pk=task.pk).delete)()
-            error = await request(ws, {"action": "subscribe", "task_id": str(task.pk)})
-            assert error["code"] == "not_found"
+            deleted = await ws.receive_json_from(timeout=5)
+            assert (deleted["type"], deleted["task_id"]) == ("task_deleted", str(task.pk))
             assert await get_connection_manager().count_task_subscribers(task.pk) == 0
+            assert (await request(ws, {"action": "ping"}))["type"] == "pong"
 
     run(scenario)
 

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from rest_framework_simplejwt.tokens import AccessToken
 
 from mcp_platform.tasks import services
+from mcp_platform.tasks.models import Task
 from realtime import api, protocol
 from realtime.checks import check_settings
 from realtime.connections import ConnectionManager, Transport, get_connection_manager
@@ -435,6 +436,24 @@ def test_a_task_that_changes_hands_ends_its_place_in_the_stream(user, other_user
             await get_connection_manager().send_personal_message(user.pk, {"end": True})
             assert (await s.next_event()).type == "message"
             assert await get_connection_manager().count_task_subscribers(task.pk) == 0
+
+    run(scenario)
+
+
+@transactional
+def test_a_deleted_task_is_announced_to_the_streams_that_followed_it(user, task):
+    async def scenario():
+        async with InProcessStream({"token": token_for(user)}) as following_all:
+            async with InProcessStream(
+                {"token": token_for(user), "task_id": str(task.pk)}
+            ) as subscribed:
+                for stream in (following_all, subscribed):
+                    await stream.next_of("connected")
+                await database_sync_to_async(Task.objects.filter(pk=task.pk).delete)()
+                for stream in (following_all, subscribed):
+                    event = await stream.next_of("task_deleted")
+                    assert event.json()["task_id"] == str(task.pk)
+                assert await get_connection_manager().count_task_subscribers(task.pk) == 0
 
     run(scenario)
 

@@ -68,6 +68,32 @@ def test_rolled_back_change_publishes_nothing(user, task):
     assert Task.objects.get(pk=task.pk).seq == 1
 
 
+@pytest.mark.parametrize("how", ["delete", "queryset", "owner"])
+def test_a_deletion_publishes_task_deleted_whichever_way_it_is_made(user, task, how):
+    task_id = str(task.pk)  # delete() forgets it
+
+    def change():
+        if how == "delete":
+            task.delete()
+        elif how == "queryset":
+            Task.objects.filter(pk=task.pk).delete()
+        else:
+            type(user).objects.filter(pk=user.pk).delete()  # the owner's tasks go with them
+
+    deleted = watch(user, task, change)
+    assert (deleted["type"], deleted["task_id"]) == ("task_deleted", task_id)
+
+
+def test_rolled_back_deletion_publishes_nothing(user, task):
+    def change():
+        with pytest.raises(RuntimeError), transaction.atomic():
+            Task.objects.filter(pk=task.pk).delete()
+            raise RuntimeError("roll back")
+
+    watch(user, task, change, expect_update=False)
+    assert Task.objects.filter(pk=task.pk).exists()
+
+
 def test_changes_in_one_transaction_publish_each_seq_in_order(user, task):
     def change():
         with transaction.atomic():
