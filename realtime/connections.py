@@ -45,6 +45,11 @@ _snapshots: Batcher[tuple[AbstractBaseUser, uuid.UUID], TaskSnapshot | None] = B
 )
 
 
+def _watchers(task_id: uuid.UUID, owner_id: int) -> list[str]:
+    """The groups that watch a task: its subscribers, its owner's feed, the staff feed."""
+    return [groups.task_group(task_id), groups.feed_group(owner_id), groups.STAFF_FEED_GROUP]
+
+
 class Transport(enum.StrEnum):
     WEBSOCKET = "websocket"
     SSE = "sse"
@@ -354,14 +359,7 @@ class ConnectionManager:
                 protocol.task_update(snapshot.task_id, snapshot.seq, snapshot.state)
             ),
         }
-        await self._group_send_all(
-            [
-                groups.task_group(snapshot.task_id),
-                groups.feed_group(snapshot.owner_id),
-                groups.STAFF_FEED_GROUP,
-            ],
-            message,
-        )
+        await self._group_send_all(_watchers(snapshot.task_id, snapshot.owner_id), message)
 
     async def send_task_deleted(self, task_id: uuid.UUID, owner_id: int) -> None:
         """Tell a deleted task's subscribers and the feeds that followed it; each
@@ -372,10 +370,7 @@ class ConnectionManager:
             "owner_id": owner_id,
             "text": protocol.encode(protocol.task_deleted(task_id)),
         }
-        await self._group_send_all(
-            [groups.task_group(task_id), groups.feed_group(owner_id), groups.STAFF_FEED_GROUP],
-            message,
-        )
+        await self._group_send_all(_watchers(task_id, owner_id), message)
 
     async def count_connections(self, transport: Transport | None = None) -> int:
         """Live connections of every process, of one transport or of all."""
