@@ -131,7 +131,7 @@ class InboxConsumerMixin:
 
     async def task_deleted(self, event: dict[str, Any]) -> None:
         """A watched task was deleted: what is known of it is dropped (a subscription
-        ends), and the client is told (``deleted_replies()``)."""
+        ends), and the client is told."""
         connection = self.connection
         if connection is None:
             return
@@ -141,26 +141,26 @@ class InboxConsumerMixin:
             connection, uuid.UUID(event["task_id"])
         ):
             return  # not subscribed (any more): nothing to tell
-        for payload in self.deleted_replies(event):
-            await self.base_send(self.payload_message(payload))
-
-    def deleted_replies(self, event: dict[str, Any]) -> list[Any]:
-        """The payloads that tell the client a watched task was deleted (its ``text``)."""
-        raise NotImplementedError("a consumer with subscriptions says how tasks end")
+        await self.send_notice("task_deleted", event["text"])
 
     async def realtime_task_hidden(self, event: dict[str, Any]) -> None:
         """A subscribed task is no longer the user's to see: its subscription ends, and
-        the client is told so, unasked (``unsubscribed_replies()``)."""
+        the client is told so, unasked."""
         task_id = uuid.UUID(event["task_id"])
         if self.connection is not None and await get_connection_manager().unsubscribe_from_task(
             self.connection, task_id
         ):
-            for payload in self.unsubscribed_replies(task_id):
-                await self.base_send(self.payload_message(payload))
+            await self.send_notice("unsubscribed", protocol.encode(protocol.unsubscribed(task_id)))
 
-    def unsubscribed_replies(self, task_id: uuid.UUID) -> list[Any]:
-        """The payloads that tell the client a subscription has ended."""
-        raise NotImplementedError("a consumer with subscriptions says how they end")
+    async def send_notice(self, kind: str, text: str) -> None:
+        """Send a server message the client did not ask for: ``text``, of type ``kind``."""
+        for payload in self.notice_payloads(kind, text):
+            await self.base_send(self.payload_message(payload))
+
+    def notice_payloads(self, kind: str, text: str) -> list[Any]:
+        """The payloads of ``send_notice()``. The consumer says them, as it says
+        ``payload_message()``: a WebSocket sends the text, an event stream an event."""
+        raise NotImplementedError("a consumer with subscriptions says how notices are sent")
 
     async def leave(self) -> None:
         """Hand the connection back to the manager; a no-op once done."""
@@ -280,11 +280,8 @@ class TaskConsumer(InboxConsumerMixin, AsyncWebsocketConsumer):
         released = self.connection.release_held(event["task_id"], event["wait"])
         return [text for _, text in released]
 
-    def unsubscribed_replies(self, task_id: uuid.UUID) -> list[str]:
-        return [protocol.encode(protocol.unsubscribed(task_id))]
-
-    def deleted_replies(self, event: dict[str, Any]) -> list[str]:
-        return [event["text"]]
+    def notice_payloads(self, kind: str, text: str) -> list[str]:
+        return [text]
 
     def text_replies(self, event: dict[str, Any]) -> list[str]:
         return [event["text"]]

@@ -229,10 +229,5 @@ def sse_task_update(task_id: str, seq: int, text: str) -> bytes:
     return sse_event(SseEvent.TASK_UPDATE, text, f"{task_id}:{seq}")
 
 
-def sse_unsubscribed(task_id: uuid.UUID) -> bytes:
-    """The end of a task's subscription, which the server ended itself."""
-    return sse_event(SseEvent.UNSUBSCRIBED, encode({"task_id": str(task_id)}))
-
-
 def sse_heartbeat() -> bytes:
     return sse_event(SseEvent.HEARTBEAT, encode({"timestamp": now_iso()}))

@@ -229,11 +229,8 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
             return self.chunk(protocol.sse_task_update(task_id, seq, text))
         return self.chunk(*(protocol.sse_task_update(task_id, seq, text) for seq, text in ready))
 
-    def unsubscribed_replies(self, task_id: uuid.UUID) -> list[bytes]:
-        return self.chunk(protocol.sse_unsubscribed(task_id))
-
-    def deleted_replies(self, event: dict[str, Any]) -> list[bytes]:
-        return self.chunk(protocol.sse_event(SseEvent.TASK_DELETED, event["text"]))
+    def notice_payloads(self, kind: str, text: str) -> list[bytes]:
+        return self.chunk(protocol.sse_event(SseEvent(kind), text))
 
     def broadcast_replies(self, event: dict[str, Any]) -> list[bytes]:
         return self.chunk(protocol.sse_event(SseEvent.BROADCAST, event["text"]))

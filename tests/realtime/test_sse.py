@@ -431,7 +431,10 @@ def test_a_task_that_changes_hands_ends_its_place_in_the_stream(user, other_user
             )
             await api.apublish_task_update(given_away)
             event = await s.next_event()
-            assert (event.type, event.json()) == ("unsubscribed", {"task_id": str(task.pk)})
+            assert (event.type, event.json()) == (
+                "unsubscribed",
+                {"type": "unsubscribed", "task_id": str(task.pk)},
+            )
             await api.apublish_task_update(snapshot(task, 3))  # given back: not followed
             await get_connection_manager().send_personal_message(user.pk, {"end": True})
             assert (await s.next_event()).type == "message"

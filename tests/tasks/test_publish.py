@@ -8,7 +8,7 @@ from channels.db import database_sync_to_async
 from django.core.management import CommandError, call_command
 from django.db import transaction
 
-from mcp_platform.tasks import services
+from mcp_platform.tasks import services, signals
 from mcp_platform.tasks.models import Task
 from tests.conftest import connect_user, open_websocket, token_for
 
@@ -92,6 +92,24 @@ def test_rolled_back_deletion_publishes_nothing(user, task):
 
     watch(user, task, change, expect_update=False)
     assert Task.objects.filter(pk=task.pk).exists()
+
+
+@pytest.mark.parametrize("change", ["update", "delete"])
+def test_a_publish_that_fails_is_logged_and_the_change_stands(task, change, monkeypatch, caplog):
+    def unreachable(*args):
+        raise ConnectionError("layer is down")
+
+    task_id = task.pk
+    name = f"publish_task_{'update' if change == 'update' else 'deleted'}"
+    unreachable.__name__ = name
+    monkeypatch.setattr(signals, name, unreachable)
+    if change == "update":
+        services.update_task(task=task, progress=7)
+        assert Task.objects.get(pk=task_id).seq == 2
+    else:
+        task.delete()
+        assert not Task.objects.filter(pk=task_id).exists()
+    assert f"Could not publish task {task_id} ({name})" in caplog.text
 
 
 def test_changes_in_one_transaction_publish_each_seq_in_order(user, task):
