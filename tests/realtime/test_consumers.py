@@ -236,24 +236,31 @@ def test_another_users_task_is_not_found_like_a_missing_one(user, other_user):
     run(scenario)
 
 
-def test_a_task_that_changes_hands_ends_its_former_owners_subscription(user, other_user):
-    task = services.create_task(owner=user, name="mine, then theirs")
+@pytest.mark.parametrize(
+    ("change", "notice"), [("given away", "unsubscribed"), ("deleted", "task_deleted")]
+)
+def test_a_subscription_whose_task_is_given_away_or_deleted_ends_with_a_notice(
+    user, other_user, change, notice
+):
+    task = services.create_task(owner=user, name="mine, then not")
 
-    def give_away() -> None:
-        task.owner = other_user  # as the admin may
-        task.save()
+    def end_it() -> None:
+        if change == "deleted":
+            Task.objects.filter(pk=task.pk).delete()
+        else:
+            task.owner = other_user  # as the admin may
+            task.save()
 
     async def scenario():
         async with open_websocket(f"/ws?token={token_for(user)}") as ws:
             await connect_user(ws)
             await request(ws, {"action": "subscribe", "task_id": str(task.pk)})
-            await database_sync_to_async(give_away)()
-            assert await ws.receive_json_from(timeout=5) == {
-                "type": "unsubscribed",
-                "task_id": str(task.pk),
-            }
-            await database_sync_to_async(services.update_task)(task=task, progress=60)
-            assert await ws.receive_nothing(timeout=0.3)
+            await database_sync_to_async(end_it)()
+            received = await ws.receive_json_from(timeout=5)
+            assert (received["type"], received["task_id"]) == (notice, str(task.pk))
+            if change == "given away":  # nothing more of it reaches its former owner
+                await database_sync_to_async(services.update_task)(task=task, progress=60)
+                assert await ws.receive_nothing(timeout=0.3)
             assert await get_connection_manager().count_task_subscribers(task.pk) == 0
             assert (await request(ws, {"action": "ping"}))["type"] == "pong"
 
@@ -279,22 +286,6 @@ def test_subscribing_again_to_a_task_no_longer_visible_ends_the_subscription(
             assert await get_connection_manager().count_task_subscribers(theirs.pk) == 0
             await database_sync_to_async(services.update_task)(task=theirs, progress=5)
             assert await ws.receive_nothing(timeout=0.3)
-
-    run(scenario)
-
-
-def test_a_deleted_task_ends_its_subscriptions_with_task_deleted(user):
-    task = services.create_task(owner=user, name="soon gone")
-
-    async def scenario():
-        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
-            await connect_user(ws)
-            await request(ws, {"action": "subscribe", "task_id": str(task.pk)})
-            await database_sync_to_async(Task.objects.filter(pk=task.pk).delete)()
-            deleted = await ws.receive_json_from(timeout=5)
-            assert (deleted["type"], deleted["task_id"]) == ("task_deleted", str(task.pk))
-            assert await get_connection_manager().count_task_subscribers(task.pk) == 0
-            assert (await request(ws, {"action": "ping"}))["type"] == "pong"
 
     run(scenario)
 

@@ -4,6 +4,9 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 from django.core.exceptions import ValidationError
@@ -257,32 +260,43 @@ def test_serializers_do_not_share_fields():
     assert (first.fields["status"].parent, second.fields["status"].parent) == (first, second)
 
 
-@pytest.mark.django_db(transaction=True)
-def test_a_transition_is_checked_against_the_status_a_concurrent_writer_commits(user):
-    """The status read for the check waits for the row lock of a writer in progress."""
-    task = services.create_task(owner=user, name="t", status="running")
-    stale = Task.objects.get(pk=task.pk)
+@contextmanager
+def another_writer_holding(task: Task, **changes: Any) -> Iterator[None]:
+    """Another writer, in a thread: it locks the task's row, holds it for 0.5 s, then saves
+    ``changes``. The block runs while the lock is held; leaving it waits for the commit."""
     locked = threading.Event()
 
-    def finish_slowly() -> None:
+    def change_slowly() -> None:
         try:
             with transaction.atomic():
                 row = Task.objects.select_for_update().get(pk=task.pk)
                 locked.set()
                 time.sleep(0.5)
-                row.status = "completed"
+                for name, value in changes.items():
+                    setattr(row, name, value)
                 row.save()
         finally:
             connection.close()
 
-    writer = threading.Thread(target=finish_slowly)
+    writer = threading.Thread(target=change_slowly)
     writer.start()
     try:
         assert locked.wait(5)
-        with pytest.raises(ValidationError, match="cannot become"):
-            services.update_task(task=stale, status="pending")
+        yield
     finally:
         writer.join()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_transition_is_checked_against_the_status_a_concurrent_writer_commits(user):
+    """The status read for the check waits for the row lock of a writer in progress."""
+    task = services.create_task(owner=user, name="t", status="running")
+    stale = Task.objects.get(pk=task.pk)
+    with (
+        another_writer_holding(task, status="completed"),
+        pytest.raises(ValidationError, match="cannot become"),
+    ):
+        services.update_task(task=stale, status="pending")
     task.refresh_from_db()
     assert (task.status, task.seq) == ("completed", 2)
 
@@ -320,26 +334,8 @@ def test_a_patch_is_applied_on_top_of_a_change_being_committed(user):
     """A PATCH that arrives while another writer holds the task reads it once that writer
     has committed, and keeps the fields it did not send."""
     task = services.create_task(owner=user, name="t")
-    locked = threading.Event()
-
-    def start_it_slowly() -> None:
-        try:
-            with transaction.atomic():
-                row = Task.objects.select_for_update().get(pk=task.pk)
-                locked.set()
-                time.sleep(0.5)
-                row.status, row.result = "running", {"rows": 1}
-                row.save()
-        finally:
-            connection.close()
-
-    writer = threading.Thread(target=start_it_slowly)
-    writer.start()
-    try:
-        assert locked.wait(5)
+    with another_writer_holding(task, status="running", result={"rows": 1}):
         response = api_client(user).patch(f"/api/tasks/{task.pk}/", {"progress": 50}, format="json")
-    finally:
-        writer.join()
     assert response.status_code == 200, response.content
     body = response.json()
     assert (body["status"], body["result"], body["progress"], body["seq"]) == (
