@@ -1,7 +1,7 @@
 """Authentication and origin checks for the WebSocket and SSE transports."""
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qs
 
 from channels.auth import AuthMiddlewareStack
@@ -53,10 +53,16 @@ def _users(user_ids: list[Any]) -> list[AbstractBaseUser | None]:
 _user_batcher: Batcher[Any, AbstractBaseUser | None] = Batcher(database_sync_to_async(_users))
 
 
-async def authenticate_token(raw_token: Any) -> AbstractBaseUser:
-    """The user an access token names, checked as simplejwt's REST authentication
-    checks it: signature, expiry, token type, then that the user exists, is active and,
-    with ``CHECK_REVOKE_TOKEN``, has not changed password since.
+class Credentials(NamedTuple):
+    user: AbstractBaseUser
+    #: When the token expires (its ``exp``, in seconds since the epoch).
+    expires_at: float
+
+
+async def authenticate_token(raw_token: Any) -> Credentials:
+    """The user an access token names, and when it expires, checked as simplejwt's REST
+    authentication checks it: signature, expiry, token type, then that the user exists, is
+    active and, with ``CHECK_REVOKE_TOKEN``, has not changed password since.
 
     The user is read fresh from the database, together with those of other connections
     authenticating at the same moment (``realtime.batching``). Raises ``ValueError`` with
@@ -77,7 +83,7 @@ async def authenticate_token(raw_token: Any) -> AbstractBaseUser:
         jwt_settings.REVOKE_TOKEN_CLAIM
     ) != get_md5_hash_password(user.password):
         raise ValueError("The user's password has been changed.")
-    return user
+    return Credentials(user, float(token["exp"]))
 
 
 def query_token(scope: dict[str, Any]) -> str | None:
@@ -112,6 +118,8 @@ class TokenAuthMiddleware:
     a client that sends bad credentials is refused rather than silently downgraded. The
     reason goes in ``scope["auth_failure"]``, for endpoints that can tell the client. A
     token skips the session lookup, which saves a database round trip per connection.
+    When a valid token expires goes in ``scope["auth_expires_at"]``: the connection ends
+    then (``InboxConsumerMixin.watch_expiry()``).
     """
 
     def __init__(
@@ -127,12 +135,13 @@ class TokenAuthMiddleware:
         token = self.token_of(scope)
         if token is None:
             return await self.session_inner(scope, receive, send)
-        failure = None
+        failure = expires_at = None
         try:
-            user = await authenticate_token(token)
+            user, expires_at = await authenticate_token(token)
         except ValueError as exc:
             user, failure = AnonymousUser(), str(exc)
-        return await self.inner(dict(scope, user=user, auth_failure=failure), receive, send)
+        scope = dict(scope, user=user, auth_failure=failure, auth_expires_at=expires_at)
+        return await self.inner(scope, receive, send)
 
 
 class OptionalOriginValidator(OriginValidator):

@@ -4,6 +4,8 @@
 a consumer reads its messages, and how its connection ends.
 """
 
+import asyncio
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -14,6 +16,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 
 from realtime import protocol
+from realtime.auth import authenticate_token
 from realtime.conf import realtime_settings
 from realtime.connections import (
     BROADCAST,
@@ -27,6 +30,11 @@ from realtime.connections import (
 )
 from realtime.inbox import Inbox
 from realtime.protocol import Action, ClientMessage, CloseCode, ErrorCode, ProtocolError
+
+#: What a connection's own timer puts in its inbox when its token expires.
+TOKEN_EXPIRED = "realtime.token_expired"
+#: Seconds before a timer whose inbox was full tries again; a full inbox is being read.
+EXPIRY_RETRY_SECONDS = 1.0
 
 
 def utf8_length_exceeds(text: str, limit: int) -> bool:
@@ -57,6 +65,10 @@ class InboxConsumerMixin:
     """
 
     connection: Connection | None = None
+    #: When the token the connection holds expires (seconds since the epoch); ``None`` for
+    #: a session's connection, which the session's own expiry does not end.
+    expires_at: float | None = None
+    expiry_timer: asyncio.TimerHandle | None = None
 
     #: Channel-message types whose handling only sends to the client, each with the
     #: method that says what to send (payloads, see ``payload_message()``).
@@ -162,8 +174,41 @@ class InboxConsumerMixin:
         ``payload_message()``: a WebSocket sends the text, an event stream an event."""
         raise NotImplementedError("a consumer with subscriptions says how notices are sent")
 
+    def watch_expiry(self, expires_at: float | None) -> None:
+        """End the connection when its token expires, at ``expires_at`` (from the scope's
+        ``auth_expires_at``, or a token the client sent since); a later call replaces the
+        deadline. A token is checked once, when given: without this, a connection would
+        outlive its credentials by hours, and a deactivated user's streams would go on."""
+        if self.expiry_timer is not None:
+            self.expiry_timer.cancel()
+        self.expires_at = expires_at
+        if expires_at is not None:
+            message = {"type": TOKEN_EXPIRED, "expires_at": expires_at}
+            self._expire_later(max(0.0, expires_at - time.time()), message)
+
+    def _expire_later(self, delay: float, message: dict[str, Any]) -> None:
+        def expire() -> None:
+            if not self.inbox.put_nowait(message):  # a full inbox is being read: soon again
+                self._expire_later(EXPIRY_RETRY_SECONDS, message)
+
+        self.expiry_timer = asyncio.get_running_loop().call_later(delay, expire)
+
+    async def realtime_token_expired(self, event: dict[str, Any]) -> None:
+        """The token expired, unless another replaced it while this waited in the inbox:
+        nothing more is sent, and the transport ends the connection (``end_expired()``)."""
+        if event["expires_at"] != self.expires_at:
+            return
+        await self.leave()
+        await self.end_expired()
+
+    async def end_expired(self) -> None:
+        """End a connection whose token expired, as the transport can say so."""
+        raise NotImplementedError("a consumer that watches expiry says how it ends")
+
     async def leave(self) -> None:
         """Hand the connection back to the manager; a no-op once done."""
+        if self.expiry_timer is not None:
+            self.expiry_timer.cancel()
         if self.connection is not None:
             connection, self.connection = self.connection, None
             await get_connection_manager().disconnect(connection)
@@ -209,7 +254,10 @@ class TaskConsumer(InboxConsumerMixin, AsyncWebsocketConsumer):
         # connection waited (on Redis; docs/performance.md). Messages that arrive
         # meanwhile wait in the inbox.
         await self.accept()
-        await self.send_message(protocol.connected(self.connection.connection_id, user.pk))
+        self.watch_expiry(self.scope.get("auth_expires_at"))
+        await self.send_message(
+            protocol.connected(self.connection.connection_id, user.pk, self.expires_at)
+        )
 
     async def websocket_disconnect(self, message: dict[str, Any]) -> None:
         # Channels' handler also awaits aclose_old_connections(), a hop through the one
@@ -259,10 +307,29 @@ class TaskConsumer(InboxConsumerMixin, AsyncWebsocketConsumer):
     async def ping(self, message: ClientMessage) -> dict[str, Any]:
         return protocol.pong(message.request_id)
 
+    async def authenticate(self, message: ClientMessage) -> dict[str, Any]:
+        """A new token for the connection's user, checked in full: the connection then
+        ends when it expires instead. A refused one changes nothing."""
+        try:
+            user, expires_at = await authenticate_token(message.token)
+        except ValueError as exc:
+            raise ProtocolError(
+                ErrorCode.AUTHENTICATION_FAILED, str(exc), message.request_id
+            ) from None
+        if user.pk != self.user.pk:
+            raise ProtocolError(
+                ErrorCode.AUTHENTICATION_FAILED,
+                "The token is another user's.",
+                message.request_id,
+            )
+        self.watch_expiry(expires_at)
+        return protocol.authenticated(expires_at, message.request_id)
+
     handlers: dict[Action, Callable[["TaskConsumer", ClientMessage], Awaitable[dict[str, Any]]]] = {
         Action.SUBSCRIBE: subscribe,
         Action.UNSUBSCRIBE: unsubscribe,
         Action.PING: ping,
+        Action.AUTHENTICATE: authenticate,
     }
 
     # Channel-layer messages: the text was encoded once by the sender.
@@ -296,3 +363,6 @@ class TaskConsumer(InboxConsumerMixin, AsyncWebsocketConsumer):
     async def realtime_overflow(self, event: dict[str, Any]) -> None:
         """Messages for this client piled up faster than it read them (see realtime.layers)."""
         await self.close(code=CloseCode.SLOW_CLIENT.value)
+
+    async def end_expired(self) -> None:
+        await self.close(code=CloseCode.UNAUTHORIZED.value)

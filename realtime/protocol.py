@@ -19,7 +19,8 @@ RequestId = str | int | None
 class CloseCode(enum.IntEnum):
     """WebSocket close codes the server uses (application codes, 4000-4999)."""
 
-    #: Credentials missing, invalid or expired; sent right after accepting.
+    #: Credentials missing, invalid or expired: sent right after accepting, or when the
+    #: token the connection was authenticated with expires.
     UNAUTHORIZED = 4401
     #: A client frame exceeded ``MAX_MESSAGE_BYTES``. Daphne drops application
     #: close codes below 3000, so this stands in for 1009.
@@ -37,6 +38,7 @@ class ErrorCode(enum.StrEnum):
     INVALID_TASK_ID = "invalid_task_id"
     NOT_FOUND = "not_found"
     SUBSCRIPTION_LIMIT = "subscription_limit"
+    AUTHENTICATION_FAILED = "authentication_failed"
 
 
 class ProtocolError(Exception):
@@ -53,6 +55,7 @@ class Action(enum.StrEnum):
     SUBSCRIBE = "subscribe"
     UNSUBSCRIBE = "unsubscribe"
     PING = "ping"
+    AUTHENTICATE = "authenticate"
 
 
 TASK_ACTIONS = frozenset({Action.SUBSCRIBE, Action.UNSUBSCRIBE})
@@ -63,6 +66,7 @@ class ClientMessage:
     action: Action
     request_id: RequestId = None
     task_id: uuid.UUID | None = None
+    token: str | None = None
 
 
 def parse_task_id(value: Any) -> uuid.UUID:
@@ -96,6 +100,11 @@ def parse_client_message(text: str) -> ClientMessage:
         raise ProtocolError(
             ErrorCode.UNKNOWN_ACTION, f"Unknown action {action[:64]!r}.", request_id
         ) from None
+    if action is Action.AUTHENTICATE:
+        token = data.get("token")
+        if not isinstance(token, str):
+            raise ProtocolError(ErrorCode.INVALID_MESSAGE, "token must be a string.", request_id)
+        return ClientMessage(action, request_id, token=token)
     if action not in TASK_ACTIONS:
         return ClientMessage(action, request_id)
     try:
@@ -126,8 +135,24 @@ def _reply(message: dict[str, Any], request_id: RequestId) -> dict[str, Any]:
     return message
 
 
-def connected(connection_id: uuid.UUID, user_id: int) -> dict[str, Any]:
-    return {"type": "connected", "connection_id": str(connection_id), "user_id": user_id}
+def expiry_iso(expires_at: float | None) -> str | None:
+    """When credentials expire (seconds since the epoch), as messages say it."""
+    if expires_at is None:
+        return None
+    return datetime.fromtimestamp(expires_at, UTC).isoformat()
+
+
+def connected(connection_id: uuid.UUID, user_id: int, expires_at: float | None) -> dict[str, Any]:
+    return {
+        "type": "connected",
+        "connection_id": str(connection_id),
+        "user_id": user_id,
+        "expires_at": expiry_iso(expires_at),
+    }
+
+
+def authenticated(expires_at: float, request_id: RequestId = None) -> dict[str, Any]:
+    return _reply({"type": "authenticated", "expires_at": expiry_iso(expires_at)}, request_id)
 
 
 def subscribed(
@@ -212,12 +237,14 @@ class SseEvent(enum.StrEnum):
     BROADCAST = "broadcast"
     MESSAGE = "message"
     HEARTBEAT = "heartbeat"
+    TOKEN_EXPIRED = "token_expired"
 
 
-def sse_connected(connection_id: uuid.UUID, user_id: int) -> bytes:
+def sse_connected(connection_id: uuid.UUID, user_id: int, expires_at: float | None) -> bytes:
     """The first bytes of every stream: the reconnection delay, then ``connected``."""
-    data = encode({"connection_id": str(connection_id), "user_id": user_id})
-    return sse_retry(SSE_RETRY_MILLISECONDS) + sse_event(SseEvent.CONNECTED, data)
+    message = connected(connection_id, user_id, expires_at)
+    del message["type"]
+    return sse_retry(SSE_RETRY_MILLISECONDS) + sse_event(SseEvent.CONNECTED, encode(message))
 
 
 @functools.lru_cache(maxsize=256)

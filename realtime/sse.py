@@ -168,7 +168,9 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
         if keeps_alive(request):
             headers.append((b"Connection", b"keep-alive"))
         await self.send_headers(headers=headers)
-        await self.send_chunk(protocol.sse_connected(self.connection.connection_id, user.pk))
+        self.watch_expiry(self.scope.get("auth_expires_at"))
+        connected = protocol.sse_connected(self.connection.connection_id, user.pk, self.expires_at)
+        await self.send_chunk(connected)
         self.tick()
 
     async def refuse(self, refusal: Refused) -> None:
@@ -248,6 +250,15 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
         PERSONAL: message_replies,
         HEARTBEAT: heartbeat_replies,
     }
+
+    async def end_expired(self) -> None:
+        """A ``token_expired`` event, then the end of the stream. An ``EventSource`` would
+        reconnect with the same expired token and be refused (401): the client needs a new
+        token, and a new stream."""
+        data = protocol.encode({"expires_at": protocol.expiry_iso(self.expires_at)})
+        await self.send_chunk(protocol.sse_event(SseEvent.TOKEN_EXPIRED, data))
+        await self.send_body(b"")
+        raise StopConsumer()
 
     async def realtime_overflow(self, event: dict[str, Any]) -> None:
         """Messages piled up faster than they were sent, and some are lost: the stream

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -105,8 +106,13 @@ def staff_user(make_user):
     return make_user(is_staff=True)
 
 
-def token_for(user: Any) -> str:
-    return str(AccessToken.for_user(user))
+def token_for(user: Any, lifetime: timedelta | None = None) -> str:
+    """An access token for ``user``; one that expires ``lifetime`` from now if given (the
+    claim is in whole seconds, so up to a second sooner)."""
+    token = AccessToken.for_user(user)
+    if lifetime is not None:
+        token.set_exp(lifetime=lifetime)
+    return str(token)
 
 
 async def broadcast_census(base: str, staff_token: str) -> dict[str, int]:

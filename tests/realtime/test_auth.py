@@ -31,8 +31,9 @@ def simplejwt_accepts(raw_token: str | None) -> bool:
     return True
 
 
-def test_valid_access_token_gives_the_user(user):
-    assert authenticate(token_for(user)) == user
+def test_valid_access_token_gives_the_user_and_its_expiry(user):
+    token = AccessToken.for_user(user)
+    assert authenticate(str(token)) == (user, token["exp"])
 
 
 def signed(claims: dict, key: str = settings.SIMPLE_JWT["SIGNING_KEY"]) -> str:
@@ -105,7 +106,7 @@ def test_a_changed_password_revokes_tokens_when_simplejwt_is_told_to(user):
     token = AccessToken.for_user(user)
     token["hash_password"] = get_md5_hash_password(user.password)
     with override_settings(SIMPLE_JWT=jwt_settings):
-        assert authenticate(str(token)) == user
+        assert authenticate(str(token)).user == user
         user.set_password("another-password")
         user.save()
         with pytest.raises(ValueError, match="password has been changed"):
@@ -119,4 +120,4 @@ def test_users_connecting_together_are_read_in_one_query(make_user, django_asser
         return await asyncio.gather(*(authenticate_token(token_for(u)) for u in users))
 
     with django_assert_num_queries(1):
-        assert async_to_sync(together)() == users
+        assert [c.user for c in async_to_sync(together)()] == users

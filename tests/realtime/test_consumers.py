@@ -3,18 +3,20 @@
 import asyncio
 import json
 import uuid
+from datetime import timedelta
 
 import pytest
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
+from rest_framework_simplejwt.tokens import AccessToken, RefreshToken
 
 from mcp_platform.tasks import services
 from mcp_platform.tasks.models import Task
 from realtime import api
 from realtime.connections import get_connection_manager
 from realtime.consumers import TaskConsumer
-from realtime.protocol import CloseCode
+from realtime.protocol import CloseCode, expiry_iso
 from tests.conftest import connect_user, make_communicator, open_websocket, token_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -111,7 +113,8 @@ def session_cookie(client, user) -> tuple[bytes, bytes]:
 def test_session_login_authenticates(session_cookie, user):
     async def scenario():
         async with open_websocket("/ws", headers=[session_cookie]) as ws:
-            assert (await connect_user(ws))["user_id"] == user.pk
+            connected = await connect_user(ws)
+            assert (connected["user_id"], connected["expires_at"]) == (user.pk, None)
 
     run(scenario)
 
@@ -356,6 +359,74 @@ def test_disconnect_drops_registry_entries(user, task):
             assert await manager.count_task_subscribers(task.pk) == 1
         assert await manager.count_connections() == 0
         assert await manager.count_task_subscribers(task.pk) == 0
+
+    run(scenario)
+
+
+def expiring_token(user, seconds: float = 2) -> tuple[str, str]:
+    """A token that expires within ``seconds``, and its expiry as messages say it."""
+    token = token_for(user, lifetime=timedelta(seconds=seconds))
+    return token, expiry_iso(AccessToken(token)["exp"])
+
+
+def test_a_connection_whose_token_expires_is_closed_4401_and_gets_nothing_more(user, task):
+    token, expires_at = expiring_token(user)
+
+    async def scenario():
+        manager = get_connection_manager()
+        async with open_websocket(f"/ws?token={token}") as ws:
+            assert (await connect_user(ws))["expires_at"] == expires_at
+            await request(ws, {"action": "subscribe", "task_id": str(task.pk)})
+            await assert_closed_with(ws, CloseCode.UNAUTHORIZED)
+            assert await manager.count_connections() == 0
+            assert await manager.count_task_subscribers(task.pk) == 0
+            await database_sync_to_async(services.update_task)(task=task, progress=5)
+            assert await ws.receive_nothing(timeout=0.2)
+
+    run(scenario)
+
+
+def test_a_new_token_keeps_the_connection_open_past_the_old_ones_expiry(user, task):
+    old, _ = expiring_token(user)
+    new, new_expiry = expiring_token(user, seconds=300)
+
+    async def scenario():
+        async with open_websocket(f"/ws?token={old}") as ws:
+            await connect_user(ws)
+            await request(ws, {"action": "subscribe", "task_id": str(task.pk)})
+            reply = await request(ws, {"action": "authenticate", "token": new, "id": 1})
+            assert reply == {"type": "authenticated", "expires_at": new_expiry, "id": 1}
+            await asyncio.sleep(2.2)
+            assert await ws.receive_nothing(timeout=0.1)
+            await database_sync_to_async(services.update_task)(task=task, progress=5)
+            update = await ws.receive_json_from(timeout=5)
+            assert (update["type"], update["seq"]) == ("task_update", 2)
+
+    run(scenario)
+
+
+def test_a_refused_token_changes_nothing(user, other_user):
+    token, _ = expiring_token(user)
+    refused = {
+        "another user's": token_for(other_user),
+        "expired": token_for(user, lifetime=-timedelta(seconds=1)),
+        "refresh": str(RefreshToken.for_user(user)),
+        "garbage": "not.a.jwt",
+    }
+
+    async def scenario():
+        async with open_websocket(f"/ws?token={token}") as ws:
+            await connect_user(ws)
+            for name, bad in refused.items():
+                reply = await request(ws, {"action": "authenticate", "token": bad, "id": name})
+                assert (reply["type"], reply["code"], reply["id"]) == (
+                    "error",
+                    "authentication_failed",
+                    name,
+                ), reply
+            reply = await request(ws, {"action": "authenticate"})
+            assert (reply["type"], reply["code"]) == ("error", "invalid_message")
+            await assert_closed_with(ws, CloseCode.UNAUTHORIZED)
 
     run(scenario)
 

@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import sys
+from datetime import timedelta
 
 import aiohttp
 import pytest
@@ -106,6 +107,19 @@ def test_bad_token_is_closed_4401_over_daphne(daphne_server):
 def test_oversize_frame_is_closed_4009_over_daphne(daphne_server, user):
     url = f"{daphne_server.ws_url}/ws?token={token_for(user)}"
     async_to_sync(expect_close)(url, 4009, frame="x" * 65537)
+
+
+def test_a_connection_is_closed_4401_over_daphne_when_its_token_expires(daphne_server, user):
+    token = token_for(user, lifetime=timedelta(seconds=2))
+
+    async def scenario():
+        async with websockets.connect(f"{daphne_server.ws_url}/ws?token={token}") as ws:
+            await receive_type(ws, "connected")
+            with pytest.raises(websockets.ConnectionClosed) as caught:
+                await asyncio.wait_for(ws.recv(), 10)
+            assert caught.value.rcvd.code == 4401
+
+    async_to_sync(scenario)()
 
 
 def test_foreign_origin_is_refused_403_and_no_origin_is_allowed(daphne_server, user):

@@ -14,18 +14,22 @@ request_ids = st.none() | st.text(max_size=20) | st.integers(-(2**53), 2**53)
 @given(
     action=st.sampled_from(list(Action)),
     task_id=st.uuids(),
+    token=st.text(),
     request_id=request_ids,
 )
-def test_parse_round_trips_every_valid_message(action, task_id, request_id):
+def test_parse_round_trips_every_valid_message(action, task_id, token, request_id):
     message = {"action": str(action)}
     if action in protocol.TASK_ACTIONS:
         message["task_id"] = str(task_id)
+    if action is Action.AUTHENTICATE:
+        message["token"] = token
     if request_id is not None:
         message["id"] = request_id
     parsed = parse_client_message(json.dumps(message))
     assert parsed.action == action
     assert parsed.request_id == request_id
     assert parsed.task_id == (task_id if action in protocol.TASK_ACTIONS else None)
+    assert parsed.token == (token if action is Action.AUTHENTICATE else None)
 
 
 @pytest.mark.parametrize(
@@ -44,6 +48,9 @@ def test_parse_round_trips_every_valid_message(action, task_id, request_id):
         ('{"action": "subscribe"}', ErrorCode.INVALID_TASK_ID),
         ('{"action": "subscribe", "task_id": "nope"}', ErrorCode.INVALID_TASK_ID),
         ('{"action": "unsubscribe", "task_id": 12}', ErrorCode.INVALID_TASK_ID),
+        ('{"action": "authenticate"}', ErrorCode.INVALID_MESSAGE),
+        ('{"action": "authenticate", "token": null}', ErrorCode.INVALID_MESSAGE),
+        ('{"action": "authenticate", "token": ["a.b.c"]}', ErrorCode.INVALID_MESSAGE),
     ],
 )
 def test_bad_messages_raise_their_code(text, code):

@@ -154,7 +154,7 @@ def test_first_bytes_are_retry_then_connected(user):
                 + protocol.encode(data).encode()
                 + b"\n\n"
             )
-            assert set(data) == {"connection_id", "user_id"}
+            assert set(data) == {"connection_id", "user_id", "expires_at"}
             assert data["user_id"] == user.pk
             uuid.UUID(data["connection_id"])
             manager = get_connection_manager()
@@ -167,12 +167,15 @@ def test_first_bytes_are_retry_then_connected(user):
 @transactional
 @pytest.mark.parametrize("how", ["header", "query", "session"])
 def test_each_way_of_authenticating(user, how):
-    headers, query = [], {}
+    """Each names the user; a token's stream says when it expires, a session's never."""
+    headers, query, token = [], {}, token_for(user)
+    expires_at = protocol.expiry_iso(AccessToken(token)["exp"])
     if how == "header":
-        headers = bearer(token_for(user))
+        headers = bearer(token)
     elif how == "query":
-        query = {"token": token_for(user)}
+        query = {"token": token}
     else:
+        expires_at = None
         client = Client()
         client.force_login(user)
         cookie = client.cookies[settings.SESSION_COOKIE_NAME]
@@ -180,7 +183,8 @@ def test_each_way_of_authenticating(user, how):
 
     async def scenario():
         async with InProcessStream(query, headers=headers) as stream:
-            assert (await stream.next_of("connected")).json()["user_id"] == user.pk
+            connected = (await stream.next_of("connected")).json()
+            assert (connected["user_id"], connected["expires_at"]) == (user.pk, expires_at)
 
     run(scenario)
 
@@ -208,9 +212,7 @@ def test_other_authorization_schemes_are_left_to_the_token_or_session(user):
 
 
 def expired_token(user) -> str:
-    token = AccessToken.for_user(user)
-    token.set_exp(lifetime=-timedelta(seconds=1))
-    return str(token)
+    return token_for(user, lifetime=-timedelta(seconds=1))
 
 
 @transactional
@@ -656,6 +658,23 @@ def test_a_stream_whose_messages_overflow_ends_and_cleans_up(user, disconnected)
     }
     with override_settings(CHANNEL_LAYERS=layers):
         run(scenario)
+
+
+@transactional
+def test_a_stream_ends_with_token_expired_when_its_token_expires(user, task, disconnected):
+    token = token_for(user, lifetime=timedelta(seconds=2))
+    expires_at = protocol.expiry_iso(AccessToken(token)["exp"])
+
+    async def scenario():
+        async with InProcessStream({"token": token, "task_id": str(task.pk)}) as stream:
+            assert (await stream.next_of("connected")).json()["expires_at"] == expires_at
+            events = await asyncio.wait_for(stream.until_end(), 5)
+            assert [event.type for event in events] == ["token_expired"]
+            assert events[0].json() == {"expires_at": expires_at}
+        await assert_no_connections([task.pk])
+        assert len(disconnected) == 1
+
+    run(scenario)
 
 
 @transactional

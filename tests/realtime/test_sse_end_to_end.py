@@ -120,7 +120,7 @@ def test_query_token_stream_wire_format(daphne_server, user, task):
                 + json.dumps(connected.json(), separators=(",", ":")).encode()
                 + b"\n\n"
             )
-            assert list(connected.json()) == ["connection_id", "user_id"]
+            assert list(connected.json()) == ["connection_id", "user_id", "expires_at"]
             # Without task_id the stream follows every task the user owns.
             patched = await patch_task(daphne_server.http_url, token, task.pk, {"progress": 7})
             update = await events.next_event()
