@@ -183,13 +183,14 @@ class InboxConsumerMixin:
             self.expiry_timer.cancel()
         self.expires_at = expires_at
         if expires_at is not None:
-            message = {"type": TOKEN_EXPIRED, "expires_at": expires_at}
-            self._expire_later(max(0.0, expires_at - time.time()), message)
+            self._expire_later(max(0.0, expires_at - time.time()), expires_at)
 
-    def _expire_later(self, delay: float, message: dict[str, Any]) -> None:
+    def _expire_later(self, delay: float, expires_at: float) -> None:
+        # The message is made when it is due: every idle connection holds this timer.
         def expire() -> None:
+            message = {"type": TOKEN_EXPIRED, "expires_at": expires_at}
             if not self.inbox.put_nowait(message):  # a full inbox is being read: soon again
-                self._expire_later(EXPIRY_RETRY_SECONDS, message)
+                self._expire_later(EXPIRY_RETRY_SECONDS, expires_at)
 
         self.expiry_timer = asyncio.get_running_loop().call_later(delay, expire)
 

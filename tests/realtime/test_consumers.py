@@ -13,9 +13,10 @@ from rest_framework_simplejwt.tokens import AccessToken, RefreshToken
 
 from mcp_platform.tasks import services
 from mcp_platform.tasks.models import Task
-from realtime import api
+from realtime import api, consumers
 from realtime.connections import get_connection_manager
-from realtime.consumers import TaskConsumer
+from realtime.consumers import TOKEN_EXPIRED, TaskConsumer
+from realtime.inbox import Inbox
 from realtime.protocol import CloseCode, expiry_iso
 from tests.conftest import connect_user, make_communicator, open_websocket, token_for
 
@@ -382,6 +383,29 @@ def test_a_connection_whose_token_expires_is_closed_4401_and_gets_nothing_more(u
             assert await manager.count_task_subscribers(task.pk) == 0
             await database_sync_to_async(services.update_task)(task=task, progress=5)
             assert await ws.receive_nothing(timeout=0.2)
+
+    run(scenario)
+
+
+def test_an_expiry_that_finds_the_inbox_full_is_tried_again(user, monkeypatch):
+    refused = []
+    put_nowait = Inbox.put_nowait
+
+    def full_once(self, item):
+        if item.get("type") == TOKEN_EXPIRED and not refused:
+            refused.append(item)
+            return False
+        return put_nowait(self, item)
+
+    monkeypatch.setattr(Inbox, "put_nowait", full_once)
+    monkeypatch.setattr(consumers, "EXPIRY_RETRY_SECONDS", 0.2)
+    token, _ = expiring_token(user)
+
+    async def scenario():
+        async with open_websocket(f"/ws?token={token}") as ws:
+            await connect_user(ws)
+            await assert_closed_with(ws, CloseCode.UNAUTHORIZED)
+        assert len(refused) == 1
 
     run(scenario)
 
