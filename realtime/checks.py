@@ -1,5 +1,6 @@
 """System checks for settings that would break the real-time layer quietly."""
 
+import math
 from typing import Any
 
 from django.conf import settings
@@ -7,7 +8,7 @@ from django.core.checks import Error, Warning, register
 
 from realtime.conf import DEFAULTS, realtime_settings
 
-#: Settings that must be above 0, each with what would go wrong otherwise.
+#: Settings that must be above 0 (and finite), each with what would go wrong otherwise.
 MUST_BE_POSITIVE = {
     "SSE_HEARTBEAT_SECONDS": "idle SSE streams would send heartbeats without pause",
     "CONNECTION_LEASE_SECONDS": "registry entries would lapse at once, renewed without pause",
@@ -15,6 +16,9 @@ MUST_BE_POSITIVE = {
     "MAX_MESSAGE_BYTES": "every client frame would close its connection",
     "BROADCAST_MAX_BYTES": "every broadcast would be refused",
     "SLOW_CLIENT_QUEUE_LIMIT": "a connection's first message would wait for room forever",
+    "SLOW_CLIENT_BUFFER_BYTES": "a client would be dropped at the first write it did not take",
+    "REORDER_WINDOW_SECONDS": "an update ahead of a missing one would go at once, and the "
+    "missing one be dropped when it came",
 }
 
 
@@ -31,11 +35,11 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list:
             )
         )
     for name, harm in MUST_BE_POSITIVE.items():
-        if getattr(realtime_settings, name) <= 0:
+        if not 0 < getattr(realtime_settings, name) < math.inf:  # NaN is refused too
             messages.append(
                 Error(
-                    f"{name} must be greater than 0.",
-                    hint=f"At 0 or below, {harm}.",
+                    f"{name} must be a finite number greater than 0.",
+                    hint=f"At 0 or below, {harm}; infinite or NaN, timers fail.",
                     id="realtime.E002",
                 )
             )

@@ -1,12 +1,14 @@
 """Settings come from the environment, with safe defaults (each case in a fresh process)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
 
+from realtime.checks import check_settings
 from tests.conftest import ROOT, free_port
 
 BASE_ENV = {"PATH": os.environ.get("PATH", ""), "DJANGO_SETTINGS_MODULE": "mcp_platform.settings"}
@@ -109,6 +111,24 @@ def test_realtime_settings_come_from_same_named_variables_with_their_types():
 def test_malformed_values_are_refused_with_the_variable_named(env, message):
     result = settings_of(env, "realtime_settings.SUBSCRIPTION_LIMIT")
     assert result.returncode != 0 and message in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("REORDER_WINDOW_SECONDS", 0.0),
+        ("REORDER_WINDOW_SECONDS", -1.0),
+        ("REORDER_WINDOW_SECONDS", math.nan),
+        ("SSE_HEARTBEAT_SECONDS", math.nan),
+        ("CONNECTION_LEASE_SECONDS", math.inf),
+        ("CONNECTION_LEASE_SECONDS", math.nan),
+        ("SLOW_CLIENT_BUFFER_BYTES", -1),
+    ],
+)
+def test_counts_sizes_and_intervals_must_be_finite_and_positive(settings, name, value):
+    settings.REALTIME = {**settings.REALTIME, name: value}
+    [error] = [m for m in check_settings() if m.id == "realtime.E002"]
+    assert error.msg.startswith(name)
 
 
 @pytest.mark.parametrize(
