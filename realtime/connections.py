@@ -307,6 +307,7 @@ class ConnectionManager:
         group = groups.task_group(task_id)
         await self._join(connection, group)
         snapshot = await _snapshots.load((user, task_id))
+        connection.sees_all = user.is_staff  # as the source read it just now
         if snapshot is None:
             if is_new:
                 await self._leave(connection, group)

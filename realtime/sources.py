@@ -40,7 +40,9 @@ class TaskSource:
         """``get_visible()`` of each ``(user, task_id)``, in order.
 
         Subscriptions made at nearly the same moment arrive here together
-        (``realtime.batching``); override it to answer them with one query.
+        (``realtime.batching``); override it to answer them with one query. A source that
+        reads the users again sets each given user's ``is_staff`` to what it read: the
+        connection's updates are then filtered by it (``Connection.may_see()``).
         """
         return [self.get_visible(user, task_id) for user, task_id in requests]
 

@@ -41,13 +41,15 @@ class TaskSource(sources.TaskSource):
 
         The users are read again: a connection outlives the check made when it opened,
         and a user deactivated, deleted or no longer staff since then must not subscribe to
-        what they may no longer see."""
+        what they may no longer see. The given users get the staff flag read, which the
+        connection filters its updates by."""
         tasks = Task.objects.in_bulk({task_id for _, task_id in requests})
         users = get_user_model()._default_manager.in_bulk({user.pk for user, _ in requests})
         snapshots = {task_id: task_snapshot(task) for task_id, task in tasks.items()}
         answers = []
         for user, task_id in requests:
             now = users.get(user.pk)
+            user.is_staff = now is not None and now.is_staff
             visible = now is not None and now.is_active and task_id in tasks
             answers.append(snapshots[task_id] if visible and can_see(now, tasks[task_id]) else None)
         return answers

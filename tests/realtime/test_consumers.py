@@ -294,6 +294,41 @@ def test_subscribing_again_to_a_task_no_longer_visible_ends_the_subscription(
     run(scenario)
 
 
+@pytest.mark.parametrize("change", ["promoted", "demoted"])
+def test_updates_follow_the_staff_status_read_at_the_last_subscribe(user, other_user, change):
+    """Promoted since connecting: another user's task, subscribed to, goes on updating.
+    Demoted: their own task, given away, ends like any other user's."""
+    user.is_staff = change == "demoted"
+    user.save()
+    token = token_for(user)
+    task = services.create_task(owner=other_user if change == "promoted" else user, name="t")
+
+    def change_status() -> None:
+        user.is_staff = change == "promoted"
+        user.save()
+
+    def give_away() -> None:
+        task.owner = other_user
+        task.save()
+
+    async def scenario():
+        async with open_websocket(f"/ws?token={token}") as ws:
+            await connect_user(ws)
+            await database_sync_to_async(change_status)()
+            await request(ws, {"action": "subscribe", "task_id": str(task.pk)})
+            if change == "promoted":
+                await database_sync_to_async(services.update_task)(task=task, progress=5)
+                update = await ws.receive_json_from(timeout=5)
+                assert (update["type"], update["seq"]) == ("task_update", 2)
+            else:
+                await database_sync_to_async(give_away)()
+                notice = await ws.receive_json_from(timeout=5)
+                assert (notice["type"], notice["task_id"]) == ("unsubscribed", str(task.pk))
+                assert await ws.receive_nothing(timeout=0.3)
+
+    run(scenario)
+
+
 def test_staff_may_subscribe_to_any_task(staff_user, task):
     async def scenario():
         async with open_websocket(f"/ws?token={token_for(staff_user)}") as ws:
