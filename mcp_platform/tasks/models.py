@@ -89,13 +89,21 @@ class Task(models.Model):
             cursor.execute(sql, [opts.pk.get_db_prep_value(self.pk, connection)])
             return cursor.fetchone()
 
+    def _fields_other_than(self, names: set[str]) -> list[str]:
+        return [
+            field.attname
+            for field in self._meta.concrete_fields
+            if field.name not in names and field.attname not in names and not field.primary_key
+        ]
+
     def save(self, *args, **kwargs) -> None:
         """Save and advance ``seq``. The stored status and ``seq`` are read under a row
         lock, so that concurrent writers in other processes never reuse a number and no
         save leaves a finished status (``ValidationError``), whoever calls it. A task
         deleted since it was read is not brought back (``Task.DoesNotExist``)."""
-        if kwargs.get("update_fields") is not None:
-            kwargs["update_fields"] = {*kwargs["update_fields"], "seq", "updated_at"}
+        update_fields = kwargs.get("update_fields")
+        if update_fields is not None:
+            update_fields = kwargs["update_fields"] = {*update_fields, "seq", "updated_at"}
         if self._state.adding:
             self.seq = 1
             super().save(*args, **kwargs)
@@ -104,6 +112,10 @@ class Task(models.Model):
         # Within a caller's transaction, no savepoint: a failure here fails it anyway.
         with transaction.atomic(using=using, savepoint=False):
             stored = self._locked_state(connections[using])
+            if stored is not None and update_fields is not None:
+                # The fields not written are read as stored: the change is published as
+                # the row will be, not as this copy was read (its owner may be another's).
+                self.refresh_from_db(using=using, fields=self._fields_other_than(update_fields))
             allowed = stored is not None and transition_allowed(stored[0], self.status)
             if allowed:
                 self.seq = stored[1] + 1

@@ -1,5 +1,6 @@
 """The tasks app's side of the real-time interface: what a task looks like live."""
 
+import copy
 import uuid
 from collections.abc import Sequence
 
@@ -18,12 +19,11 @@ _snapshots = TaskSerializer()
 
 
 def task_snapshot(task: Task) -> sources.TaskSnapshot:
-    return sources.TaskSnapshot(
-        task_id=task.pk,
-        owner_id=task.owner_id,
-        seq=task.seq,
-        state=_snapshots.to_representation(task),
-    )
+    state = _snapshots.to_representation(task)
+    # The representation holds the task's own ``result``, which the caller may change
+    # before the snapshot is published (on commit): it keeps a copy.
+    state["result"] = copy.deepcopy(state["result"])
+    return sources.TaskSnapshot(task_id=task.pk, owner_id=task.owner_id, seq=task.seq, state=state)
 
 
 class TaskSource(sources.TaskSource):

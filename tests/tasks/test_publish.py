@@ -58,6 +58,45 @@ def test_update_with_update_fields_still_advances_seq(user, task):
     assert Task.objects.get(pk=task.pk).seq == 2
 
 
+def test_a_save_of_some_fields_of_an_old_copy_publishes_the_row_as_committed(
+    user, other_user, task
+):
+    """A worker's copy read before the admin gave the task away and started it: its save
+    of the progress writes only that, and publishes the task as stored, to its new owner."""
+    old_copy = Task.objects.get(pk=task.pk)
+    task.owner, task.status = other_user, "running"
+    task.save()
+
+    def change():
+        old_copy.progress = 60
+        old_copy.save(update_fields=["progress"])
+
+    update = watch(other_user, task, change)
+    assert (update["seq"], update["status"], update["progress"]) == (3, "running", 60)
+    assert update["task"]["owner"] == other_user.pk
+    stored = Task.objects.get(pk=task.pk)
+    assert (stored.owner_id, stored.status, stored.progress) == (other_user.pk, "running", 60)
+
+
+def test_each_change_in_one_transaction_publishes_the_result_it_saved(user, task):
+    def change():
+        with transaction.atomic():
+            task.result = {"step": 1}
+            task.save()
+            task.result["step"] = 2
+            task.save()
+
+    async def scenario():
+        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+            await connect_user(ws)
+            await ws.send_json_to({"action": "subscribe", "task_id": str(task.pk)})
+            await ws.receive_json_from(timeout=5)
+            await database_sync_to_async(change)()
+            return [(await ws.receive_json_from(timeout=5))["task"]["result"] for _ in "12"]
+
+    assert async_to_sync(scenario)() == [{"step": 1}, {"step": 2}]
+
+
 def test_rolled_back_change_publishes_nothing(user, task):
     def change():
         with pytest.raises(RuntimeError), transaction.atomic():
