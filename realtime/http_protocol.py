@@ -1,4 +1,4 @@
-"""Daphne's HTTP request, with the slow-client bound for streamed responses.
+"""Daphne's HTTP request, with the slow-client bound for event streams.
 
 An event stream (``GET /events``) writes for hours; a client that stops reading would
 have every event kept in the server's memory. ``BoundedWebRequest`` registers itself as
@@ -27,10 +27,26 @@ def as_chunk(body: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(body), body)
 
 
+def is_event_stream(headers: Any) -> bool:
+    return any(
+        name.lower() == b"content-type"
+        and value.partition(b";")[0].strip().lower() == b"text/event-stream"
+        for name, value in headers
+    )
+
+
 class BoundedWebRequest(UnreadBytesProducer, WebRequest):
+    #: Whether the response is an event stream, the only kind the bound applies to: any
+    #: other has a size its application chose, which Django sends in one go, in 64 KiB
+    #: chunks that no client could read as fast.
+    bounded = False
+
     def handle_reply(self, message: dict[str, Any]) -> None:
-        if (
+        if message["type"] == "http.response.start":
+            self.bounded = is_event_stream(message.get("headers", ()))
+        elif (
             message["type"] == "http.response.body"
+            and self.bounded
             and not self.finished
             and self.channel is not None
         ):
@@ -41,6 +57,13 @@ class BoundedWebRequest(UnreadBytesProducer, WebRequest):
             elif self.write_under_way(message.get("body", b"")):
                 return
         super().handle_reply(message)
+
+    def finish(self) -> None:
+        # Daphne finishes a stream itself at its --http-timeout, with this request still
+        # its producer, which Twisted would log with the request's URI, token and all.
+        if self.producer is not None:
+            self.unregisterProducer()
+        super().finish()
 
     def write_payload(self, body: bytes) -> None:
         """``http.response.body`` of ``body`` with ``more_body``, the next chunk of a

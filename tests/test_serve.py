@@ -2,6 +2,7 @@
 ``send`` can send without waiting, and its access log hides tokens."""
 
 import asyncio
+import json
 import pprint
 import socket
 import struct
@@ -14,10 +15,11 @@ import pytest
 import uvloop
 
 from mcp_platform.serve import LinesPerTurn, PrettyWhenWritten, redact
+from mcp_platform.tasks import services
 from realtime.layers import ChannelQueue
 from realtime.reactor import new_event_loop
 from realtime.server import NowaitServer
-from tests.conftest import ROOT, LiveServer, start_server
+from tests.conftest import ROOT, LiveServer, start_server, token_for
 
 
 @pytest.mark.parametrize(
@@ -290,8 +292,11 @@ def test_a_write_to_a_reset_connection_ends_it_as_twisted_would():
 
 @pytest.fixture(scope="module")
 def verbose_daphne_server(django_db_setup, tmp_path_factory) -> Iterator[LiveServer]:
-    """A server at Daphne's most verbose, which also logs Twisted's messages."""
-    server = start_server(tmp_path_factory.mktemp("verbose"), args=["-v", "2"])
+    """A server at Daphne's most verbose, which also logs Twisted's messages, and ends
+    every response after a second."""
+    server = start_server(
+        tmp_path_factory.mktemp("verbose"), args=["-v", "2", "--http-timeout", "1"]
+    )
     yield server
     server.stop()
 
@@ -314,3 +319,35 @@ def test_served_access_log_never_shows_a_query_token(server, request):
     log = server.log()
     assert "/events?token=[redacted]" in log and "/api/tasks/?token=[redacted]" in log
     assert secret not in log
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_stream_that_daphne_times_out_leaves_its_token_out_of_the_log(
+    verbose_daphne_server, user
+):
+    import urllib.request
+
+    token = token_for(user)
+    url = f"{verbose_daphne_server.http_url}/events?token={token}"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert b"event: connected" in response.read()  # to the end, at --http-timeout
+    deadline = time.monotonic() + 10
+    while "/events?token=[redacted]" not in verbose_daphne_server.log():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    log = verbose_daphne_server.log()
+    assert token not in log and "Producer was not unregistered" not in log
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_response_larger_than_the_slow_client_bound_arrives_whole(daphne_server, user):
+    """The bound is for event streams: Django writes any other response in one go."""
+    import urllib.request
+
+    task = services.create_task(owner=user, name="big", error="x" * 1_500_000)
+    request = urllib.request.Request(
+        f"{daphne_server.http_url}/api/tasks/{task.pk}/",
+        headers={"Authorization": f"Bearer {token_for(user)}"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert json.loads(response.read())["error"] == task.error

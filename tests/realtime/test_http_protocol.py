@@ -17,6 +17,7 @@ def paused_unchunked_stream(monkeypatch) -> tuple[BoundedWebRequest, list[dict[s
     monkeypatch.setattr(WebRequest, "handle_reply", lambda self, message: written.append(message))
     request = BoundedWebRequest.__new__(BoundedWebRequest)
     request.producer, request.channel, request.finished = request, object(), False
+    request.bounded = True
     request.chunked, request.startedWriting = False, True
     request.pauseProducing()
     return request, written
