@@ -10,7 +10,9 @@ answer sent before any stream starts.
 """
 
 import asyncio
+import contextlib
 import io
+import logging
 import time
 import uuid
 from typing import Any
@@ -35,6 +37,8 @@ from realtime.connections import (
 )
 from realtime.consumers import InboxConsumerMixin
 from realtime.protocol import ErrorCode, ProtocolError, SseEvent
+
+logger = logging.getLogger(__name__)
 
 #: What the stream's own timer puts in its inbox when it has been idle for an interval.
 HEARTBEAT = "realtime.heartbeat"
@@ -130,6 +134,22 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
 
     heartbeat_timer: asyncio.TimerHandle | None = None
     last_sent = 0.0
+    #: Whether the stream's headers went out: from then on, the response is the stream.
+    streaming = False
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """A stream that fails ends its response, and its client reconnects after
+        ``retry``. Raised, the failure would leave the response open and the client
+        waiting, and Daphne, unable to answer it with a 500, would stop checking on its
+        applications."""
+        try:
+            await super().__call__(scope, receive, send)
+        except Exception:
+            if not self.streaming:
+                raise
+            logger.exception("Event stream failed; it was ended")
+            with contextlib.suppress(Exception):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def http_request(self, message: dict[str, Any]) -> None:
         if message.get("more_body"):
@@ -168,6 +188,7 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
         if keeps_alive(request):
             headers.append((b"Connection", b"keep-alive"))
         await self.send_headers(headers=headers)
+        self.streaming = True
         self.watch_expiry(self.scope.get("auth_expires_at"))
         connected = protocol.sse_connected(self.connection.connection_id, user.pk, self.expires_at)
         await self.send_chunk(connected)

@@ -19,7 +19,7 @@ from rest_framework_simplejwt.tokens import AccessToken
 
 from mcp_platform.tasks import services
 from mcp_platform.tasks.models import Task
-from realtime import api, protocol
+from realtime import api, protocol, sse
 from realtime.checks import check_settings
 from realtime.connections import ConnectionManager, Transport, get_connection_manager
 from realtime.sources import TaskSnapshot
@@ -461,6 +461,27 @@ def test_a_deleted_task_is_announced_to_the_streams_that_followed_it(user, task)
                 assert await get_connection_manager().count_task_subscribers(task.pk) == 0
 
     run(scenario)
+
+
+@transactional
+def test_a_stream_that_fails_ends_its_response(user, task, monkeypatch):
+    """Here its registry fails while it ends a subscription (Redis went away)."""
+    logged = []
+    monkeypatch.setattr(sse.logger, "exception", lambda message: logged.append(message))
+
+    async def failing(*args):
+        raise ConnectionError("Redis went away")
+
+    async def scenario():
+        async with InProcessStream({"token": token_for(user), "task_id": str(task.pk)}) as s:
+            await s.next_of("connected")
+            monkeypatch.setattr(get_connection_manager().registry, "remove_subscription", failing)
+            await database_sync_to_async(Task.objects.filter(pk=task.pk).delete)()
+            assert await s.until_end(timeout=5) == []
+        await assert_no_connections()
+
+    run(scenario)
+    assert logged == ["Event stream failed; it was ended"]
 
 
 @transactional
