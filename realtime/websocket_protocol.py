@@ -6,8 +6,10 @@ Every message to a client goes through autobahn's ``sendMessage()``, ``sendFrame
 (docs/performance.md). ``FrameWritingWebSocketProtocol`` writes the frame itself when
 nothing about the connection needs autobahn's general path: the connection is open, no
 extension (compression) was negotiated, no fragmentation, masking or frame logging is
-configured, nothing is queued, and the payload is within the size limit. Otherwise it
-defers to autobahn, as before. ``python -m mcp_platform.serve`` installs it.
+configured, and nothing is queued. Otherwise it defers to autobahn, as before.
+Daphne's size limit (1 MiB) is for what clients send: autobahn applies it to what the
+server sends too, and failed the connection (1011) at every update of a task larger than
+that. ``python -m mcp_platform.serve`` installs it.
 
 It also bounds what a client that stops reading costs (``realtime.slow_clients``): past
 ``REALTIME_SLOW_CLIENT_BUFFER_BYTES`` unread, the connection is closed with 4008.
@@ -126,7 +128,6 @@ class FrameWritingWebSocketProtocol(UnreadBytesProducer, WebSocketProtocol):
             or self.logFrames
             or self.logOctets
             or self.send_queue
-            or 0 < self.maxMessagePayloadSize < length
         ):
             return super().serverSend(content, binary)
         write_now(self.transport, frame)

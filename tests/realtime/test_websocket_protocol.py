@@ -49,7 +49,7 @@ def test_frames_parse_back_to_their_payload(payload, binary):
 
 @pytest.mark.e2e
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.parametrize("size", [10, 200, 70_000])
+@pytest.mark.parametrize("size", [10, 200, 70_000, 200_000])  # the last: 1.2 MB, over 1 MiB
 def test_updates_of_every_frame_length_arrive_whole_over_daphne(daphne_server, user, size):
     task = services.create_task(owner=user, name="big")
     result = {"text": "é" * size}
