@@ -222,8 +222,10 @@ class ConnectionManager:
             await self.layer.group_send(name, message)
 
     async def _join(self, connection: Connection, group: str) -> None:
-        await self.layer.group_add(group, connection.channel_name)
+        # Recorded first: a join that fails may have made the channel a member anyway
+        # (channels-redis's adds it, then subscribes), and only recorded groups are left.
         connection.groups.add(group)
+        await self.layer.group_add(group, connection.channel_name)
 
     async def _leave(self, connection: Connection, group: str) -> None:
         connection.groups.discard(group)

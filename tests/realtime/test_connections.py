@@ -179,16 +179,18 @@ def test_a_gap_soon_after_another_is_waited_for_and_nothing_is_lost(user, settin
 
 
 class FlakyLayer(InMemoryChannelLayer):
-    """The in-process layer, failing to leave (or join) the groups named, as Redis away."""
+    """The in-process layer, failing to leave (or join) the groups named, as Redis away.
+    A join fails as channels-redis's does: the member is added, then the subscription to
+    Redis fails."""
 
     def __init__(self, fail_leaving=(), fail_joining=()):
         super().__init__()
         self.fail_leaving, self.fail_joining = set(fail_leaving), set(fail_joining)
 
     async def group_add(self, group, channel):
+        await super().group_add(group, channel)
         if group in self.fail_joining:
             raise ConnectionError("layer is down")
-        await super().group_add(group, channel)
 
     async def group_discard(self, group, channel):
         if group in self.fail_leaving:
