@@ -2,11 +2,11 @@
 
 from collections.abc import Callable
 from typing import Any, NamedTuple
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlparse
 
 from channels.auth import AuthMiddlewareStack
 from channels.db import database_sync_to_async
-from channels.security.websocket import OriginValidator
+from channels.security.websocket import OriginValidator, WebsocketDenier
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.base_user import AbstractBaseUser
@@ -150,6 +150,15 @@ class OptionalOriginValidator(OriginValidator):
     Browsers always send ``Origin``, and the check exists to protect them; services and
     command-line clients send none and hold their credentials themselves.
     """
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
+        for name, value in scope.get("headers", ()):
+            if name == b"origin":
+                try:
+                    urlparse(value.decode("latin-1"))
+                except ValueError:  # Channels' check would raise it: a 500, not a 403
+                    return await WebsocketDenier()(scope, receive, send)
+        return await super().__call__(scope, receive, send)
 
     def valid_origin(self, parsed_origin: Any) -> bool:
         if parsed_origin is None:

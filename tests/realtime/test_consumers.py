@@ -132,7 +132,12 @@ def test_bad_token_beside_a_valid_session_is_refused(session_cookie, token):
 
 @pytest.mark.parametrize(
     ("origin", "accepted"),
-    [(None, True), (b"http://localhost:8000", True), (b"https://evil.example", False)],
+    [
+        (None, True),
+        (b"http://localhost:8000", True),
+        (b"https://evil.example", False),
+        (b"http://[::1", False),  # no URL at all (an unclosed IPv6 bracket)
+    ],
 )
 def test_origin_must_be_an_allowed_host_when_sent(user, origin, accepted):
     headers = [] if origin is None else [(b"origin", origin)]
