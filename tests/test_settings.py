@@ -106,11 +106,17 @@ def test_realtime_settings_come_from_same_named_variables_with_their_types():
             {"DJANGO_DEBUG": "1", "REALTIME_SUBSCRIPTION_LIMIT": "many"},
             "REALTIME_SUBSCRIPTION_LIMIT must be an integer",
         ),
+        ({"DJANGO_DEBUG": "1", "DJANGO_LOG_LEVEL": "loud"}, "DJANGO_LOG_LEVEL must be one of"),
     ],
 )
 def test_malformed_values_are_refused_with_the_variable_named(env, message):
     result = settings_of(env, "realtime_settings.SUBSCRIPTION_LIMIT")
     assert result.returncode != 0 and message in result.stderr
+
+
+def test_a_log_level_may_be_given_in_any_case():
+    env = {"DJANGO_DEBUG": "1", "DJANGO_LOG_LEVEL": "debug"}
+    assert value_of(env, "settings.LOGGING['root']['level']") == "DEBUG"
 
 
 @pytest.mark.parametrize(
