@@ -8,6 +8,7 @@ consumer objects: a ``Connection`` is plain state that its consumer owns and pas
 import contextlib
 import enum
 import itertools
+import sys
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,9 @@ class Transport(enum.StrEnum):
     WEBSOCKET = "websocket"
     SSE = "sse"
 
+
+#: The last seq of a followed task that was deleted: above any update of it.
+DELETED = sys.maxsize
 
 #: Numbers of waits for missing updates, unique in the process (``Connection.waiting``).
 _waits = itertools.count(1)
@@ -180,6 +184,12 @@ class Connection:
         """Drop what is known of a task's updates (on unsubscribe)."""
         self.last_seq.pop(task_id, None)
         self._stop_holding(task_id)
+
+    def forget_deleted(self, task_id: str) -> None:
+        """A followed task was deleted: none of its updates is delivered any more, not
+        even one published before the deletion that arrives after it."""
+        self.forget(task_id)
+        self.last_seq[task_id] = DELETED
 
     def _stop_holding(self, task_id: str) -> dict[int, str] | None:
         """End a task's wait, if any, with its held updates, which it returns: a release

@@ -148,7 +148,7 @@ class InboxConsumerMixin:
         if connection is None:
             return
         if connection.follows_all:  # it came through a feed: the task was followed
-            connection.forget(event["task_id"])
+            connection.forget_deleted(event["task_id"])
         elif not await get_connection_manager().unsubscribe_from_task(
             connection, uuid.UUID(event["task_id"])
         ):

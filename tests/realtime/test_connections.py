@@ -254,6 +254,13 @@ def test_a_connect_that_fails_leaves_no_group_behind(failing):
     async_to_sync(scenario)()
 
 
+def test_an_update_of_a_followed_task_that_arrives_after_its_deletion_is_dropped():
+    c = connection(follows_all=True)
+    assert c.receive_update("t", 2, "two") == [(2, "two")]
+    c.forget_deleted("t")
+    assert c.receive_update("t", 3, "published before the deletion, arrived after") == []
+
+
 def test_a_connection_that_follows_every_task_keeps_the_last_seqs_of_the_latest_only(
     monkeypatch,
 ):

@@ -459,6 +459,11 @@ def test_a_deleted_task_is_announced_to_the_streams_that_followed_it(user, task)
                     event = await stream.next_of("task_deleted")
                     assert event.json()["task_id"] == str(task.pk)
                 assert await get_connection_manager().count_task_subscribers(task.pk) == 0
+                # An update published before the deletion, arriving after it: dropped.
+                await api.apublish_task_update(snapshot(task, 2))
+                await get_connection_manager().send_personal_message(user.pk, {"end": True})
+                for stream in (following_all, subscribed):
+                    assert (await stream.next_event()).type == "message"
 
     run(scenario)
 
