@@ -1,5 +1,6 @@
 """``POST /broadcast``: the REST entry point to ``realtime.broadcasts``."""
 
+from django.core.exceptions import RequestDataTooBig
 from rest_framework import exceptions, status
 from rest_framework.permissions import BasePermission, IsAuthenticated
 from rest_framework.request import Request
@@ -37,7 +38,12 @@ def body_exceeds(request: Request, limit: int) -> bool:
         declared = int(request.META.get("CONTENT_LENGTH") or 0)
     except ValueError:
         declared = 0
-    return declared > limit or len(request.body) > limit
+    if declared > limit:
+        return True
+    try:
+        return len(request.body) > limit
+    except RequestDataTooBig:  # over Django's own limit, which is larger
+        return True
 
 
 class BroadcastView(APIView):

@@ -239,6 +239,44 @@ def test_oversize_body_is_413_before_parsing(staff_user):
     assert not Broadcast.objects.exists()
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_chunked_body_over_djangos_own_limit_is_413(staff_user, settings):
+    """Without ``Content-Length`` (``Transfer-Encoding: chunked``), a body larger than
+    Django reads into memory is still the documented 413, not Django's 400."""
+    from asgiref.testing import ApplicationCommunicator
+
+    from mcp_platform.asgi import application
+
+    body = json.dumps({"message": "m", "padding": "p" * settings.DATA_UPLOAD_MAX_MEMORY_SIZE})
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/broadcast",
+        "raw_path": b"/broadcast",
+        "query_string": b"",
+        "headers": [
+            (b"host", b"testserver"),
+            (b"authorization", f"Bearer {token_for(staff_user)}".encode()),
+            (b"content-type", b"application/json"),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+
+    async def scenario():
+        communicator = ApplicationCommunicator(application, scope)
+        await communicator.send_input({"type": "http.request", "body": body.encode()})
+        start = await communicator.receive_output(timeout=10)
+        answer = await communicator.receive_output(timeout=10)
+        return start["status"], json.loads(answer["body"])
+
+    status, answer = async_to_sync(scenario)()
+    assert (status, answer["code"]) == (413, "payload_too_large")
+
+
 def test_body_at_the_limit_is_accepted(staff_user):
     body = {"message": "m", "type": "t", "padding": ""}
     body["padding"] = "p" * (16384 - len(json.dumps(body).encode()))
