@@ -52,6 +52,13 @@ class Task(models.Model):
     class Meta:
         ordering = ["-created_at"]
         indexes = [models.Index(fields=["owner", "-created_at"]), models.Index(fields=["status"])]
+        constraints = [
+            # The field's validators hold for forms, the API and commands; this, for any
+            # save (a worker's plain save() is published like the rest).
+            models.CheckConstraint(
+                condition=models.Q(progress__lte=100), name="task_progress_at_most_100"
+            )
+        ]
 
     def __str__(self) -> str:
         return f"{self.name} ({self.status})"

@@ -6,7 +6,7 @@ import pytest
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from django.core.management import CommandError, call_command
-from django.db import transaction
+from django.db import IntegrityError, transaction
 
 from mcp_platform.tasks import services, signals
 from mcp_platform.tasks.models import Task
@@ -47,6 +47,17 @@ def test_plain_model_save_publishes(user, task):
     update = watch(user, task, change)
     assert (update["type"], update["seq"], update["progress"]) == ("task_update", 2, 30)
     assert update["task"]["progress"] == 30 and update["task"]["seq"] == 2
+
+
+def test_a_plain_save_of_a_progress_over_100_is_refused_and_publishes_nothing(user, task):
+    def change():
+        task.progress = 150
+        with pytest.raises(IntegrityError):
+            with transaction.atomic():
+                task.save()
+
+    watch(user, task, change, expect_update=False)
+    assert Task.objects.get(pk=task.pk).progress == 0
 
 
 def test_update_with_update_fields_still_advances_seq(user, task):
