@@ -240,38 +240,29 @@ def test_oversize_body_is_413_before_parsing(staff_user):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_chunked_body_over_djangos_own_limit_is_413(staff_user, settings):
+def test_a_chunked_body_over_djangos_own_limit_is_413_over_daphne(daphne_server, staff_user):
     """Without ``Content-Length`` (``Transfer-Encoding: chunked``), a body larger than
     Django reads into memory is still the documented 413, not Django's 400."""
-    from asgiref.testing import ApplicationCommunicator
+    import aiohttp
 
-    from mcp_platform.asgi import application
-
-    body = json.dumps({"message": "m", "padding": "p" * settings.DATA_UPLOAD_MAX_MEMORY_SIZE})
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/broadcast",
-        "raw_path": b"/broadcast",
-        "query_string": b"",
-        "headers": [
-            (b"host", b"testserver"),
-            (b"authorization", f"Bearer {token_for(staff_user)}".encode()),
-            (b"content-type", b"application/json"),
-        ],
-        "client": ("127.0.0.1", 50000),
-        "server": ("testserver", 80),
-    }
+    async def chunks():
+        yield b'{"message": "m", "padding": "'
+        for _ in range(48):
+            yield b"p" * 65536
+        yield b'"}'
 
     async def scenario():
-        communicator = ApplicationCommunicator(application, scope)
-        await communicator.send_input({"type": "http.request", "body": body.encode()})
-        start = await communicator.receive_output(timeout=10)
-        answer = await communicator.receive_output(timeout=10)
-        return start["status"], json.loads(answer["body"])
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                f"{daphne_server.http_url}/broadcast",
+                data=chunks(),
+                headers={
+                    "Authorization": f"Bearer {token_for(staff_user)}",
+                    "Content-Type": "application/json",
+                },
+            ) as response:
+                assert response.request_info.headers.get("Content-Length") is None
+                return response.status, await response.json()
 
     status, answer = async_to_sync(scenario)()
     assert (status, answer["code"]) == (413, "payload_too_large")
