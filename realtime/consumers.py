@@ -5,7 +5,6 @@ a consumer reads its messages, and how its connection ends.
 """
 
 import asyncio
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,7 +14,7 @@ from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 
-from realtime import protocol
+from realtime import expiry, protocol
 from realtime.auth import authenticate_token
 from realtime.conf import realtime_settings
 from realtime.connections import (
@@ -68,7 +67,6 @@ class InboxConsumerMixin:
     #: When the token the connection holds expires (seconds since the epoch); ``None`` for
     #: a session's connection, which the session's own expiry does not end.
     expires_at: float | None = None
-    expiry_timer: asyncio.TimerHandle | None = None
 
     #: Channel-message types whose handling only sends to the client, each with the
     #: method that says what to send (payloads, see ``payload_message()``).
@@ -179,20 +177,20 @@ class InboxConsumerMixin:
         ``auth_expires_at``, or a token the client sent since); a later call replaces the
         deadline. A token is checked once, when given: without this, a connection would
         outlive its credentials by hours, and a deactivated user's streams would go on."""
-        if self.expiry_timer is not None:
-            self.expiry_timer.cancel()
+        if self.expires_at is not None:
+            expiry.unwatch(self.expires_at, self)
         self.expires_at = expires_at
         if expires_at is not None:
-            self._expire_later(max(0.0, expires_at - time.time()), expires_at)
+            expiry.watch(expires_at, self)
 
-    def _expire_later(self, delay: float, expires_at: float) -> None:
-        # The message is made when it is due: every idle connection holds this timer.
-        def expire() -> None:
-            message = {"type": TOKEN_EXPIRED, "expires_at": expires_at}
-            if not self.inbox.put_nowait(message):  # a full inbox is being read: soon again
-                self._expire_later(EXPIRY_RETRY_SECONDS, expires_at)
-
-        self.expiry_timer = asyncio.get_running_loop().call_later(delay, expire)
+    def token_expired(self) -> None:
+        """Called by ``realtime.expiry``: the consumer ends the connection when it takes
+        this from its inbox (``realtime_token_expired()``)."""
+        if self.connection is None:
+            return  # gone meanwhile
+        message = {"type": TOKEN_EXPIRED, "expires_at": self.expires_at}
+        if not self.inbox.put_nowait(message):  # a full inbox is being read: soon again
+            asyncio.get_running_loop().call_later(EXPIRY_RETRY_SECONDS, self.token_expired)
 
     async def realtime_token_expired(self, event: dict[str, Any]) -> None:
         """The token expired, unless another replaced it while this waited in the inbox:
@@ -208,8 +206,8 @@ class InboxConsumerMixin:
 
     async def leave(self) -> None:
         """Hand the connection back to the manager; a no-op once done."""
-        if self.expiry_timer is not None:
-            self.expiry_timer.cancel()
+        if self.expires_at is not None:
+            expiry.unwatch(self.expires_at, self)
         if self.connection is not None:
             connection, self.connection = self.connection, None
             await get_connection_manager().disconnect(connection)
