@@ -152,13 +152,18 @@ class OptionalOriginValidator(OriginValidator):
     """
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
+        """Channels' check, except that an ``Origin`` that is no URL (an unclosed IPv6
+        bracket) is refused: Channels' raised ``ValueError``, a 500."""
+        origin = None
         for name, value in scope.get("headers", ()):
             if name == b"origin":
                 try:
-                    urlparse(value.decode("latin-1"))
-                except ValueError:  # Channels' check would raise it: a 500, not a 403
+                    origin = urlparse(value.decode("latin-1"))
+                except ValueError:
                     return await WebsocketDenier()(scope, receive, send)
-        return await super().__call__(scope, receive, send)
+        if self.valid_origin(origin):
+            return await self.application(scope, receive, send)
+        return await WebsocketDenier()(scope, receive, send)
 
     def valid_origin(self, parsed_origin: Any) -> bool:
         if parsed_origin is None:

@@ -135,8 +135,11 @@ def _reply(message: dict[str, Any], request_id: RequestId) -> dict[str, Any]:
     return message
 
 
+@functools.lru_cache(maxsize=1024)
 def expiry_iso(expires_at: float | None) -> str | None:
-    """When credentials expire (seconds since the epoch), as messages say it."""
+    """When credentials expire (seconds since the epoch), as messages say it. Cached: a
+    token's ``exp`` is in whole seconds, and the clients that log in within one second,
+    or connect again with one token, share it."""
     if expires_at is None:
         return None
     return datetime.fromtimestamp(expires_at, UTC).isoformat()
