@@ -73,12 +73,12 @@ DATABASES = {
     "default": dj_database_url.parse(
         env_str("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}"),
         # Each request thread (REQUEST_THREADS) keeps its connection, checked before reuse.
-        conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60),
+        conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60, minimum=0),
         conn_health_checks=env_bool("DATABASE_CONN_HEALTH_CHECKS", True),
     )
 }
 # Threads that serve Django's requests (mcp_platform.handlers); each holds a connection.
-REQUEST_THREADS = env_int("DJANGO_REQUEST_THREADS", 2)
+REQUEST_THREADS = env_int("DJANGO_REQUEST_THREADS", 2, minimum=1)
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Tests run a real server in another process, which cannot see an in-memory database.
     DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / "test_db.sqlite3")}
@@ -135,8 +135,12 @@ REST_FRAMEWORK = {
 }
 
 SIMPLE_JWT = {
-    "ACCESS_TOKEN_LIFETIME": timedelta(seconds=env_int("JWT_ACCESS_LIFETIME_SECONDS", 300)),
-    "REFRESH_TOKEN_LIFETIME": timedelta(seconds=env_int("JWT_REFRESH_LIFETIME_SECONDS", 86400)),
+    "ACCESS_TOKEN_LIFETIME": timedelta(
+        seconds=env_int("JWT_ACCESS_LIFETIME_SECONDS", 300, minimum=1)
+    ),
+    "REFRESH_TOKEN_LIFETIME": timedelta(
+        seconds=env_int("JWT_REFRESH_LIFETIME_SECONDS", 86400, minimum=1)
+    ),
     "SIGNING_KEY": env_str("JWT_SIGNING_KEY") or SECRET_KEY,
     "ALGORITHM": "HS256",
     "UPDATE_LAST_LOGIN": False,

@@ -107,6 +107,9 @@ def test_realtime_settings_come_from_same_named_variables_with_their_types():
             "REALTIME_SUBSCRIPTION_LIMIT must be an integer",
         ),
         ({"DJANGO_DEBUG": "1", "DJANGO_LOG_LEVEL": "loud"}, "DJANGO_LOG_LEVEL must be one of"),
+        ({"DJANGO_DEBUG": "1", "DJANGO_REQUEST_THREADS": "0"}, "must be at least 1, not 0"),
+        ({"DJANGO_DEBUG": "1", "JWT_ACCESS_LIFETIME_SECONDS": "-5"}, "must be at least 1"),
+        ({"DJANGO_DEBUG": "1", "DATABASE_CONN_MAX_AGE": "-1"}, "must be at least 0"),
     ],
 )
 def test_malformed_values_are_refused_with_the_variable_named(env, message):
