@@ -51,6 +51,7 @@ class BroadcastView(APIView):
 
     permission_classes = [IsAuthenticated, CanSendBroadcast]
     parser_classes = [JSONParser]
+    http_method_names = ["post"]  # DRF would also answer OPTIONS with its metadata
 
     def post(self, request: Request) -> Response:
         limit = realtime_settings.BROADCAST_MAX_BYTES

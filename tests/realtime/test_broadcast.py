@@ -332,8 +332,9 @@ def test_unreachable_redis_is_503_and_nothing_recorded(staff_user, settings):
     assert not Broadcast.objects.exists()
 
 
-def test_only_post_is_allowed(staff_user):
-    response = api_client(staff_user).get("/broadcast")
+@pytest.mark.parametrize("method", ["get", "put", "delete", "options"])
+def test_only_post_is_allowed(staff_user, method):
+    response = getattr(api_client(staff_user), method)("/broadcast")
     assert response.status_code == 405
     assert response.json()["code"] == "method_not_allowed"
 
