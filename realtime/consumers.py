@@ -30,9 +30,9 @@ from realtime.connections import (
 from realtime.inbox import Inbox
 from realtime.protocol import Action, ClientMessage, CloseCode, ErrorCode, ProtocolError
 
-#: What a connection's own timer puts in its inbox when its token expires.
+#: What goes in a connection's inbox when its token expires (``realtime.expiry``).
 TOKEN_EXPIRED = "realtime.token_expired"
-#: Seconds before a timer whose inbox was full tries again; a full inbox is being read.
+#: Seconds before an expiry that found the inbox full tries again; a full inbox is being read.
 EXPIRY_RETRY_SECONDS = 1.0
 
 

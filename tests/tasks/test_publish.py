@@ -15,8 +15,9 @@ from tests.conftest import connect_user, open_websocket, token_for
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def watch(user, task, change, *, expect_update: bool = True):
-    """Subscribe to ``task``, run the sync ``change()``, and return what arrives."""
+def watch_all(user, task, change, count: int) -> list[dict]:
+    """Subscribe to ``task``, run the sync ``change()``, and return the ``count`` messages
+    that arrive, after which nothing more may."""
 
     async def scenario():
         async with open_websocket(f"/ws?token={token_for(user)}") as ws:
@@ -24,14 +25,19 @@ def watch(user, task, change, *, expect_update: bool = True):
             await ws.send_json_to({"action": "subscribe", "task_id": str(task.pk)})
             assert (await ws.receive_json_from(timeout=5))["type"] == "subscribed"
             await database_sync_to_async(change)()
-            if not expect_update:
-                assert await ws.receive_nothing(timeout=0.3)
-                return None
-            update = await ws.receive_json_from(timeout=5)
-            assert await ws.receive_nothing(timeout=0.1)
-            return update
+            received = [await ws.receive_json_from(timeout=5) for _ in range(count)]
+            assert await ws.receive_nothing(timeout=0.1 if count else 0.3)
+            return received
 
     return async_to_sync(scenario)()
+
+
+def watch(user, task, change, *, expect_update: bool = True):
+    """``watch_all()`` of the one update ``change()`` makes (``None`` if it makes none)."""
+    if not expect_update:
+        return watch_all(user, task, change, 0) or None
+    [update] = watch_all(user, task, change, 1)
+    return update
 
 
 @pytest.fixture
@@ -97,15 +103,8 @@ def test_each_change_in_one_transaction_publishes_the_result_it_saved(user, task
             task.result["step"] = 2
             task.save()
 
-    async def scenario():
-        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
-            await connect_user(ws)
-            await ws.send_json_to({"action": "subscribe", "task_id": str(task.pk)})
-            await ws.receive_json_from(timeout=5)
-            await database_sync_to_async(change)()
-            return [(await ws.receive_json_from(timeout=5))["task"]["result"] for _ in "12"]
-
-    assert async_to_sync(scenario)() == [{"step": 1}, {"step": 2}]
+    updates = watch_all(user, task, change, 2)
+    assert [update["task"]["result"] for update in updates] == [{"step": 1}, {"step": 2}]
 
 
 def test_rolled_back_change_publishes_nothing(user, task):
@@ -168,17 +167,8 @@ def test_changes_in_one_transaction_publish_each_seq_in_order(user, task):
             services.update_task(task=task, progress=10)
             services.update_task(task=task, progress=20)
 
-    async def scenario():
-        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
-            await connect_user(ws)
-            await ws.send_json_to({"action": "subscribe", "task_id": str(task.pk)})
-            await ws.receive_json_from(timeout=5)
-            await database_sync_to_async(change)()
-            first = await ws.receive_json_from(timeout=5)
-            second = await ws.receive_json_from(timeout=5)
-            return [(first["seq"], first["progress"]), (second["seq"], second["progress"])]
-
-    assert async_to_sync(scenario)() == [(2, 10), (3, 20)]
+    updates = watch_all(user, task, change, 2)
+    assert [(update["seq"], update["progress"]) for update in updates] == [(2, 10), (3, 20)]
 
 
 def test_admin_change_publishes(admin_client, user, task):
