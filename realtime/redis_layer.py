@@ -123,8 +123,9 @@ async def _listen(shard: RedisSingleShardConnection, pattern: str) -> None:
 
 
 @functools.lru_cache(maxsize=16)
-def _pattern(start: str) -> str:
-    """The Redis pattern of every name that begins with ``start``, and only of those."""
+def names_starting_with(start: str) -> str:
+    """The Redis pattern (of PSUBSCRIBE, of SCAN's MATCH) of every name that begins with
+    ``start``, and only of those: glob characters in a configured prefix match themselves."""
     return re.sub(r"([*?\[\]\\])", r"\\\1", start) + "*"
 
 
@@ -172,7 +173,7 @@ class RedisPubSubChannelLayer(StockLayer):
         layer = self._get_layer()
         layer_id, _ = self._layer_id(layer)
         start = f"{layer.prefix}{prefix}{layer_id}!"
-        pattern = _pattern(start)
+        pattern = names_starting_with(start)
         for shard in layer._shards:
             await _listen(shard, pattern)
         channel = f"{start}{uuid.uuid4().hex}"

@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from realtime.batching import Batcher
+from realtime.redis_layer import names_starting_with
 from realtime.registry import ConnectionRegistry, Entry, Overview
 
 logger = logging.getLogger(__name__)
@@ -212,17 +213,21 @@ class RedisRegistry(ConnectionRegistry):
     async def _count(self, key: str) -> int:
         return await self.client.zcount(key, time.time(), "+inf")
 
-    async def _counts(self, pattern: str) -> dict[str, int]:
-        """Live member counts of every key matching ``prefix + pattern``, by key suffix."""
-        keys = [
-            key async for key in self.client.scan_iter(match=f"{self.prefix}{pattern}", count=500)
-        ]
+    async def _keys(self, start: str) -> list[bytes]:
+        """Every key of this registry that begins with ``prefix + start``."""
+        pattern = names_starting_with(f"{self.prefix}{start}")
+        return [key async for key in self.client.scan_iter(match=pattern, count=500)]
+
+    async def _counts(self, kind: str) -> dict[str, int]:
+        """Live member counts of every set of a kind (``user:``, ``task:``), by the rest of
+        its key."""
+        keys = await self._keys(kind)
         now = time.time()
         async with self.client.pipeline(transaction=False) as pipe:
             for key in keys:
                 pipe.zcount(key, now, "+inf")
             counts = await pipe.execute()
-        start = len(self.prefix) + len(pattern) - 1
+        start = len(self.prefix) + len(kind)
         return {
             key.decode()[start:]: count for key, count in zip(keys, counts, strict=True) if count
         }
@@ -237,8 +242,8 @@ class RedisRegistry(ConnectionRegistry):
         return await self._count(self._task_key(task_id))
 
     async def overview(self, transports: list[str]) -> Overview:
-        by_user = await self._counts("user:*")
-        by_task = await self._counts("task:*")
+        by_user = await self._counts("user:")
+        by_task = await self._counts("task:")
         return Overview(
             by_transport={
                 transport: await self.count_transport(transport) for transport in transports
@@ -249,7 +254,7 @@ class RedisRegistry(ConnectionRegistry):
 
     async def flush(self) -> None:
         """Forget every entry of every process (tests)."""
-        keys = [key async for key in self.client.scan_iter(match=f"{self.prefix}*", count=500)]
+        keys = await self._keys("")
         if keys:
             await self.client.delete(*keys)
         self._local.clear()

@@ -121,6 +121,26 @@ def test_counts_are_shared_by_every_process(redis_server):
     run(scenario, one, other)
 
 
+@pytest.mark.redis
+def test_glob_characters_in_a_prefix_match_only_themselves(redis_server):
+    base = realtime_settings.REDIS_PREFIX
+    registry = RedisRegistry(redis_server, prefix=f"{base}[x]")
+    # Its keys would match the other's SCAN patterns if "[x]" were taken as a glob.
+    lookalike = RedisRegistry(redis_server, prefix=f"{base}x")
+
+    async def scenario():
+        await populate(lookalike)
+        await registry.add(entry(3, "sse"))
+        assert await registry.overview(TRANSPORTS) == Overview(
+            by_transport={"websocket": 0, "sse": 1}, by_user={3: 1}, by_task={}
+        )
+        await registry.flush()
+        assert (await lookalike.overview(TRANSPORTS)).total == 3
+        await assert_empty(registry)
+
+    run(scenario, lookalike, registry)
+
+
 async def wait_until_empty(registry: ConnectionRegistry, within: float) -> float:
     """Seconds until the registry counts nothing, polling; fails after ``within``."""
     start = time.monotonic()
