@@ -18,6 +18,7 @@ then the same as the reader taking it next.
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,18 @@ INJECTABLE_LAYERS = (InMemoryChannelLayer, RedisPubSubChannelLayer)
 
 #: Channel messages taken in ahead of handling them, on other layers.
 LOCAL_QUEUE_SIZE = 16
+#: Items of a source (``feed_from()``) taken in ahead of the reader: the rest stay with the
+#: source, whose own bound then holds its sender back (``realtime.server.ReadingQueue``).
+FED_AHEAD = 4
+
+
+class _Fed:
+    """An item from a source, counted out when the reader takes it."""
+
+    __slots__ = ("item",)
+
+    def __init__(self, item: Any) -> None:
+        self.item = item
 
 
 class Inbox:
@@ -37,6 +50,9 @@ class Inbox:
         self.channel_name = channel_name
         self._tasks: list[asyncio.Task] = []
         self._timers: set[asyncio.TimerHandle] = set()
+        #: Items from ``feed_from()`` put in and not yet taken, and the feed's wait for room.
+        self._fed = 0
+        self._room: asyncio.Future | None = None
         if isinstance(layer, INJECTABLE_LAYERS):
             self._queue = None
         else:
@@ -64,9 +80,21 @@ class Inbox:
         if self._queue is None:
             self.layer.handle_directly(self.channel_name, handler)
 
-    def feed_from(self, source: Any) -> None:
-        """Put in everything ``source()`` returns, until the inbox is closed."""
-        self._tasks.append(asyncio.ensure_future(self._pump(source)))
+    def feed_from(self, source: Any, ahead: int = FED_AHEAD) -> None:
+        """Put in everything ``source()`` returns, until the inbox is closed, taking the next
+        only while fewer than ``ahead`` of its items wait for the reader. Taken as fast as
+        they came, a WebSocket client's frames piled up in memory without bound whenever
+        it sent faster than they were handled (docs/protocol.md)."""
+        next_item = functools.partial(self._next_fed, source, ahead)
+        self._tasks.append(asyncio.ensure_future(self._pump(next_item)))
+
+    async def _next_fed(self, source: Any, ahead: int) -> _Fed:
+        while self._fed >= ahead:
+            self._room = asyncio.get_running_loop().create_future()
+            await self._room
+        item = _Fed(await source())
+        self._fed += 1
+        return item
 
     async def put(self, item: Any) -> None:
         """Put in a local item, waiting while the queue is full."""
@@ -104,6 +132,11 @@ class Inbox:
             item = await self.layer.receive(self.channel_name)
         else:
             item = await self._queue.get()
+        if type(item) is _Fed:
+            self._fed -= 1
+            if self._room is not None and not self._room.done():
+                self._room.set_result(None)
+            item = item.item
         if isinstance(item, Exception):
             raise item
         return item

@@ -16,9 +16,8 @@ import uvloop
 
 from mcp_platform.serve import LinesPerTurn, PrettyWhenWritten, redact
 from mcp_platform.tasks import services
-from realtime.layers import ChannelQueue
 from realtime.reactor import new_event_loop
-from realtime.server import NowaitServer
+from realtime.server import INCOMING_LIMIT, INCOMING_RESUME, NowaitServer, ReadingQueue
 from tests.conftest import ROOT, LiveServer, start_server, token_for
 
 
@@ -142,12 +141,13 @@ def test_a_debug_lines_pretty_text_is_made_only_when_the_line_is_written():
 
 
 def test_the_servers_send_also_sends_without_waiting_until_the_connection_is_gone():
-    """A payload written goes to the protocol as it is; the application's input is the
-    lean ``ChannelQueue``."""
+    """A payload written goes to the protocol as it is; a WebSocket application's input is
+    a ``ReadingQueue`` of its connection."""
 
     class Protocol:
         def __init__(self) -> None:
             self.sent = []
+            self.transport = Transport()
 
         def handle_reply(self, message) -> None:
             self.sent.append(message["text"])
@@ -165,7 +165,8 @@ def test_the_servers_send_also_sends_without_waiting_until_the_connection_is_gon
         server.connections = {}  # as run() starts it
         protocol = Protocol()
         server.protocol_connected(protocol)
-        assert isinstance(server.create_application(protocol, {"type": "websocket"}), ChannelQueue)
+        queue = server.create_application(protocol, {"type": "websocket"})
+        assert isinstance(queue, ReadingQueue) and queue.transport is protocol.transport
         await asyncio.sleep(0)
         [send] = sends
         send.write("now")
@@ -176,6 +177,38 @@ def test_the_servers_send_also_sends_without_waiting_until_the_connection_is_gon
         return protocol.sent
 
     assert asyncio.run(scenario()) == ["now", "awaited"]
+
+
+class Transport:
+    """What a protocol's Twisted transport says of its reading."""
+
+    def __init__(self) -> None:
+        self.reading = True
+
+    def pauseProducing(self) -> None:  # noqa: N802 (Twisted's name)
+        self.reading = False
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self.reading = True
+
+
+def test_a_websocket_is_not_read_while_its_application_has_too_many_of_its_messages():
+    async def scenario():
+        transport = Transport()
+        queue = ReadingQueue(transport)
+        reading = []
+        for number in range(INCOMING_LIMIT + 2):  # Twisted may hand over a few more
+            queue.put_nowait(number)
+            reading.append(transport.reading)
+        assert reading == [True] * (INCOMING_LIMIT - 1) + [False] * 3
+        taken = []
+        while transport.reading is False:
+            taken.append(await queue.get())
+        assert taken == list(range(INCOMING_LIMIT + 2 - INCOMING_RESUME))
+        rest = [await queue.get() for _ in range(INCOMING_RESUME)]
+        assert taken + rest == list(range(INCOMING_LIMIT + 2)) and transport.reading
+
+    asyncio.run(scenario())
 
 
 REACTOR_SCRIPT = r"""

@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import sys
+import uuid
 from datetime import timedelta
 
 import aiohttp
@@ -12,6 +13,7 @@ import pytest
 import websockets
 from asgiref.sync import async_to_sync
 
+from bench.procstat import rss_kib
 from mcp_platform.tasks import services
 from tests.conftest import ROOT, free_port, server_database_url, start_server, token_for
 
@@ -107,6 +109,48 @@ def test_bad_token_is_closed_4401_over_daphne(daphne_server):
 def test_oversize_frame_is_closed_4009_over_daphne(daphne_server, user):
     url = f"{daphne_server.ws_url}/ws?token={token_for(user)}"
     async_to_sync(expect_close)(url, 4009, frame="x" * 65537)
+
+
+def test_a_client_sending_faster_than_it_is_answered_is_held_back_not_buffered(daphne_server, user):
+    """Subscribes to unknown tasks, each a database read, sent as fast as the client can
+    for a second. Before the server stopped reading such a client, it took in frames as
+    they came: these grew it by 126 MiB."""
+    url = f"{daphne_server.ws_url}/ws?token={token_for(user)}"
+
+    async def scenario():
+        async with websockets.connect(url) as ws:
+            await receive_type(ws, "connected")
+            answered: list[str] = []
+
+            async def read() -> None:
+                async for text in ws:
+                    answered.append(json.loads(text)["id"])
+
+            reader = asyncio.create_task(read())
+            before = rss_kib(daphne_server.process.pid)
+            sent, start = 0, asyncio.get_running_loop().time()
+            while asyncio.get_running_loop().time() - start < 1:
+                frame = {"action": "subscribe", "task_id": str(uuid.uuid4()), "id": str(sent)}
+                await ws.send(json.dumps({**frame, "padding": PADDING}))
+                sent += 1
+            grown = rss_kib(daphne_server.process.pid) - before
+            await ws.send(json.dumps({"action": "ping", "id": "last"}))
+            await asyncio.wait_for(reader_reaches(answered, "last"), 60)
+            reader.cancel()
+        assert grown < 16 * 1024, f"the server grew by {grown} KiB for {sent} frames"
+        # Every one was answered, in order: held back, nothing was lost.
+        assert answered == [*map(str, range(sent)), "last"]
+
+    async_to_sync(scenario)()
+
+
+#: Makes each frame 4 KiB: received as fast as they are sent, frames cost the server memory.
+PADDING = "x" * 4000
+
+
+async def reader_reaches(answered: list[str], last: str) -> None:
+    while not answered or answered[-1] != last:
+        await asyncio.sleep(0.05)
 
 
 def test_a_connection_is_closed_4401_over_daphne_when_its_token_expires(daphne_server, user):

@@ -49,6 +49,28 @@ def test_a_failing_source_is_raised_to_the_reader(make_layer):
     async_to_sync(scenario)()
 
 
+@pytest.mark.parametrize("make_layer", LAYERS)
+def test_a_source_is_taken_from_only_while_few_of_its_items_wait_for_the_reader(make_layer):
+    taken = []
+
+    async def source():
+        taken.append(len(taken))
+        return {"type": "local", "n": taken[-1]}
+
+    async def scenario():
+        layer = make_layer()
+        inbox = Inbox(layer, await layer.new_channel())
+        inbox.feed_from(source, ahead=3)
+        await asyncio.sleep(0.05)
+        assert len(taken) == 3
+        assert [(await inbox.get())["n"] for _ in range(5)] == [0, 1, 2, 3, 4]
+        await asyncio.sleep(0.05)
+        assert len(taken) == 5 + 3
+        await inbox.close()
+
+    async_to_sync(scenario)()
+
+
 def test_put_nowait_says_when_the_queue_is_full():
     async def scenario():
         layer = InMemoryChannelLayer(capacity=2)
