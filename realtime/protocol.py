@@ -22,8 +22,8 @@ class CloseCode(enum.IntEnum):
     #: Credentials missing, invalid or expired: sent right after accepting, or when the
     #: token the connection was authenticated with expires.
     UNAUTHORIZED = 4401
-    #: A client frame exceeded ``MAX_MESSAGE_BYTES``. Daphne drops application
-    #: close codes below 3000, so this stands in for 1009.
+    #: A client frame exceeded ``MAX_MESSAGE_BYTES``, or Daphne's own limit (1 MiB).
+    #: Daphne drops application close codes below 3000, so this stands in for 1009.
     MESSAGE_TOO_BIG = 4009
     #: The client read too slowly and its queue of unsent messages overflowed.
     SLOW_CLIENT = 4008

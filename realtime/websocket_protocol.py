@@ -132,6 +132,19 @@ class FrameWritingWebSocketProtocol(UnreadBytesProducer, WebSocketProtocol):
             return super().serverSend(content, binary)
         write_now(self.transport, frame)
 
+    def _max_message_size_exceeded(self, size: int, limit: int, reason: str) -> None:
+        """A message over Daphne's limit (``--websocket-max-message-size``, 1 MiB) is
+        closed with 4009, as the application closes one over ``REALTIME_MAX_MESSAGE_BYTES``.
+        autobahn's hook for it dropped the connection without a close frame: the client saw
+        1006 and could not tell why. The rest of the message is not read into memory."""
+        self.failedByMe = True  # autobahn then drops what follows of the message
+        if self.state == self.STATE_OPEN:
+            self.sendCloseFrame(
+                code=CloseCode.MESSAGE_TOO_BIG.value, reasonUtf8=b"Message too big.", isReply=False
+            )
+        else:
+            self.dropConnection(abort=True)
+
 
 def install() -> None:
     """Make Daphne's WebSocket factory build ``FrameWritingWebSocketProtocol``s."""
