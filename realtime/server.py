@@ -55,30 +55,30 @@ INCOMING_RESUME = 4
 
 class ReadingQueue(ChannelQueue):
     """What a WebSocket client sent, for its application: past ``INCOMING_LIMIT`` messages
-    not yet taken, the connection's socket is not read until the application has taken
-    all but ``INCOMING_RESUME``. A client that sends faster than its messages are handled
-    is then held back by TCP, as the ``websockets`` library holds it (``max_queue``),
-    instead of filling the server's memory: one client sending subscribes grew a server by
-    87 MiB in 4 s (docs/protocol.md)."""
+    not yet taken, the client is held back (its protocol's ``hold_back()``: nothing more
+    is read or parsed) until the application has taken all but ``INCOMING_RESUME``
+    (``go_on()``). A client that sends faster than its messages are handled then waits on
+    TCP, as the ``websockets`` library makes it wait (``max_queue``), instead of filling
+    the server's memory: one client sending subscribes grew a server by 87 MiB in 4 s."""
 
-    __slots__ = ("transport", "paused")
+    __slots__ = ("reader", "paused")
 
-    def __init__(self, transport: Any) -> None:
+    def __init__(self, reader: Any) -> None:
         super().__init__(UNBOUNDED)
-        self.transport = transport
+        self.reader = reader
         self.paused = False
 
     def put_nowait(self, item: Any) -> None:
         super().put_nowait(item)
         if not self.paused and len(self.items) >= INCOMING_LIMIT:
             self.paused = True
-            self.transport.pauseProducing()
+            self.reader.hold_back()
 
     async def get(self) -> Any:
         item = await super().get()
         if self.paused and len(self.items) <= INCOMING_RESUME:
             self.paused = False
-            self.transport.resumeProducing()
+            self.reader.go_on()
         return item
 
 
@@ -92,7 +92,7 @@ class NowaitServer(Server):
         # HTTP request's body is in memory before it is queued: only a WebSocket's messages
         # arrive while the application runs.
         if scope["type"] == "websocket":
-            input_queue = ReadingQueue(protocol.transport)
+            input_queue = ReadingQueue(protocol)
         else:
             input_queue = ChannelQueue(UNBOUNDED)
         scope.setdefault("asgi", {"version": "3.0"})

@@ -15,6 +15,7 @@ It also bounds what a client that stops reading costs (``realtime.slow_clients``
 ``REALTIME_SLOW_CLIENT_BUFFER_BYTES`` unread, the connection is closed with 4008.
 """
 
+import asyncio
 import functools
 
 from daphne.ws_protocol import WebSocketFactory, WebSocketProtocol
@@ -79,6 +80,11 @@ HANDSHAKE_ONLY = frozenset(
 
 
 class FrameWritingWebSocketProtocol(UnreadBytesProducer, WebSocketProtocol):
+    #: Whether the application holds too many of this client's messages
+    #: (``realtime.server.ReadingQueue``): until it has taken most of them, nothing more is
+    #: read from the socket or parsed from what was read.
+    held_back = False
+
     def connectionMade(self) -> None:  # noqa: N802 (Twisted's name)
         # Daphne hands the connection over from the HTTP request that asked for the
         # upgrade, but that request's channel stays registered as the connection's
@@ -132,18 +138,52 @@ class FrameWritingWebSocketProtocol(UnreadBytesProducer, WebSocketProtocol):
             return super().serverSend(content, binary)
         write_now(self.transport, frame)
 
+    def hold_back(self) -> None:
+        """Read and parse nothing more of what the client sends, for now. Pausing the socket
+        alone stops its next read, but one read holds up to 64 KiB: thousands of small
+        messages, which autobahn would all have parsed and handed over."""
+        self.held_back = True
+        self.transport.pauseProducing()
+
+    def go_on(self) -> None:
+        """Read again, and parse what was read but not yet parsed (soon, not in the
+        application's own call)."""
+        self.held_back = False
+        self.transport.resumeProducing()
+        if self.data:
+            asyncio.get_running_loop().call_soon(self.consumeData)
+
+    def consumeData(self) -> None:  # noqa: N802
+        if self.state == self.STATE_OPEN:
+            # autobahn's loop, which also stops while the client is held back.
+            while not self.held_back and self.processData() and self.state != self.STATE_CLOSED:
+                pass
+        else:
+            super().consumeData()
+
+    def sendCloseFrame(  # noqa: N802
+        self, code: int | None = None, reasonUtf8: bytes | None = None, isReply: bool = False
+    ) -> None:
+        """Once the server closes, the client's messages are dropped unparsed into
+        messages and the client is read on, for its answer to the close. Held back, the
+        answer waited behind them, and autobahn aborted the connection after its closing
+        handshake's timeout."""
+        super().sendCloseFrame(code=code, reasonUtf8=reasonUtf8, isReply=isReply)
+        self.failedByMe = True  # autobahn delivers no more messages
+        if self.held_back:
+            self.go_on()
+
     def _max_message_size_exceeded(self, size: int, limit: int, reason: str) -> None:
         """A message over Daphne's limit (``--websocket-max-message-size``, 1 MiB) is
         closed with 4009, as the application closes one over ``REALTIME_MAX_MESSAGE_BYTES``.
         autobahn's hook for it dropped the connection without a close frame: the client saw
-        1006 and could not tell why. The rest of the message is not read into memory."""
-        self.failedByMe = True  # autobahn then drops what follows of the message
+        1006 and could not tell why. The rest of the message is read, not kept."""
+        self.failedByMe = True  # autobahn drops what follows of the message
+        self.utf8validateIncomingCurrentMessage = False  # nor checks it
         if self.state == self.STATE_OPEN:
             self.sendCloseFrame(
                 code=CloseCode.MESSAGE_TOO_BIG.value, reasonUtf8=b"Message too big.", isReply=False
             )
-        else:
-            self.dropConnection(abort=True)
 
 
 def install() -> None:

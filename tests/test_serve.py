@@ -147,7 +147,6 @@ def test_the_servers_send_also_sends_without_waiting_until_the_connection_is_gon
     class Protocol:
         def __init__(self) -> None:
             self.sent = []
-            self.transport = Transport()
 
         def handle_reply(self, message) -> None:
             self.sent.append(message["text"])
@@ -166,7 +165,7 @@ def test_the_servers_send_also_sends_without_waiting_until_the_connection_is_gon
         protocol = Protocol()
         server.protocol_connected(protocol)
         queue = server.create_application(protocol, {"type": "websocket"})
-        assert isinstance(queue, ReadingQueue) and queue.transport is protocol.transport
+        assert isinstance(queue, ReadingQueue) and queue.reader is protocol
         await asyncio.sleep(0)
         [send] = sends
         send.write("now")
@@ -179,34 +178,34 @@ def test_the_servers_send_also_sends_without_waiting_until_the_connection_is_gon
     assert asyncio.run(scenario()) == ["now", "awaited"]
 
 
-class Transport:
-    """What a protocol's Twisted transport says of its reading."""
+class Reader:
+    """What a WebSocket protocol says of its reading of the client."""
 
     def __init__(self) -> None:
         self.reading = True
 
-    def pauseProducing(self) -> None:  # noqa: N802 (Twisted's name)
+    def hold_back(self) -> None:
         self.reading = False
 
-    def resumeProducing(self) -> None:  # noqa: N802
+    def go_on(self) -> None:
         self.reading = True
 
 
 def test_a_websocket_is_not_read_while_its_application_has_too_many_of_its_messages():
     async def scenario():
-        transport = Transport()
-        queue = ReadingQueue(transport)
+        reader = Reader()
+        queue = ReadingQueue(reader)
         reading = []
         for number in range(INCOMING_LIMIT + 2):  # Twisted may hand over a few more
             queue.put_nowait(number)
-            reading.append(transport.reading)
+            reading.append(reader.reading)
         assert reading == [True] * (INCOMING_LIMIT - 1) + [False] * 3
         taken = []
-        while transport.reading is False:
+        while reader.reading is False:
             taken.append(await queue.get())
         assert taken == list(range(INCOMING_LIMIT + 2 - INCOMING_RESUME))
         rest = [await queue.get() for _ in range(INCOMING_RESUME)]
-        assert taken + rest == list(range(INCOMING_LIMIT + 2)) and transport.reading
+        assert taken + rest == list(range(INCOMING_LIMIT + 2)) and reader.reading
 
     asyncio.run(scenario())
 

@@ -2,19 +2,23 @@
 
 import asyncio
 import json
+import struct
 import time
 
 import aiohttp
 import pytest
 import websockets
 from asgiref.sync import async_to_sync
+from daphne.ws_protocol import WebSocketFactory
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.testing import StringTransport
 from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
 from mcp_platform.tasks import services
-from realtime.websocket_protocol import frame_header
+from realtime.server import INCOMING_LIMIT, ReadingQueue
+from realtime.websocket_protocol import FrameWritingWebSocketProtocol, frame_header
 from tests.conftest import token_for
 
 
@@ -104,3 +108,89 @@ def test_an_open_connection_keeps_what_it_needs_after_shedding_its_handshake(dap
     log = daphne_server.log()
     assert "WSCONNECT /ws" in log and "WSDISCONNECT /ws" in log
     assert "WSCONNECTING" not in log  # the launcher leaves it out
+
+
+class StubServer:
+    """What Daphne's WebSocket protocol asks of its server, outside the handshake."""
+
+    def log_action(self, *args) -> None:
+        pass
+
+    def protocol_disconnected(self, protocol) -> None:
+        pass
+
+
+class StubTransport(StringTransport):
+    def pauseProducing(self) -> None:  # noqa: N802 (Twisted's name)
+        self.producerState = "paused"
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self.producerState = "producing"
+
+
+class QueueingProtocol(FrameWritingWebSocketProtocol):
+    """The protocol with the queue Daphne's server gives it, without the server."""
+
+    def onConnect(self, request):  # noqa: N802
+        self.server, self.request, self.client_addr = StubServer(), request, None
+        self.application_queue = ReadingQueue(self)
+
+
+def client_frame(payload: bytes, opcode: int = 1) -> bytes:
+    """A masked, unfragmented client frame of a short payload."""
+    mask = b"\x01\x02\x03\x04"
+    masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+    return bytes((0x80 | opcode, 0x80 | len(payload))) + mask + masked
+
+
+def open_protocol() -> tuple[QueueingProtocol, StubTransport]:
+    factory = WebSocketFactory(StubServer, server="test")
+    factory.setProtocolOptions(allowNullOrigin=True)
+    factory.protocol = QueueingProtocol
+    protocol, transport = factory.buildProtocol(None), StubTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(
+        b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    assert protocol.state == protocol.STATE_OPEN
+    transport.clear()
+    return protocol, transport
+
+
+def test_a_client_is_held_back_by_messages_not_by_reads():
+    """One socket read (up to 64 KiB) holds thousands of small messages: parsed all at once,
+    they were all queued for the application, whose socket was paused only after."""
+
+    async def scenario():
+        protocol, transport = open_protocol()
+        queue = protocol.application_queue
+        protocol.dataReceived(b"".join(client_frame(b"%d" % n) for n in range(5000)))
+        assert len(queue.items) == INCOMING_LIMIT and transport.producerState == "paused"
+        taken, most = [], 0
+        while len(taken) < 5000:
+            taken.append((await queue.get())["text"])
+            await asyncio.sleep(0)  # what was read is parsed on, soon
+            most = max(most, len(queue.items))
+        assert taken == [str(n) for n in range(5000)]
+        assert most == INCOMING_LIMIT and transport.producerState == "producing"
+
+    asyncio.run(scenario())
+
+
+def test_a_server_that_closes_a_held_back_client_reads_its_answer_past_its_messages():
+    """Otherwise the client's close answer waits behind its messages, unread, and autobahn
+    aborts the connection when its closing handshake times out."""
+
+    async def scenario():
+        protocol, transport = open_protocol()
+        queue = protocol.application_queue
+        backlog = b"".join(client_frame(b"%d" % n) for n in range(1000))
+        protocol.dataReceived(backlog + client_frame(struct.pack("!H", 4401), opcode=8))
+        assert transport.producerState == "paused"
+        protocol.serverClose(code=4401)
+        await asyncio.sleep(0)
+        assert len(queue.items) == INCOMING_LIMIT  # the rest dropped, unparsed into messages
+        assert protocol.state == protocol.STATE_CLOSED and protocol.wasClean
+
+    asyncio.run(scenario())
