@@ -18,7 +18,6 @@ then the same as the reader taking it next.
 
 import asyncio
 import contextlib
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -45,12 +44,16 @@ class _Fed:
 
 
 class Inbox:
+    # Each connection has one for its life: slots, and no set until a timer needs one,
+    # keep an idle connection's memory down (docs/performance.md).
+    __slots__ = ("layer", "channel_name", "_queue", "_tasks", "_timers", "_fed", "_room")
+
     def __init__(self, layer: Any, channel_name: str) -> None:
         self.layer = layer
         self.channel_name = channel_name
         self._tasks: list[asyncio.Task] = []
-        self._timers: set[asyncio.TimerHandle] = set()
-        #: Items from ``feed_from()`` put in and not yet taken, and the feed's wait for room.
+        self._timers: set[asyncio.TimerHandle] | None = None
+        #: Items of ``feed_from()`` put in and not yet taken, and its wait for room.
         self._fed = 0
         self._room: asyncio.Future | None = None
         if isinstance(layer, INJECTABLE_LAYERS):
@@ -62,12 +65,21 @@ class Inbox:
     async def _receive_channel(self) -> Any:
         return await self.layer.receive(self.channel_name)
 
-    async def _pump(self, source: Any) -> None:
-        """Move items from ``source`` in; a failure goes in as the last item, and is raised
-        to the reader by ``get()``."""
+    async def _pump(self, source: Any, ahead: int | None = None) -> None:
+        """Move items from ``source`` in, with at most ``ahead`` of them not yet taken by
+        the reader if given; a failure goes in as the last item, and is raised to the
+        reader by ``get()``."""
         try:
             while True:
-                await self.put(await source())
+                if ahead is not None:
+                    while self._fed >= ahead:
+                        self._room = asyncio.get_running_loop().create_future()
+                        await self._room
+                item = await source()
+                if ahead is not None:
+                    self._fed += 1
+                    item = _Fed(item)
+                await self.put(item)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -85,16 +97,7 @@ class Inbox:
         only while fewer than ``ahead`` of its items wait for the reader. Taken as fast as
         they came, a WebSocket client's frames piled up in memory without bound whenever
         it sent faster than they were handled (docs/protocol.md)."""
-        next_item = functools.partial(self._next_fed, source, ahead)
-        self._tasks.append(asyncio.ensure_future(self._pump(next_item)))
-
-    async def _next_fed(self, source: Any, ahead: int) -> _Fed:
-        while self._fed >= ahead:
-            self._room = asyncio.get_running_loop().create_future()
-            await self._room
-        item = _Fed(await source())
-        self._fed += 1
-        return item
+        self._tasks.append(asyncio.ensure_future(self._pump(source, ahead)))
 
     async def put(self, item: Any) -> None:
         """Put in a local item, waiting while the queue is full."""
@@ -119,12 +122,15 @@ class Inbox:
         ``delay`` later."""
 
         def fire() -> None:
-            self._timers.discard(handle)
+            timers.discard(handle)
             if not self.put_nowait(item):
                 self.put_later(delay, item)
 
+        if self._timers is None:
+            self._timers = set()
+        timers = self._timers
         handle = asyncio.get_running_loop().call_later(delay, fire)
-        self._timers.add(handle)
+        timers.add(handle)
 
     async def get(self) -> Any:
         """The next item; an exception from a source is raised here."""
@@ -148,7 +154,7 @@ class Inbox:
         ``discard_channel()``, and channels-redis's own pub/sub layer drops a channel whose
         pending receive is cancelled, which stopping the pump does.
         """
-        for timer in self._timers:
+        for timer in self._timers or ():
             timer.cancel()
         for task in self._tasks:
             task.cancel()
