@@ -13,7 +13,7 @@ It also stops reading a WebSocket whose client sends faster than its messages ar
 """
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from typing import Any
 
 import daphne.cli
@@ -74,7 +74,14 @@ class ReadingQueue(ChannelQueue):
             self.paused = True
             self.reader.hold_back()
 
-    async def get(self) -> Any:
+    def get(self) -> Coroutine[Any, Any, Any]:
+        # A coroutine of its own only while the client is held back: one more for every
+        # idle connection's wait cost ~0.5 KiB of its memory.
+        if self.paused:
+            return self._get_and_go_on()
+        return super().get()
+
+    async def _get_and_go_on(self) -> Any:
         item = await super().get()
         if self.paused and len(self.items) <= INCOMING_RESUME:
             self.paused = False
