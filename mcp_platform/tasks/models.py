@@ -81,6 +81,15 @@ class Task(models.Model):
             except ValidationError as exc:
                 raise ValidationError({"status": exc}) from None
 
+    def check_result(self) -> None:
+        """Refuse a ``result`` that no transport can carry, as the field's validator does
+        for forms and the API: saved by a worker's plain ``save()``, a lone surrogate made
+        every listing of the task a 500 (SQLite stores it; PostgreSQL refuses it)."""
+        try:
+            validate_transportable_json(self.result)
+        except ValidationError as exc:
+            raise ValidationError({"result": exc.error_list}) from None
+
     def _locked_state(self, connection: BaseDatabaseWrapper) -> tuple[str, int] | None:
         """The stored ``(status, seq)``, read under a row lock (where the database has row
         locks). In SQL of its own: built by the ORM, this one query cost ~10% of the CPU
@@ -106,11 +115,14 @@ class Task(models.Model):
     def save(self, *args, **kwargs) -> None:
         """Save and advance ``seq``. The stored status and ``seq`` are read under a row
         lock, so that concurrent writers in other processes never reuse a number and no
-        save leaves a finished status (``ValidationError``), whoever calls it. A task
-        deleted since it was read is not brought back (``Task.DoesNotExist``)."""
+        save leaves a finished status (``ValidationError``), whoever calls it; nor does
+        one store a ``result`` that no transport can carry. A task deleted since it was
+        read is not brought back (``Task.DoesNotExist``)."""
         update_fields = kwargs.get("update_fields")
         if update_fields is not None:
             update_fields = kwargs["update_fields"] = {*update_fields, "seq", "updated_at"}
+        if update_fields is None or "result" in update_fields:
+            self.check_result()
         if self._state.adding:
             self.seq = 1
             super().save(*args, **kwargs)

@@ -5,6 +5,7 @@ import io
 import pytest
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
+from django.core.exceptions import ValidationError
 from django.core.management import CommandError, call_command
 from django.db import IntegrityError, transaction
 
@@ -64,6 +65,24 @@ def test_a_plain_save_of_a_progress_over_100_is_refused_and_publishes_nothing(us
 
     watch(user, task, change, expect_update=False)
     assert Task.objects.get(pk=task.pk).progress == 0
+
+
+@pytest.mark.parametrize("result", [{"file": "\udcff.txt"}, ["\x00"], [float("nan")]])
+@pytest.mark.parametrize("update_fields", [None, ["result"]])
+def test_a_plain_save_of_a_result_no_transport_can_carry_is_refused(
+    user, task, result, update_fields
+):
+    """A lone surrogate (as ``os.fsdecode()`` makes of a file name that is not UTF-8),
+    saved, made every listing of the task a 500."""
+
+    def change():
+        task.result = result
+        with pytest.raises(ValidationError) as refused:
+            task.save(update_fields=update_fields)
+        assert list(refused.value.message_dict) == ["result"]
+
+    watch(user, task, change, expect_update=False)
+    assert Task.objects.get(pk=task.pk).result is None
 
 
 def test_update_with_update_fields_still_advances_seq(user, task):
