@@ -1,7 +1,9 @@
 import copy
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from rest_framework import serializers
+from rest_framework.exceptions import ErrorDetail
 
 from mcp_platform.tasks.models import Task
 
@@ -13,6 +15,17 @@ class TaskSerializer(serializers.ModelSerializer):
 
     #: The fields as ``ModelSerializer`` derives them from the model, by class.
     _derived: ClassVar[dict[type, dict[str, serializers.Field]]] = {}
+
+    def to_internal_value(self, data: Any) -> dict[str, Any]:
+        """Refuse a field the task does not have (``unknown_field``): a client's misspelt
+        ``progres`` was ignored, and answered 200. Read-only fields are ignored, as DRF
+        ignores them, so that a task read can be sent back changed."""
+        if isinstance(data, Mapping):
+            unknown = sorted(str(name) for name in data if name not in self.fields)
+            if unknown:
+                error = ErrorDetail("Unknown field.", code="unknown_field")
+                raise serializers.ValidationError({name: [error] for name in unknown})
+        return super().to_internal_value(data)
 
     def get_fields(self) -> dict[str, serializers.Field]:
         # Deriving them cost more than the rest of a PATCH's serializing; each serializer

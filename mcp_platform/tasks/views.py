@@ -41,14 +41,16 @@ class TaskViewSet(
 
     def update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         """A PATCH: the fields sent are checked, then applied to the task read under its row
-        lock, so that a change committed since another request read it is not undone."""
+        lock, so that a change committed since another request read it is not undone. One
+        that sends no writable field saves nothing, so its subscribers get nothing."""
         serializer = self.get_serializer(data=request.data, partial=True)
         serializer.is_valid(raise_exception=True)
         with transaction.atomic():
-            try:
-                serializer.instance = services.update_locked_task(
-                    self.get_object(), **serializer.validated_data
-                )
-            except ValidationError as exc:
-                raise as_api_validation_error(exc) from None
+            task = self.get_object()
+            if serializer.validated_data:
+                try:
+                    task = services.update_locked_task(task, **serializer.validated_data)
+                except ValidationError as exc:
+                    raise as_api_validation_error(exc) from None
+            serializer.instance = task
         return Response(serializer.data)

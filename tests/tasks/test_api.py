@@ -193,6 +193,19 @@ def test_progress_outside_0_to_100_is_400(user, progress, code):
     assert_error(response, 400, code)
 
 
+@pytest.mark.parametrize("method", ["post", "patch"])
+def test_a_field_the_task_does_not_have_is_400(user, method):
+    task = services.create_task(owner=user, name="t")
+    client = api_client(user)
+    if method == "post":
+        response = client.post("/api/tasks/", {"name": "n", "progres": 50}, format="json")
+    else:
+        response = client.patch(f"/api/tasks/{task.pk}/", {"progres": 50}, format="json")
+    body = assert_error(response, 400, "unknown_field")
+    assert body["errors"] == {"progres": ["Unknown field."]}
+    assert Task.objects.get() == task and Task.objects.get().seq == 1
+
+
 def test_unknown_status_is_400(user):
     task = services.create_task(owner=user, name="t")
     assert_error(

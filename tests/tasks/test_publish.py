@@ -11,7 +11,7 @@ from django.db import IntegrityError, transaction
 
 from mcp_platform.tasks import services, signals
 from mcp_platform.tasks.models import Task
-from tests.conftest import connect_user, open_websocket, token_for
+from tests.conftest import api_client, connect_user, open_websocket, token_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -83,6 +83,21 @@ def test_a_plain_save_of_a_result_no_transport_can_carry_is_refused(
 
     watch(user, task, change, expect_update=False)
     assert Task.objects.get(pk=task.pk).result is None
+
+
+@pytest.mark.parametrize("body", [{}, {"seq": 999, "owner": 2, "id": "x"}])
+def test_a_patch_that_changes_no_writable_field_saves_and_publishes_nothing(user, task, body):
+    """Read-only fields are ignored (a task read can be sent back); with nothing else, there
+    is no change to number and send."""
+    answers = []
+
+    def change():
+        answers.append(api_client(user).patch(f"/api/tasks/{task.pk}/", body, format="json"))
+
+    watch(user, task, change, expect_update=False)
+    [response] = answers
+    assert response.status_code == 200 and response.json()["seq"] == 1
+    assert Task.objects.get(pk=task.pk).seq == 1
 
 
 def test_update_with_update_fields_still_advances_seq(user, task):
