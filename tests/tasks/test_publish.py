@@ -7,7 +7,7 @@ from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from django.core.exceptions import ValidationError
 from django.core.management import CommandError, call_command
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, OperationalError, transaction
 
 from mcp_platform.tasks import services, signals
 from mcp_platform.tasks.models import Task
@@ -254,6 +254,31 @@ def test_management_command_publishes(user, task):
 def test_management_command_bad_input(task, args, message):
     with pytest.raises(CommandError, match=message):
         call_command("update_task", str(task.pk), *args)
+
+
+def test_management_command_clears_a_result_with_null(user, task):
+    services.update_task(task=task, result={"rows": 1})
+    update = watch(
+        user, task, lambda: call_command("update_task", str(task.pk), "--result", "null")
+    )
+    assert update["task"]["result"] is None and Task.objects.get(pk=task.pk).result is None
+
+
+@pytest.mark.parametrize(
+    ("value", "message"), [("{", "not JSON"), ("[" * 5000 + "]" * 5000, "nested too deeply")]
+)
+def test_management_command_refuses_a_result_that_is_not_json(task, value, message):
+    with pytest.raises(CommandError, match=message):
+        call_command("update_task", str(task.pk), "--result", value)
+
+
+def test_management_command_reports_a_database_failure_on_one_line(task, monkeypatch):
+    def fails(**changes):
+        raise OperationalError("connection refused\n\tIs the server running?")
+
+    monkeypatch.setattr(services, "update_task", fails)
+    with pytest.raises(CommandError, match="^Could not change the task: connection refused Is"):
+        call_command("update_task", str(task.pk), "--progress", "1")
 
 
 def test_management_command_unknown_task():

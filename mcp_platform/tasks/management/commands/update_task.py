@@ -1,10 +1,24 @@
+import argparse
 import json
+from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DatabaseError
 
 from mcp_platform.tasks import services
 from mcp_platform.tasks.models import Status, Task
+
+CHANGES = ("status", "progress", "result", "error")
+
+
+def json_value(text: str) -> Any:
+    """``--result``'s JSON; ``null`` too, which clears the result."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise argparse.ArgumentTypeError(f"not JSON: {reason}") from None
 
 
 class Command(BaseCommand):
@@ -12,17 +26,17 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("task_id")
-        parser.add_argument("--status", choices=Status.values)
-        parser.add_argument("--progress", type=int)
-        parser.add_argument("--result", type=json.loads, help="JSON value")
-        parser.add_argument("--error")
+        # Left out of the options unless given: a value of None (``--result null``) is a
+        # change.
+        parser.add_argument("--status", choices=Status.values, default=argparse.SUPPRESS)
+        parser.add_argument("--progress", type=int, default=argparse.SUPPRESS)
+        parser.add_argument(
+            "--result", type=json_value, default=argparse.SUPPRESS, help="JSON value"
+        )
+        parser.add_argument("--error", default=argparse.SUPPRESS)
 
     def handle(self, *args, task_id: str, **options) -> None:
-        changes = {
-            name: options[name]
-            for name in ("status", "progress", "result", "error")
-            if options[name] is not None
-        }
+        changes = {name: options[name] for name in CHANGES if name in options}
         if not changes:
             raise CommandError("Nothing to change: give --status, --progress, --result or --error.")
         try:
@@ -33,4 +47,6 @@ class Command(BaseCommand):
                 "No such task." if isinstance(exc, Task.DoesNotExist) else "; ".join(exc.messages)
             )
             raise CommandError(message) from None
+        except DatabaseError as exc:
+            raise CommandError(f"Could not change the task: {' '.join(str(exc).split())}") from None
         self.stdout.write(f"{task.pk} {task.status} {task.progress}% seq {task.seq}")
