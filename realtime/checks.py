@@ -5,8 +5,11 @@ from typing import Any
 
 from django.conf import settings
 from django.core.checks import Error, Warning, register
+from django.utils.module_loading import import_string
+from redis.connection import parse_url
 
 from realtime.conf import DEFAULTS, realtime_settings
+from realtime.sources import TaskSource
 
 #: Settings that must be above 0 (and finite), each with what would go wrong otherwise.
 MUST_BE_POSITIVE = {
@@ -51,6 +54,19 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list:
                 id="realtime.E003",
             )
         )
+    else:
+        messages.extend(check_task_source(realtime_settings.TASK_SOURCE))
+    if realtime_settings.REDIS_URL:
+        try:
+            parse_url(realtime_settings.REDIS_URL)
+        except ValueError as exc:
+            messages.append(
+                Error(
+                    f"The Redis URL is not one redis-py reads: {exc}",
+                    hint="For example redis://127.0.0.1:6379/0 (REDIS_URL).",
+                    id="realtime.E006",
+                )
+            )
     backend = settings.CHANNEL_LAYERS.get("default", {}).get("BACKEND", "")
     if bool(realtime_settings.REDIS_URL) != ("redis" in backend.lower()):
         messages.append(
@@ -71,3 +87,22 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list:
             )
         )
     return messages
+
+
+def check_task_source(path: str) -> list[Error]:
+    """A ``TASK_SOURCE`` that names no ``TaskSource`` failed every subscribe, not start-up."""
+    try:
+        source = import_string(path)
+    except ImportError as exc:
+        reason = f"cannot be imported: {exc}"
+    else:
+        if isinstance(source, type) and issubclass(source, TaskSource):
+            return []
+        reason = "is not a subclass of realtime.sources.TaskSource"
+    return [
+        Error(
+            f"REALTIME['TASK_SOURCE'] {path!r} {reason}.",
+            hint="Name the project's subclass of realtime.sources.TaskSource.",
+            id="realtime.E005",
+        )
+    ]

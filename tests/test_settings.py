@@ -148,8 +148,20 @@ def test_counts_sizes_and_intervals_must_be_finite_and_positive(settings, name, 
         ("REALTIME_CONNECTION_LEASE_SECONDS", "0", "realtime.E002"),
         ("REALTIME_SLOW_CLIENT_QUEUE_LIMIT", "-1", "realtime.E002"),
         ("REALTIME_REDIS_URL", "redis://127.0.0.1:6379/0", "realtime.E004"),
+        ("REALTIME_TASK_SOURCE", "mcp_platform.tasks.realtime.TaskSourc", "realtime.E005"),
+        ("REALTIME_TASK_SOURCE", "realtime.layers.ChannelQueue", "realtime.E005"),
+        ("REDIS_URL", "127.0.0.1:6379", "realtime.E006"),
     ],
-    ids=["unknown-name", "no-task-source", "no-lease", "no-queue", "registry-apart-from-layer"],
+    ids=[
+        "unknown-name",
+        "no-task-source",
+        "no-lease",
+        "no-queue",
+        "registry-apart-from-layer",
+        "task-source-misspelt",
+        "task-source-not-one",
+        "redis-url-without-scheme",
+    ],
 )
 @pytest.mark.parametrize("command", ["check", "serve"])
 def test_bad_realtime_variables_fail_the_system_checks(variable, value, check, command):
