@@ -69,14 +69,18 @@ TEMPLATES = [
     },
 ]
 
-DATABASES = {
-    "default": dj_database_url.parse(
-        env_str("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}"),
-        # Each request thread (REQUEST_THREADS) keeps its connection, checked before reuse.
-        conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60, minimum=0),
-        conn_health_checks=env_bool("DATABASE_CONN_HEALTH_CHECKS", True),
-    )
-}
+DATABASE_URL = env_str("DATABASE_URL").strip() or f"sqlite:///{BASE_DIR / 'db.sqlite3'}"
+try:
+    DATABASES = {
+        "default": dj_database_url.parse(
+            DATABASE_URL,
+            # Each request thread (REQUEST_THREADS) keeps its connection, checked before reuse.
+            conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60, minimum=0),
+            conn_health_checks=env_bool("DATABASE_CONN_HEALTH_CHECKS", True),
+        )
+    }
+except ValueError as exc:
+    raise ImproperlyConfigured(f"DATABASE_URL is not a database URL: {exc}") from None
 # Threads that serve Django's requests (mcp_platform.handlers); each holds a connection.
 REQUEST_THREADS = env_int("DJANGO_REQUEST_THREADS", 2, minimum=1)
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
@@ -134,12 +138,19 @@ REST_FRAMEWORK = {
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
 
+# Ten years. Much longer is no expiry at all, and a token whose expiry would fall after the
+# year 9999 cannot be issued: every request for one failed with a 500.
+MAX_TOKEN_LIFETIME_SECONDS = 10 * 365 * 24 * 3600
 SIMPLE_JWT = {
     "ACCESS_TOKEN_LIFETIME": timedelta(
-        seconds=env_int("JWT_ACCESS_LIFETIME_SECONDS", 300, minimum=1)
+        seconds=env_int(
+            "JWT_ACCESS_LIFETIME_SECONDS", 300, minimum=1, maximum=MAX_TOKEN_LIFETIME_SECONDS
+        )
     ),
     "REFRESH_TOKEN_LIFETIME": timedelta(
-        seconds=env_int("JWT_REFRESH_LIFETIME_SECONDS", 86400, minimum=1)
+        seconds=env_int(
+            "JWT_REFRESH_LIFETIME_SECONDS", 86400, minimum=1, maximum=MAX_TOKEN_LIFETIME_SECONDS
+        )
     ),
     "SIGNING_KEY": env_str("JWT_SIGNING_KEY") or SECRET_KEY,
     "ALGORITHM": "HS256",

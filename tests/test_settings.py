@@ -110,11 +110,22 @@ def test_realtime_settings_come_from_same_named_variables_with_their_types():
         ({"DJANGO_DEBUG": "1", "DJANGO_REQUEST_THREADS": "0"}, "must be at least 1, not 0"),
         ({"DJANGO_DEBUG": "1", "JWT_ACCESS_LIFETIME_SECONDS": "-5"}, "must be at least 1"),
         ({"DJANGO_DEBUG": "1", "DATABASE_CONN_MAX_AGE": "-1"}, "must be at least 0"),
+        (
+            {"DJANGO_DEBUG": "1", "JWT_REFRESH_LIFETIME_SECONDS": "300000000000"},
+            "JWT_REFRESH_LIFETIME_SECONDS must be at most 315360000",
+        ),
+        ({"DJANGO_DEBUG": "1", "DATABASE_URL": "nonsense"}, "DATABASE_URL is not a database URL"),
     ],
 )
 def test_malformed_values_are_refused_with_the_variable_named(env, message):
     result = settings_of(env, "realtime_settings.SUBSCRIPTION_LIMIT")
     assert result.returncode != 0 and message in result.stderr
+
+
+def test_an_empty_database_url_is_the_default():
+    assert value_of({"DJANGO_DEBUG": "1", "DATABASE_URL": " "}, "settings.DATABASES['default']")[
+        "NAME"
+    ].endswith("db.sqlite3")
 
 
 def test_a_log_level_may_be_given_in_any_case():
