@@ -29,9 +29,20 @@ def validated_token(raw_token: Any) -> Token:
     try:
         return JWTAuthentication().get_validated_token(raw_token.encode())
     except APIException as exc:
-        raise ValueError(
-            str(exc.detail if isinstance(exc.detail, str) else exc.default_detail)
-        ) from None
+        raise ValueError(refusal_reason(exc)) from None
+
+
+def refusal_reason(exc: APIException) -> str:
+    """What simplejwt says is wrong with a token (expired, of the wrong type, invalid): a
+    token of no accepted type carries the reason in its ``messages``, one per type, under a
+    generic ``detail``."""
+    detail = exc.detail
+    if not isinstance(detail, dict):
+        return str(detail)
+    messages = detail.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[0], dict):
+        return str(messages[0].get("message", exc.default_detail))
+    return str(detail.get("detail", exc.default_detail))
 
 
 def _users(user_ids: list[Any]) -> list[AbstractBaseUser | None]:

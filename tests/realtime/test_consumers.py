@@ -471,23 +471,25 @@ def test_a_new_token_keeps_the_connection_open_past_the_old_ones_expiry(user, ta
 
 def test_a_refused_token_changes_nothing(user, other_user):
     token, _ = expiring_token(user)
+    # Each token, and what the message says of it.
     refused = {
-        "another user's": token_for(other_user),
-        "expired": token_for(user, lifetime=-timedelta(seconds=1)),
-        "refresh": str(RefreshToken.for_user(user)),
-        "garbage": "not.a.jwt",
+        "another user's": (token_for(other_user), "another user's"),
+        "expired": (token_for(user, lifetime=-timedelta(seconds=1)), "Token is expired"),
+        "refresh": (str(RefreshToken.for_user(user)), "Token has wrong type"),
+        "garbage": ("not.a.jwt", "Token is invalid"),
     }
 
     async def scenario():
         async with open_websocket(f"/ws?token={token}") as ws:
             await connect_user(ws)
-            for name, bad in refused.items():
+            for name, (bad, reason) in refused.items():
                 reply = await request(ws, {"action": "authenticate", "token": bad, "id": name})
                 assert (reply["type"], reply["code"], reply["id"]) == (
                     "error",
                     "authentication_failed",
                     name,
                 ), reply
+                assert reason in reply["message"], reply
             reply = await request(ws, {"action": "authenticate"})
             assert (reply["type"], reply["code"]) == ("error", "invalid_message")
             await assert_closed_with(ws, CloseCode.UNAUTHORIZED)
