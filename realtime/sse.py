@@ -175,6 +175,9 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
             raise Refused(400, "bad_request", "Invalid Host header.") from None
         user = authenticated_user(self.scope)
         task_ids = requested_task_ids(request)
+        limit = realtime_settings.SUBSCRIPTION_LIMIT
+        if len(task_ids) > limit:
+            raise ProtocolError(ErrorCode.SUBSCRIPTION_LIMIT, f"At most {limit} task_ids.")
         manager = get_connection_manager()
         self.connection = await manager.connect(
             channel_name=self.channel_name,

@@ -373,19 +373,24 @@ def test_unknown_task_and_another_users_task_are_the_same_404(user, other_user, 
 
 
 @transactional
-def test_more_task_ids_than_the_subscription_limit_is_400(user, disconnected):
-    tasks = [services.create_task(owner=user, name=f"t{i}") for i in range(3)]
+@pytest.mark.parametrize("known", [True, False], ids=["tasks", "unknown-ids"])
+def test_more_task_ids_than_the_subscription_limit_is_400(user, disconnected, known):
+    """Counted before any is looked up: ids of no task were 404, as the first was."""
+    if known:
+        task_ids = [services.create_task(owner=user, name=f"t{i}").pk for i in range(3)]
+    else:
+        task_ids = [uuid.uuid4() for _ in range(3)]
 
     async def scenario():
-        query = [("token", token_for(user))] + [("task_id", str(t.pk)) for t in tasks]
+        query = [("token", token_for(user))] + [("task_id", str(t)) for t in task_ids]
         async with InProcessStream(query) as stream:
             assert stream.status == 400
             assert stream.json()["code"] == "subscription_limit"
-        await assert_no_connections([t.pk for t in tasks])
+        await assert_no_connections(task_ids)
 
     with realtime_override(SUBSCRIPTION_LIMIT=2):
         run(scenario)
-    assert [c.groups for c in disconnected] == [set()]
+    assert disconnected == []  # none was connected
 
 
 @transactional
