@@ -65,7 +65,9 @@ def validate_payload(data: Any) -> dict[str, Any]:
     if errors:
         raise ValidationError(errors)
     validate_transportable_json(payload, max_depth=MAX_DEPTH)
-    encoded = json.dumps(payload, ensure_ascii=False).encode()
+    # Measured as compact JSON, as a client writes it: with json.dumps()'s spaces, a
+    # 14 KB body of short values measured 21 KB.
+    encoded = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
     if len(encoded) > realtime_settings.BROADCAST_MAX_BYTES:
         raise ValidationError(
             f"A broadcast must encode to at most {realtime_settings.BROADCAST_MAX_BYTES} bytes.",

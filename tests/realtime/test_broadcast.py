@@ -68,6 +68,19 @@ def test_bad_payloads_as_a_whole(data, code):
     assert caught.value.code == code
 
 
+def test_a_payload_is_measured_as_the_compact_json_a_client_sends(settings):
+    """A body as large as the limit, with a separator per value, is accepted: what a
+    client can send whole is what may be broadcast."""
+    data = {"type": "t", "message": "m", "values": [1] * 3000}
+    size = len(json.dumps(data, separators=(",", ":")).encode())
+    settings.REALTIME = {**settings.REALTIME, "BROADCAST_MAX_BYTES": size}
+    assert broadcasts.validate_payload(data) == data
+    settings.REALTIME = {**settings.REALTIME, "BROADCAST_MAX_BYTES": size - 1}
+    with pytest.raises(ValidationError) as caught:
+        broadcasts.validate_payload(data)
+    assert caught.value.code == "payload_too_large"
+
+
 def test_compose_merges_data_and_rejects_clashes_and_non_objects():
     assert broadcasts.compose(message="m", type="t", data='{"k": 1}') == {
         "k": 1,
