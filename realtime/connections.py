@@ -343,9 +343,7 @@ class ConnectionManager:
 
     async def send_personal_message(self, user_id: int, payload: dict[str, Any]) -> None:
         """Send ``{"type": "message", "payload": …}`` to every connection of one user."""
-        text = protocol.encode(
-            {"type": "message", "payload": payload, "timestamp": protocol.now_iso()}
-        )
+        text = protocol.encode(protocol.personal_message(payload))
         await self.layer.group_send(groups.user_group(user_id), {"type": PERSONAL, "text": text})
 
     async def broadcast(self, payload: dict[str, Any]) -> Recipients:

@@ -197,6 +197,15 @@ def broadcast(payload: dict[str, Any]) -> dict[str, Any]:
     return {"type": "broadcast", "payload": payload, "timestamp": now_iso()}
 
 
+def personal_message(payload: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "message", "payload": payload, "timestamp": now_iso()}
+
+
+def token_expired(expires_at: float) -> dict[str, Any]:
+    """The data of an event stream's last event (a WebSocket is closed with 4401)."""
+    return {"expires_at": expiry_iso(expires_at)}
+
+
 # Server-Sent Events framing (WHATWG HTML, "event stream interpretation").
 
 

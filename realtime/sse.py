@@ -279,7 +279,7 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
         """A ``token_expired`` event, then the end of the stream. An ``EventSource`` would
         reconnect with the same expired token and be refused (401): the client needs a new
         token, and a new stream."""
-        data = protocol.encode({"expires_at": protocol.expiry_iso(self.expires_at)})
+        data = protocol.encode(protocol.token_expired(self.expires_at))
         await self.send_chunk(protocol.sse_event(SseEvent.TOKEN_EXPIRED, data))
         await self.send_body(b"")
         raise StopConsumer()
