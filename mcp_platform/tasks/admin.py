@@ -1,12 +1,63 @@
+from typing import Any
+
+from django import forms
 from django.contrib import admin
+from django.core.exceptions import ValidationError
+from django.db import transaction
 
 from mcp_platform.tasks.models import Task
+
+
+class TaskAdminForm(forms.ModelForm):
+    """The change form, refused if the task changed since it was opened.
+
+    The admin saves every field it shows: a form opened before a worker's progress, result
+    or status change put back what the form was opened with, and published that. The
+    form carries the ``seq`` it was opened at; the admin saves in the transaction in which
+    this form is checked, and the row stays locked from the check to the save.
+    """
+
+    opened_at_seq = forms.IntegerField(widget=forms.HiddenInput, required=False)
+
+    class Meta:
+        model = Task
+        fields = "__all__"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.instance.pk is not None and not self.instance._state.adding:
+            self.fields["opened_at_seq"].required = True
+            self.fields["opened_at_seq"].initial = self.instance.seq
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        opened_at = cleaned.get("opened_at_seq")
+        if self.instance._state.adding or opened_at is None:
+            return cleaned
+        with transaction.atomic():
+            stored = (
+                Task.objects.select_for_update()
+                .filter(pk=self.instance.pk)
+                .values_list("seq", flat=True)
+                .first()
+            )
+        if stored is None:
+            raise ValidationError("This task was deleted since you opened it.", code="deleted")
+        if stored != opened_at:
+            raise ValidationError(
+                "This task changed since you opened it (change %(opened)s then, %(stored)s "
+                "now). Reload the page to see it as it is, and make your change again.",
+                code="changed",
+                params={"opened": opened_at, "stored": stored},
+            )
+        return cleaned
 
 
 @admin.register(Task)
 class TaskAdmin(admin.ModelAdmin):
     """Saving here goes through ``Task.save()``, so it publishes like every other change."""
 
+    form = TaskAdminForm
     list_display = ["name", "owner", "status", "progress", "seq", "updated_at"]
     list_filter = ["status", "owner"]
     search_fields = ["name", "id", "owner__username"]

@@ -1,6 +1,7 @@
 """Every way of changing a task publishes through the one path, once, after commit."""
 
 import io
+import json
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -205,11 +206,20 @@ def test_changes_in_one_transaction_publish_each_seq_in_order(user, task):
     assert [(update["seq"], update["progress"]) for update in updates] == [(2, 10), (3, 20)]
 
 
+def admin_form(task: Task, **changes) -> dict:
+    """The admin's change form of ``task`` as it is now, submitted with ``changes``."""
+    fields = {"owner": task.owner_id, "name": task.name, "status": task.status}
+    fields |= {"progress": task.progress, "error": task.error, "opened_at_seq": task.seq}
+    if task.result is not None:
+        fields["result"] = json.dumps(task.result)
+    return {**fields, **changes}
+
+
 def test_admin_change_publishes(admin_client, user, task):
     def change():
         response = admin_client.post(
             f"/admin/tasks/task/{task.pk}/change/",
-            {"owner": user.pk, "name": "renamed", "status": "running", "progress": 55, "error": ""},
+            admin_form(task, name="renamed", status="running", progress=55),
         )
         assert response.status_code == 302, response.content[:2000]
 
@@ -224,11 +234,42 @@ def test_admin_change_publishes(admin_client, user, task):
 def test_admin_rejects_leaving_a_finished_state(admin_client, user):
     done = services.create_task(owner=user, name="done", status="completed")
     response = admin_client.post(
-        f"/admin/tasks/task/{done.pk}/change/",
-        {"owner": user.pk, "name": "done", "status": "running", "progress": 0, "error": ""},
+        f"/admin/tasks/task/{done.pk}/change/", admin_form(done, status="running")
     )
     assert response.status_code == 200 and b"cannot become running" in response.content
     assert Task.objects.get(pk=done.pk).status == "completed"
+
+
+def test_an_admin_form_opened_before_another_change_is_refused_not_saved_over_it(
+    admin_client, user, task
+):
+    """Saved, it put back the progress, status and result it was opened with."""
+    page = admin_client.get(f"/admin/tasks/task/{task.pk}/change/")
+    assert b'name="opened_at_seq" value="1"' in page.content
+    opened = admin_form(task, name="renamed")
+    services.update_task(task=task, status="running", progress=90, result={"rows": 5})
+
+    def change():
+        response = admin_client.post(f"/admin/tasks/task/{task.pk}/change/", opened)
+        assert response.status_code == 200 and b"changed since you opened it" in response.content
+
+    watch(user, task, change, expect_update=False)
+    stored = Task.objects.get(pk=task.pk)
+    assert (stored.name, stored.progress, stored.result, stored.seq) == (
+        "watched",
+        90,
+        {"rows": 5},
+        2,
+    )
+    # Opened again, the change goes through.
+    update = watch(
+        user,
+        task,
+        lambda: admin_client.post(
+            f"/admin/tasks/task/{task.pk}/change/", admin_form(stored, name="renamed")
+        ),
+    )
+    assert (update["task"]["name"], update["progress"], update["seq"]) == ("renamed", 90, 3)
 
 
 def test_management_command_publishes(user, task):
