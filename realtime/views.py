@@ -1,5 +1,7 @@
 """``POST /broadcast``: the REST entry point to ``realtime.broadcasts``."""
 
+from typing import Any
+
 from django.core.exceptions import RequestDataTooBig
 from rest_framework import exceptions, status
 from rest_framework.permissions import BasePermission, IsAuthenticated
@@ -52,6 +54,13 @@ class BroadcastView(APIView):
     permission_classes = [IsAuthenticated, CanSendBroadcast]
     parser_classes = [JSONParser]
     http_method_names = ["post"]  # DRF would also answer OPTIONS with its metadata
+
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        # Anything but POST is 405 whoever sends it, as documented; DRF would answer 401 or
+        # 403 first, and only staff would learn that the method was wrong.
+        if request.method.lower() not in self.http_method_names:
+            raise exceptions.MethodNotAllowed(request.method)
+        super().initial(request, *args, **kwargs)
 
     def post(self, request: Request) -> Response:
         limit = realtime_settings.BROADCAST_MAX_BYTES

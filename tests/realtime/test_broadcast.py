@@ -346,10 +346,14 @@ def test_unreachable_redis_is_503_and_nothing_recorded(staff_user, settings):
 
 
 @pytest.mark.parametrize("method", ["get", "put", "delete", "options"])
-def test_only_post_is_allowed(staff_user, method):
-    response = getattr(api_client(staff_user), method)("/broadcast")
+@pytest.mark.parametrize("who", ["staff", "user", "anonymous"])
+def test_only_post_is_allowed(staff_user, user, method, who):
+    """Whoever asks: the method is checked before the credentials (DRF checks it after)."""
+    client = {"staff": api_client(staff_user), "user": api_client(user), "anonymous": APIClient()}
+    response = getattr(client[who], method)("/broadcast")
     assert response.status_code == 405
     assert response.json()["code"] == "method_not_allowed"
+    assert response["Allow"] == "POST"
 
 
 # Property 48
