@@ -1,10 +1,12 @@
 """Authentication and origin checks for the WebSocket and SSE transports."""
 
 from collections.abc import Callable
+from importlib import import_module
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, urlparse
 
 from channels.auth import AuthMiddlewareStack
+from channels.auth import get_user as get_session_user
 from channels.db import database_sync_to_async
 from channels.security.websocket import OriginValidator, WebsocketDenier
 from django.conf import settings
@@ -95,6 +97,18 @@ async def authenticate_token(raw_token: Any) -> Credentials:
     ) != get_md5_hash_password(user.password):
         raise ValueError("The user's password has been changed.")
     return Credentials(user, float(token["exp"]))
+
+
+async def session_still_valid(session_key: str | None, user_id: Any) -> bool:
+    """Whether the session still authenticates this user, as Django's authentication would
+    for a request now: it exists and has not expired (a logout deletes it), and names this
+    user, active, with the password the session was made with. Read afresh: the
+    connection's own session object keeps what it read at connecting."""
+    if not session_key:
+        return False
+    store = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
+    user = await get_session_user({"session": store})
+    return user.is_authenticated and user.pk == user_id
 
 
 def query_token(scope: dict[str, Any]) -> str | None:

@@ -22,6 +22,7 @@ MUST_BE_POSITIVE = {
     "SLOW_CLIENT_BUFFER_BYTES": "a client would be dropped at the first write it did not take",
     "REORDER_WINDOW_SECONDS": "an update ahead of a missing one would go at once, and the "
     "missing one be dropped when it came",
+    "SESSION_RECHECK_SECONDS": "sessions would be checked without pause",
 }
 
 

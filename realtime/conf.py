@@ -35,6 +35,9 @@ DEFAULTS: dict[str, Any] = {
     # Bytes a client that stopped reading may have sent to it, beyond Twisted's 64 KiB
     # buffer, before it is dropped as too slow (with python -m mcp_platform.serve).
     "SLOW_CLIENT_BUFFER_BYTES": 1_048_576,
+    # Seconds between checks of the session of a connection opened with one: once the
+    # session has ended (logout, expiry) or its user is inactive, the connection ends.
+    "SESSION_RECHECK_SECONDS": 60.0,
 }
 
 

@@ -5,6 +5,8 @@ a consumer reads its messages, and how its connection ends.
 """
 
 import asyncio
+import random
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,7 +17,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 
 from realtime import expiry, protocol
-from realtime.auth import authenticate_token
+from realtime.auth import authenticate_token, session_still_valid
 from realtime.conf import realtime_settings
 from realtime.connections import (
     BROADCAST,
@@ -65,8 +67,10 @@ class InboxConsumerMixin:
 
     connection: Connection | None = None
     #: When the token the connection holds expires (seconds since the epoch); ``None`` for
-    #: a session's connection, which the session's own expiry does not end.
+    #: a connection opened with a session, which is checked again instead.
     expires_at: float | None = None
+    #: When the session of a connection opened with one is next checked.
+    session_check_at: float | None = None
 
     #: Channel-message types whose handling only sends to the client, each with the
     #: method that says what to send (payloads, see ``payload_message()``).
@@ -173,29 +177,58 @@ class InboxConsumerMixin:
         raise NotImplementedError("a consumer with subscriptions says how notices are sent")
 
     def watch_expiry(self, expires_at: float | None) -> None:
-        """End the connection when its token expires, at ``expires_at`` (from the scope's
-        ``auth_expires_at``, or a token the client sent since); a later call replaces the
-        deadline. A token is checked once, when given: without this, a connection would
-        outlive its credentials by hours, and a deactivated user's streams would go on."""
-        if self.expires_at is not None:
-            expiry.unwatch(self.expires_at, self)
+        """End the connection when its credentials lapse: a token at ``expires_at`` (from
+        the scope's ``auth_expires_at``, or a token the client sent since), a session
+        (``expires_at`` of ``None``, for a connection opened with one) once a check finds
+        it ended, every ``SESSION_RECHECK_SECONDS``. A later call replaces the deadline.
+        Credentials are checked when given: without this, a connection would outlive them
+        by hours, and a deactivated or logged-out user's streams would go on."""
+        self.unwatch_expiry()
         self.expires_at = expires_at
         if expires_at is not None:
             expiry.watch(expires_at, self)
+        elif self.session_key() is not None:
+            # Spread out: connections opened together (a reconnect after a restart) would
+            # all read their sessions in the same second, every interval.
+            interval = realtime_settings.SESSION_RECHECK_SECONDS * random.uniform(0.75, 1.25)
+            self.session_check_at = time.time() + interval
+            expiry.watch(self.session_check_at, self)
+
+    def unwatch_expiry(self) -> None:
+        for deadline in (self.expires_at, self.session_check_at):
+            if deadline is not None:
+                expiry.unwatch(deadline, self)
+        self.session_check_at = None
+
+    def session_key(self) -> str | None:
+        """The key of the session that authenticated the connection, if one did."""
+        session = self.scope.get("session") if self.scope.get("auth_expires_at") is None else None
+        return None if session is None else session.session_key
 
     def token_expired(self) -> None:
-        """Called by ``realtime.expiry``: the consumer ends the connection when it takes
-        this from its inbox (``realtime_token_expired()``)."""
+        """Called by ``realtime.expiry``: the consumer checks the session again, or ends
+        the connection, when it takes this from its inbox (``realtime_token_expired()``)."""
         if self.connection is None:
             return  # gone meanwhile
-        message = {"type": TOKEN_EXPIRED, "expires_at": self.expires_at}
+        message = {
+            "type": TOKEN_EXPIRED,
+            "expires_at": self.expires_at,
+            "session_check_at": self.session_check_at,
+        }
         if not self.inbox.put_nowait(message):  # a full inbox is being read: soon again
             asyncio.get_running_loop().call_later(EXPIRY_RETRY_SECONDS, self.token_expired)
 
     async def realtime_token_expired(self, event: dict[str, Any]) -> None:
-        """The token expired, unless another replaced it while this waited in the inbox:
-        nothing more is sent, and the transport ends the connection (``end_expired()``)."""
-        if event["expires_at"] != self.expires_at:
+        """The token expired, or the session was due a check, unless other credentials
+        replaced them while this waited in the inbox. Credentials that lapsed end the
+        connection: nothing more is sent, and the transport ends it (``end_expired()``)."""
+        deadlines = (event["expires_at"], event["session_check_at"])
+        if self.connection is None or deadlines != (self.expires_at, self.session_check_at):
+            return
+        if self.session_check_at is not None and await session_still_valid(
+            self.session_key(), self.connection.entry.user_id
+        ):
+            self.watch_expiry(None)  # the next check
             return
         await self.leave()
         await self.end_expired()
@@ -206,8 +239,7 @@ class InboxConsumerMixin:
 
     async def leave(self) -> None:
         """Hand the connection back to the manager; a no-op once done."""
-        if self.expires_at is not None:
-            expiry.unwatch(self.expires_at, self)
+        self.unwatch_expiry()
         if self.connection is not None:
             connection, self.connection = self.connection, None
             await get_connection_manager().disconnect(connection)

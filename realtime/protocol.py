@@ -201,8 +201,9 @@ def personal_message(payload: dict[str, Any]) -> dict[str, Any]:
     return {"type": "message", "payload": payload, "timestamp": now_iso()}
 
 
-def token_expired(expires_at: float) -> dict[str, Any]:
-    """The data of an event stream's last event (a WebSocket is closed with 4401)."""
+def token_expired(expires_at: float | None) -> dict[str, Any]:
+    """The data of an event stream's last event (a WebSocket is closed with 4401): when
+    its token expired, or ``None`` for a stream whose session ended."""
     return {"expires_at": expiry_iso(expires_at)}
 
 

@@ -9,6 +9,8 @@ import pytest
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
+from django.conf import settings
+from django.test import override_settings
 from rest_framework_simplejwt.tokens import AccessToken, RefreshToken
 
 from mcp_platform.tasks import services
@@ -118,6 +120,38 @@ def test_session_login_authenticates(session_cookie, user):
             assert (connected["user_id"], connected["expires_at"]) == (user.pk, None)
 
     run(scenario)
+
+
+@pytest.mark.parametrize("ending", ["logout", "deactivation", "password change"])
+def test_a_session_connection_ends_4401_once_a_check_finds_its_session_ended(
+    client, session_cookie, user, task, ending
+):
+    """It used to live on, streaming, after its user logged out or was deactivated."""
+
+    def end_session():
+        if ending == "logout":
+            client.logout()
+        elif ending == "deactivation":
+            type(user).objects.filter(pk=user.pk).update(is_active=False)
+        else:
+            user.set_password("another-secret-9")
+            user.save()
+
+    async def scenario():
+        manager = get_connection_manager()
+        async with open_websocket("/ws", headers=[session_cookie]) as ws:
+            await connect_user(ws)
+            await request(ws, {"action": "subscribe", "task_id": str(task.pk)})
+            await asyncio.sleep(0.5)  # checked, and still valid
+            assert (await request(ws, {"action": "ping"}))["type"] == "pong"
+            await database_sync_to_async(end_session)()
+            await assert_closed_with(ws, CloseCode.UNAUTHORIZED)
+            assert await manager.count_connections() == 0
+            await database_sync_to_async(services.update_task)(task=task, progress=5)
+            assert await ws.receive_nothing(timeout=0.2)
+
+    with override_settings(REALTIME={**settings.REALTIME, "SESSION_RECHECK_SECONDS": 0.2}):
+        run(scenario)
 
 
 @pytest.mark.parametrize("token", ["bad", ""])

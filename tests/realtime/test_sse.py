@@ -709,6 +709,28 @@ def test_a_stream_ends_with_token_expired_when_its_token_expires(user, task, dis
 
 
 @transactional
+def test_a_session_stream_ends_with_token_expired_once_its_session_ends(user, task, disconnected):
+    client = Client()
+    client.force_login(user)
+    cookie = client.cookies[settings.SESSION_COOKIE_NAME]
+    headers = [(b"cookie", f"{cookie.key}={cookie.value}".encode())]
+
+    async def scenario():
+        async with InProcessStream({"task_id": str(task.pk)}, headers=headers) as stream:
+            await stream.next_of("connected")
+            await asyncio.sleep(0.5)  # checked, and still valid
+            await database_sync_to_async(client.logout)()
+            events = await asyncio.wait_for(stream.until_end(), 5)
+            assert [event.type for event in events] == ["token_expired"]
+            assert events[0].json() == {"expires_at": None}
+        await assert_no_connections([task.pk])
+        assert len(disconnected) == 1
+
+    with realtime_override(SESSION_RECHECK_SECONDS=0.2):
+        run(scenario)
+
+
+@transactional
 @pytest.mark.parametrize("read_first", [False, True])
 def test_a_client_gone_at_once_still_cleans_up(user, task, read_first, disconnected):
     """``http.disconnect`` right behind the request: queued before the stream started, or
