@@ -5,6 +5,7 @@ a consumer reads its messages, and how its connection ends.
 """
 
 import asyncio
+import logging
 import random
 import time
 import uuid
@@ -31,6 +32,8 @@ from realtime.connections import (
 )
 from realtime.inbox import Inbox
 from realtime.protocol import Action, ClientMessage, CloseCode, ErrorCode, ProtocolError
+
+logger = logging.getLogger(__name__)
 
 #: What goes in a connection's inbox when its token expires (``realtime.expiry``).
 TOKEN_EXPIRED = "realtime.token_expired"
@@ -208,15 +211,21 @@ class InboxConsumerMixin:
     def token_expired(self) -> None:
         """Called by ``realtime.expiry``: the consumer checks the session again, or ends
         the connection, when it takes this from its inbox (``realtime_token_expired()``)."""
+        self.put_deadline(
+            {
+                "type": TOKEN_EXPIRED,
+                "expires_at": self.expires_at,
+                "session_check_at": self.session_check_at,
+            }
+        )
+
+    def put_deadline(self, message: dict[str, Any]) -> None:
+        """Put in the deadline that passed, as it was then: a deadline that credentials
+        given since replaced is then dropped, not taken for theirs."""
         if self.connection is None:
             return  # gone meanwhile
-        message = {
-            "type": TOKEN_EXPIRED,
-            "expires_at": self.expires_at,
-            "session_check_at": self.session_check_at,
-        }
         if not self.inbox.put_nowait(message):  # a full inbox is being read: soon again
-            asyncio.get_running_loop().call_later(EXPIRY_RETRY_SECONDS, self.token_expired)
+            asyncio.get_running_loop().call_later(EXPIRY_RETRY_SECONDS, self.put_deadline, message)
 
     async def realtime_token_expired(self, event: dict[str, Any]) -> None:
         """The token expired, or the session was due a check, unless other credentials
@@ -225,13 +234,25 @@ class InboxConsumerMixin:
         deadlines = (event["expires_at"], event["session_check_at"])
         if self.connection is None or deadlines != (self.expires_at, self.session_check_at):
             return
-        if self.session_check_at is not None and await session_still_valid(
-            self.session_key(), self.connection.entry.user_id
-        ):
+        if self.session_check_at is not None and await self.session_holds():
             self.watch_expiry(None)  # the next check
             return
         await self.leave()
         await self.end_expired()
+
+    async def session_holds(self) -> bool:
+        """Whether the connection's session still authenticates its user. A check that
+        fails (the database or the session store unreachable) leaves the connection to the
+        next one: ending every session's connection at a database's failover would have
+        them all reconnect at once."""
+        assert self.connection is not None
+        try:
+            return await session_still_valid(self.session_key(), self.connection.entry.user_id)
+        except Exception:
+            logger.warning(
+                "Could not check a connection's session; checking again later", exc_info=True
+            )
+            return True
 
     async def end_expired(self) -> None:
         """End a connection whose token expired, as the transport can say so."""

@@ -10,6 +10,7 @@ from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
+from django.db import OperationalError
 from django.test import override_settings
 from rest_framework_simplejwt.tokens import AccessToken, RefreshToken
 
@@ -152,6 +153,32 @@ def test_a_session_connection_ends_4401_once_a_check_finds_its_session_ended(
 
     with override_settings(REALTIME={**settings.REALTIME, "SESSION_RECHECK_SECONDS": 0.2}):
         run(scenario)
+
+
+def test_a_session_check_that_fails_leaves_the_connection_to_the_next(
+    client, session_cookie, user, monkeypatch
+):
+    """Ending every session's connection when the database fails over would have them
+    all reconnect at once; the check is made again later."""
+    failed = []
+
+    async def unreachable(*args):
+        failed.append(args)
+        raise OperationalError("the database is unreachable")
+
+    async def scenario():
+        async with open_websocket("/ws", headers=[session_cookie]) as ws:
+            await connect_user(ws)
+            with monkeypatch.context() as patched:
+                patched.setattr(consumers, "session_still_valid", unreachable)
+                await asyncio.sleep(2.2)  # checks that failed (timers keep whole seconds)
+                assert (await request(ws, {"action": "ping"}))["type"] == "pong"
+            await database_sync_to_async(client.logout)()
+            await assert_closed_with(ws, CloseCode.UNAUTHORIZED)
+
+    with override_settings(REALTIME={**settings.REALTIME, "SESSION_RECHECK_SECONDS": 0.2}):
+        run(scenario)
+    assert len(failed) >= 1
 
 
 @pytest.mark.parametrize("token", ["bad", ""])
@@ -480,6 +507,35 @@ def test_an_expiry_that_finds_the_inbox_full_is_tried_again(user, monkeypatch):
             await connect_user(ws)
             await assert_closed_with(ws, CloseCode.UNAUTHORIZED)
         assert len(refused) == 1
+
+    run(scenario)
+
+
+def test_an_expiry_tried_again_after_a_new_token_came_is_dropped(user, monkeypatch):
+    """Tried again, it read the deadline of the token given since, and took it for its
+    own: the connection was closed with a valid token."""
+    refused = []
+    put_nowait = Inbox.put_nowait
+
+    def full_once(self, item):
+        if item.get("type") == TOKEN_EXPIRED and not refused:
+            refused.append(item)
+            return False
+        return put_nowait(self, item)
+
+    monkeypatch.setattr(Inbox, "put_nowait", full_once)
+    monkeypatch.setattr(consumers, "EXPIRY_RETRY_SECONDS", 1.0)
+    token, _ = expiring_token(user)
+
+    async def scenario():
+        async with open_websocket(f"/ws?token={token}") as ws:
+            await connect_user(ws)
+            while not refused:
+                await asyncio.sleep(0.02)
+            reply = await request(ws, {"action": "authenticate", "token": token_for(user)})
+            assert reply["type"] == "authenticated"
+            await asyncio.sleep(1.5)  # the retry came, and went
+            assert (await request(ws, {"action": "ping"}))["type"] == "pong"
 
     run(scenario)
 
