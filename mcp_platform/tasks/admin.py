@@ -25,15 +25,20 @@ class TaskAdminForm(forms.ModelForm):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.instance.pk is not None and not self.instance._state.adding:
-            self.fields["opened_at_seq"].required = True
+        if not self.instance._state.adding:
             self.fields["opened_at_seq"].initial = self.instance.seq
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean()
-        opened_at = cleaned.get("opened_at_seq")
-        if self.instance._state.adding or opened_at is None:
+        if self.instance._state.adding:
             return cleaned
+        opened_at = cleaned.get("opened_at_seq")
+        if opened_at is None:  # a page rendered without it: an error on it would be hidden
+            raise ValidationError(
+                "This form does not say which change of the task it was opened at. Reload the "
+                "page, and make your change again.",
+                code="unknown_version",
+            )
         with transaction.atomic():
             stored = (
                 Task.objects.select_for_update()

@@ -272,6 +272,16 @@ def test_an_admin_form_opened_before_another_change_is_refused_not_saved_over_it
     assert (update["task"]["name"], update["progress"], update["seq"]) == ("renamed", 90, 3)
 
 
+def test_an_admin_form_that_does_not_say_when_it_was_opened_is_refused_visibly(admin_client, task):
+    form = admin_form(task, name="renamed")
+    del form["opened_at_seq"]
+    response = admin_client.post(f"/admin/tasks/task/{task.pk}/change/", form)
+    assert response.status_code == 200
+    assert b'<ul class="errorlist nonfield">' in response.content
+    assert b"Reload the page" in response.content
+    assert Task.objects.get(pk=task.pk).name == "watched"
+
+
 def test_management_command_publishes(user, task):
     out = io.StringIO()
     update = watch(
