@@ -16,6 +16,7 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.contrib.auth.base_user import AbstractBaseUser
+from django.db import DatabaseError
 
 from realtime import groups, protocol
 from realtime.batching import Batcher
@@ -307,7 +308,7 @@ class ConnectionManager:
         The group is joined before the state is read, so an update made in between is
         either in the returned state or delivered afterwards, never lost; updates already
         in the state are not delivered again. Raises ``ProtocolError`` (``not_found``,
-        ``subscription_limit``).
+        ``subscription_limit``, ``unavailable``).
         """
         key = str(task_id)
         is_new = key not in connection.last_seq
@@ -318,7 +319,15 @@ class ConnectionManager:
             )
         group = groups.task_group(task_id)
         await self._join(connection, group)
-        snapshot = await _snapshots.load((user, task_id))
+        try:
+            snapshot = await _snapshots.load((user, task_id))
+        except DatabaseError:
+            # Reads are batched: raised, it ended every connection subscribing just then.
+            if is_new:
+                await self._leave(connection, group)
+            raise ProtocolError(
+                ErrorCode.UNAVAILABLE, "The task could not be read just now; try again."
+            ) from None
         connection.sees_all = user.is_staff  # as the source read it just now
         if snapshot is None:
             if is_new:

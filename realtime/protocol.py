@@ -39,6 +39,8 @@ class ErrorCode(enum.StrEnum):
     NOT_FOUND = "not_found"
     SUBSCRIPTION_LIMIT = "subscription_limit"
     AUTHENTICATION_FAILED = "authentication_failed"
+    #: The task could not be read just then (the database unreachable): try again.
+    UNAVAILABLE = "unavailable"
 
 
 class ProtocolError(Exception):

@@ -16,6 +16,7 @@ from rest_framework_simplejwt.tokens import AccessToken, RefreshToken
 
 from mcp_platform.tasks import services
 from mcp_platform.tasks.models import Task
+from mcp_platform.tasks.realtime import TaskSource
 from realtime import api, consumers
 from realtime.connections import get_connection_manager
 from realtime.consumers import TOKEN_EXPIRED, TaskConsumer
@@ -179,6 +180,45 @@ def test_a_session_check_that_fails_leaves_the_connection_to_the_next(
     with override_settings(REALTIME={**settings.REALTIME, "SESSION_RECHECK_SECONDS": 0.2}):
         run(scenario)
     assert len(failed) >= 1
+
+
+def test_a_subscribe_the_database_fails_is_answered_unavailable_and_nothing_ends(
+    user, task, monkeypatch
+):
+    """Raised, the failure ended every connection whose subscribe was read in the same
+    batch (1011 under Daphne)."""
+    read = TaskSource.get_visible_many
+    failures = []
+
+    def fails_once(self, requests):
+        if not failures:
+            failures.append(len(requests))
+            raise OperationalError("server closed the connection unexpectedly")
+        return read(self, requests)
+
+    monkeypatch.setattr(TaskSource, "get_visible_many", fails_once)
+
+    async def scenario():
+        manager = get_connection_manager()
+        async with (
+            open_websocket(f"/ws?token={token_for(user)}") as first,
+            open_websocket(f"/ws?token={token_for(user)}") as second,
+        ):
+            for ws in (first, second):
+                await connect_user(ws)
+            for number, ws in enumerate((first, second)):  # read in one batch
+                await ws.send_json_to(
+                    {"action": "subscribe", "task_id": str(task.pk), "id": number}
+                )
+            for ws in (first, second):
+                reply = await ws.receive_json_from(timeout=5)
+                assert (reply["type"], reply["code"]) == ("error", "unavailable"), reply
+            assert await manager.count_task_subscribers(task.pk) == 0
+            reply = await request(first, {"action": "subscribe", "task_id": str(task.pk)})
+            assert reply["type"] == "subscribed"
+        assert failures == [2]
+
+    run(scenario)
 
 
 @pytest.mark.parametrize("token", ["bad", ""])
