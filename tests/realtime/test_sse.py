@@ -11,6 +11,7 @@ from asgiref.sync import async_to_sync
 from asgiref.testing import ApplicationCommunicator
 from channels.db import database_sync_to_async
 from django.conf import settings
+from django.db import OperationalError
 from django.test import Client, override_settings
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
@@ -19,6 +20,7 @@ from rest_framework_simplejwt.tokens import AccessToken
 
 from mcp_platform.tasks import services
 from mcp_platform.tasks.models import Task
+from mcp_platform.tasks.realtime import TaskSource
 from realtime import api, protocol, sse
 from realtime.checks import check_settings
 from realtime.connections import ConnectionManager, Transport, get_connection_manager
@@ -344,6 +346,24 @@ def test_more_query_parameters_than_django_reads_is_400(user, task, settings, di
 
     run(scenario)
     assert disconnected == []
+
+
+@transactional
+def test_a_task_the_database_could_not_read_is_503(user, task, disconnected, monkeypatch):
+    def unreachable(self, requests):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(TaskSource, "get_visible_many", unreachable)
+
+    async def scenario():
+        query = {"token": token_for(user), "task_id": str(task.pk)}
+        async with InProcessStream(query) as stream:
+            assert stream.status == 503
+            assert stream.json()["code"] == "unavailable"
+        await assert_no_connections([task.pk])
+
+    run(scenario)
+    assert [c.groups for c in disconnected] == [set()]
 
 
 @transactional
