@@ -154,6 +154,11 @@ class InboxConsumerMixin:
             return
         if connection.follows_all:  # it came through a feed: the task was followed
             connection.forget_deleted(event["task_id"])
+        elif not connection.may_see(event["owner_id"]):
+            # Given away before it was deleted: to this user it ended then, and is not
+            # theirs to hear of now (the note of that may still wait in the inbox).
+            await self.end_hidden(uuid.UUID(event["task_id"]))
+            return
         elif not await get_connection_manager().unsubscribe_from_task(
             connection, uuid.UUID(event["task_id"])
         ):
@@ -161,12 +166,18 @@ class InboxConsumerMixin:
         await self.send_notice("task_deleted", event["text"])
 
     async def realtime_task_hidden(self, event: dict[str, Any]) -> None:
-        """A subscribed task is no longer the user's to see: its subscription ends, and
-        the client is told so, unasked."""
-        task_id = uuid.UUID(event["task_id"])
-        if self.connection is not None and await get_connection_manager().unsubscribe_from_task(
-            self.connection, task_id
-        ):
+        """A subscribed task is no longer the user's to see (as of update ``seq``): its
+        subscription ends, unless the client has subscribed again since, to the task as
+        it is now (a subscribe queued before this note, the task given back meanwhile)."""
+        connection = self.connection
+        if connection is not None and connection.last_seq.get(event["task_id"], 0) < event["seq"]:
+            await self.end_hidden(uuid.UUID(event["task_id"]))
+
+    async def end_hidden(self, task_id: uuid.UUID) -> None:
+        """End the subscription to a task the user may no longer see, and tell the client,
+        unasked."""
+        assert self.connection is not None
+        if await get_connection_manager().unsubscribe_from_task(self.connection, task_id):
             await self.send_notice("unsubscribed", protocol.encode(protocol.unsubscribed(task_id)))
 
     async def send_notice(self, kind: str, text: str) -> None:
@@ -276,7 +287,9 @@ class InboxConsumerMixin:
         task_id = event["task_id"]
         if not connection.may_see(event["owner_id"]):
             if task_id in connection.last_seq:
-                self.inbox.put_nowait({"type": TASK_HIDDEN, "task_id": task_id})
+                self.inbox.put_nowait(
+                    {"type": TASK_HIDDEN, "task_id": task_id, "seq": event["seq"]}
+                )
             return []
         ready = connection.receive_update(task_id, event["seq"], event["text"])
         wait = connection.starts_waiting(task_id)

@@ -17,7 +17,7 @@ from rest_framework_simplejwt.tokens import AccessToken, RefreshToken
 from mcp_platform.tasks import services
 from mcp_platform.tasks.models import Task
 from mcp_platform.tasks.realtime import TaskSource
-from realtime import api, consumers
+from realtime import api, connections, consumers
 from realtime.connections import get_connection_manager
 from realtime.consumers import TOKEN_EXPIRED, TaskConsumer
 from realtime.inbox import Inbox
@@ -729,5 +729,82 @@ def test_a_failure_in_one_direct_delivery_ends_that_connection_not_the_sender(
         with pytest.raises(RuntimeError, match="cannot render"):
             await asyncio.wait_for(asyncio.shield(broken.future), 5)
         await healthy.disconnect()
+
+    run(scenario)
+
+
+class GatedSnapshots:
+    """The manager's task reads, where the read of one task waits until released: a
+    consumer busy with a subscribe while changes queue up behind it."""
+
+    def __init__(self, inner, gated_task_id) -> None:
+        self.inner, self.gated = inner, gated_task_id
+        self.entered, self.release = asyncio.Event(), asyncio.Event()
+
+    async def load(self, key):
+        if key[1] == self.gated:
+            self.entered.set()
+            await self.release.wait()
+        return await self.inner.load(key)
+
+
+def give(task_id, owner) -> None:
+    task = Task.objects.get(pk=task_id)
+    task.owner = owner
+    task.save()
+
+
+def test_a_subscription_made_again_after_its_task_came_back_is_not_ended_by_the_old_news(
+    user, other_user, task, monkeypatch
+):
+    """The task was given away (seq 2), subscribed to again and given back (seq 3) while
+    the consumer was busy: the note that seq 2 hid it ended the new subscription, after
+    the client had been told ``subscribed``, and seq 4 was lost."""
+    busy = services.create_task(owner=user, name="busy")
+
+    async def scenario():
+        gate = GatedSnapshots(connections._snapshots, busy.pk)
+        monkeypatch.setattr(connections, "_snapshots", gate)
+        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+            await connect_user(ws)
+            await request(ws, {"action": "subscribe", "task_id": str(task.pk)})
+            await ws.send_json_to({"action": "subscribe", "task_id": str(busy.pk), "id": 2})
+            await asyncio.wait_for(gate.entered.wait(), 5)
+            await database_sync_to_async(give)(task.pk, other_user)
+            await ws.send_json_to({"action": "subscribe", "task_id": str(task.pk), "id": 3})
+            await database_sync_to_async(give)(task.pk, user)
+            gate.release.set()
+            assert (await ws.receive_json_from(timeout=5))["id"] == 2
+            again = await ws.receive_json_from(timeout=5)
+            assert (again["type"], again["id"], again["seq"]) == ("subscribed", 3, 3)
+            assert await ws.receive_nothing(timeout=0.5)
+            await database_sync_to_async(services.update_task)(task=task, progress=77)
+            update = await ws.receive_json_from(timeout=5)
+            assert (update["type"], update["seq"]) == ("task_update", 4)
+
+    run(scenario)
+
+
+def test_a_task_given_away_then_deleted_ends_its_former_owners_subscription_unsaid(
+    user, other_user, task, monkeypatch
+):
+    """Its deletion was news to its new owner only: the former owner heard of it."""
+    busy = services.create_task(owner=user, name="busy")
+
+    async def scenario():
+        gate = GatedSnapshots(connections._snapshots, busy.pk)
+        monkeypatch.setattr(connections, "_snapshots", gate)
+        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+            await connect_user(ws)
+            await request(ws, {"action": "subscribe", "task_id": str(task.pk)})
+            await ws.send_json_to({"action": "subscribe", "task_id": str(busy.pk)})
+            await asyncio.wait_for(gate.entered.wait(), 5)
+            await database_sync_to_async(give)(task.pk, other_user)
+            await database_sync_to_async(Task.objects.filter(pk=task.pk).delete)()
+            gate.release.set()
+            assert (await ws.receive_json_from(timeout=5))["type"] == "subscribed"
+            notice = await ws.receive_json_from(timeout=5)
+            assert (notice["type"], notice["task_id"]) == ("unsubscribed", str(task.pk))
+            assert await ws.receive_nothing(timeout=0.5)
 
     run(scenario)
