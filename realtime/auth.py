@@ -99,16 +99,16 @@ async def authenticate_token(raw_token: Any) -> Credentials:
     return Credentials(user, float(token["exp"]))
 
 
-async def session_still_valid(session_key: str | None, user_id: Any) -> bool:
-    """Whether the session still authenticates this user, as Django's authentication would
-    for a request now: it exists and has not expired (a logout deletes it), and names this
-    user, active, with the password the session was made with. Read afresh: the
-    connection's own session object keeps what it read at connecting."""
+async def session_user(session_key: str | None) -> AbstractBaseUser | None:
+    """The user the session authenticates now, as Django's authentication would find them
+    for a request: the session exists and has not expired (a logout deletes it), and names
+    an active user whose password is the one the session was made with; else ``None``.
+    Read afresh: the connection's own session object keeps what it read at connecting."""
     if not session_key:
-        return False
+        return None
     store = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
     user = await get_session_user({"session": store})
-    return user.is_authenticated and user.pk == user_id
+    return user if user.is_authenticated else None
 
 
 def query_token(scope: dict[str, Any]) -> str | None:

@@ -18,7 +18,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 
 from realtime import expiry, protocol
-from realtime.auth import authenticate_token, session_still_valid
+from realtime.auth import authenticate_token, session_user
 from realtime.conf import realtime_settings
 from realtime.connections import (
     BROADCAST,
@@ -252,18 +252,27 @@ class InboxConsumerMixin:
         await self.end_expired()
 
     async def session_holds(self) -> bool:
-        """Whether the connection's session still authenticates its user. A check that
-        fails (the database or the session store unreachable) leaves the connection to the
-        next one: ending every session's connection at a database's failover would have
-        them all reconnect at once."""
-        assert self.connection is not None
+        """Whether the connection's session still authenticates its user, with what the
+        user may see now. A check that fails (the database or the session store
+        unreachable) leaves the connection to the next one: ending every session's
+        connection at a database's failover would have them all reconnect at once."""
+        connection = self.connection
+        assert connection is not None
         try:
-            return await session_still_valid(self.session_key(), self.connection.entry.user_id)
+            user = await session_user(self.session_key())
         except Exception:
             logger.warning(
                 "Could not check a connection's session; checking again later", exc_info=True
             )
             return True
+        if user is None or user.pk != connection.entry.user_id:
+            return False
+        if user.is_staff != connection.sees_all:
+            if connection.follows_all:
+                # Its feed is every task's or the user's own: it reconnects to the other.
+                return False
+            connection.sees_all = user.is_staff  # its subscriptions' updates follow
+        return True
 
     async def end_expired(self) -> None:
         """End a connection whose token expired, as the transport can say so."""

@@ -171,7 +171,7 @@ def test_a_session_check_that_fails_leaves_the_connection_to_the_next(
         async with open_websocket("/ws", headers=[session_cookie]) as ws:
             await connect_user(ws)
             with monkeypatch.context() as patched:
-                patched.setattr(consumers, "session_still_valid", unreachable)
+                patched.setattr(consumers, "session_user", unreachable)
                 await asyncio.sleep(2.2)  # checks that failed (timers keep whole seconds)
                 assert (await request(ws, {"action": "ping"}))["type"] == "pong"
             await database_sync_to_async(client.logout)()

@@ -751,6 +751,29 @@ def test_a_session_stream_ends_with_token_expired_once_its_session_ends(user, ta
 
 
 @transactional
+def test_a_staff_users_stream_of_every_task_ends_once_a_check_finds_them_demoted(staff_user):
+    """It went on streaming every user's tasks to a user no longer staff."""
+    client = Client()
+    client.force_login(staff_user)
+    cookie = client.cookies[settings.SESSION_COOKIE_NAME]
+    headers = [(b"cookie", f"{cookie.key}={cookie.value}".encode())]
+
+    def demote():
+        staff_user.is_staff = False
+        staff_user.save()
+
+    async def scenario():
+        async with InProcessStream({}, headers=headers) as stream:
+            await stream.next_of("connected")
+            await database_sync_to_async(demote)()
+            events = await asyncio.wait_for(stream.until_end(), 5)
+            assert [event.type for event in events] == ["token_expired"]
+
+    with realtime_override(SESSION_RECHECK_SECONDS=0.2):
+        run(scenario)
+
+
+@transactional
 @pytest.mark.parametrize("read_first", [False, True])
 def test_a_client_gone_at_once_still_cleans_up(user, task, read_first, disconnected):
     """``http.disconnect`` right behind the request: queued before the stream started, or
