@@ -43,7 +43,6 @@ import os
 import pprint
 import sys
 from typing import TextIO
-from urllib.parse import unquote_plus
 
 from realtime.reactor import install
 
@@ -57,21 +56,6 @@ GC_THRESHOLDS = (5_000, 20, 100)
 #: PATCH that published) then kept the event loop waiting up to Python's default 5 ms
 #: each time: writing 1,000 event streams took 15-20 ms instead of ~4.
 SWITCH_INTERVAL = 0.001
-
-
-def redact(path: str) -> str:
-    """``path`` with the value of each ``token`` query parameter replaced, its name read
-    as the server reads it (``%74oken`` is ``token`` too)."""
-    base, mark, query = path.partition("?")
-    if not mark:
-        return path
-    parameters = []
-    for parameter in query.split("&"):
-        name, equals, _ = parameter.partition("=")
-        if equals and unquote_plus(name) == "token":
-            parameter = f"{name}=[redacted]"
-        parameters.append(parameter)
-    return f"{base}?{'&'.join(parameters)}"
 
 
 class LinesPerTurn:
@@ -169,7 +153,7 @@ def prepare() -> None:
             if protocol == "websocket" and action == "connecting":
                 return  # WSCONNECT or WSREJECT follows at once
             if "path" in details:
-                details = {**details, "path": redact(details["path"])}
+                details = {**details, "path": http_protocol.redact(details["path"])}
             return super().__call__(protocol, action, details)
 
     cli.AccessLogGenerator = RedactingAccessLog

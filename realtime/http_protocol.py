@@ -11,6 +11,7 @@ Twisted from writing an access log line of its own.
 
 import functools
 from typing import Any
+from urllib.parse import unquote_plus
 
 import daphne.http_protocol
 import daphne.server
@@ -18,6 +19,21 @@ from daphne.http_protocol import HTTPFactory, WebRequest
 
 from realtime.reactor import write_now
 from realtime.slow_clients import UnreadBytesProducer
+
+
+def redact(path: str) -> str:
+    """``path`` with the value of each ``token`` query parameter replaced, its name read
+    as the server reads it (``%74oken`` is ``token`` too)."""
+    base, mark, query = path.partition("?")
+    if not mark:
+        return path
+    parameters = []
+    for parameter in query.split("&"):
+        name, equals, _ = parameter.partition("=")
+        if equals and unquote_plus(name) == "token":
+            parameter = f"{name}=[redacted]"
+        parameters.append(parameter)
+    return f"{base}?{'&'.join(parameters)}"
 
 
 @functools.lru_cache(maxsize=64)
@@ -40,6 +56,17 @@ class BoundedWebRequest(UnreadBytesProducer, WebRequest):
     #: other has a size its application chose, which Django sends in one go, in 64 KiB
     #: chunks that no client could read as fast.
     bounded = False
+
+    def __repr__(self) -> str:
+        # Twisted's, with the token redacted: Daphne logs it, URI and all, of an
+        # application slow to end after its client left, and an event stream's ?token=
+        # went into the log in clear.
+        uri = redact(self.uri.decode("latin-1"))
+        method, protocol = self.method.decode("latin-1"), self.clientproto.decode("latin-1")
+        return (
+            f"<{type(self).__name__} at 0x{id(self):x} method={method} uri={uri}"
+            f" clientproto={protocol}>"
+        )
 
     def handle_reply(self, message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":

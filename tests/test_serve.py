@@ -14,8 +14,9 @@ from collections.abc import Iterator
 import pytest
 import uvloop
 
-from mcp_platform.serve import LinesPerTurn, PrettyWhenWritten, redact
+from mcp_platform.serve import LinesPerTurn, PrettyWhenWritten
 from mcp_platform.tasks import services
+from realtime.http_protocol import BoundedWebRequest, redact
 from realtime.reactor import new_event_loop
 from realtime.server import INCOMING_LIMIT, INCOMING_RESUME, NowaitServer, ReadingQueue
 from tests.conftest import ROOT, LiveServer, start_server, token_for
@@ -35,6 +36,15 @@ from tests.conftest import ROOT, LiveServer, start_server, token_for
 )
 def test_tokens_are_redacted_from_logged_paths(path, expected):
     assert redact(path) == expected
+
+
+def test_a_request_shows_its_uri_without_its_token():
+    """Daphne logs a request's ``repr()`` when its application is slow to end after the
+    client left: an event stream's token went into the log in clear."""
+    request = BoundedWebRequest.__new__(BoundedWebRequest)  # no server to make it for
+    request.method, request.uri, request.clientproto = b"GET", b"/events?token=abc.d", b"HTTP/1.1"
+    shown = repr(request)
+    assert "uri=/events?token=[redacted] clientproto=HTTP/1.1>" in shown and "abc.d" not in shown
 
 
 class Writes(list):
