@@ -17,6 +17,7 @@ import daphne.http_protocol
 import daphne.server
 from daphne.http_protocol import HTTPFactory, WebRequest
 
+from realtime.protocol import FRAMINGS_KEPT
 from realtime.reactor import write_now
 from realtime.slow_clients import UnreadBytesProducer
 
@@ -36,7 +37,7 @@ def redact(path: str) -> str:
     return f"{base}?{'&'.join(parameters)}"
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=FRAMINGS_KEPT)
 def as_chunk(body: bytes) -> bytes:
     """``body`` in HTTP/1.1 chunked coding. Cached: a fan-out writes one body to every
     stream in turn."""

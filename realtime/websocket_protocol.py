@@ -20,7 +20,7 @@ import functools
 
 from daphne.ws_protocol import WebSocketFactory, WebSocketProtocol
 
-from realtime.protocol import CloseCode
+from realtime.protocol import FRAMINGS_KEPT, CloseCode
 from realtime.reactor import write_now
 from realtime.slow_clients import UnreadBytesProducer
 
@@ -38,7 +38,7 @@ def frame_header(length: int, binary: bool) -> bytes:
     return bytes((first, 127)) + length.to_bytes(8, "big")
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=FRAMINGS_KEPT)
 def data_frame(content: str | bytes, binary: bool) -> tuple[int, bytes]:
     """The payload's length and the whole frame. Cached: a fan-out sends one text to
     every subscriber in turn, and the text's hash is computed once."""

@@ -1,4 +1,6 @@
+import gc
 import json
+import tracemalloc
 import uuid
 
 import pytest
@@ -6,7 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from realtime import protocol
+from realtime.http_protocol import as_chunk
 from realtime.protocol import Action, ErrorCode, ProtocolError, parse_client_message
+from realtime.websocket_protocol import data_frame
 
 request_ids = st.none() | st.text(max_size=20) | st.integers(-(2**53), 2**53)
 
@@ -97,3 +101,22 @@ def test_sse_event_frames_one_block_with_clean_fields(event, data, event_id):
     data_lines = [line[len("data: ") :] for line in lines if line.startswith("data: ")]
     normalised = data.replace("\r\n", "\n").replace("\r", "\n")
     assert "\n".join(data_lines) == normalised
+
+
+def test_the_framings_of_large_updates_are_not_kept_once_sent():
+    """Kept by the hundred, those of a task with a 1.5 MB result held hundreds of MiB
+    after their fan-outs were done."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for seq in range(100):
+            text = json.dumps({"seq": seq, "result": "x" * 1_000_000})
+            data_frame(text, False)
+            as_chunk(protocol.sse_task_update("t", seq, text))
+        del text
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # Each kept: the text, its event, its chunk and its frame, ~1 MB each (before: 100).
+    assert kept < 5 * protocol.FRAMINGS_KEPT * 1_000_000, kept
