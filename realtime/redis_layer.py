@@ -42,6 +42,10 @@ from typing import Any
 
 from channels_redis.pubsub import RedisPubSubChannelLayer as StockLayer
 from channels_redis.pubsub import RedisPubSubLoopLayer, RedisSingleShardConnection
+from channels_redis.utils import decode_hosts
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from realtime.layers import UNBOUNDED, ChannelQueue
 
@@ -129,11 +133,20 @@ def names_starting_with(start: str) -> str:
     return re.sub(r"([*?\[\]\\])", r"\\\1", start) + "*"
 
 
+def retry_once() -> Retry:
+    """A command that meets a connection Redis closed (a restart, an idle timeout) is sent
+    again once, on a new connection. redis-py's default is not to: after a restart, the
+    first publish was lost and the first broadcast answered 503, with Redis up. A
+    timeout is not tried again: it would double a silent Redis's wait."""
+    return Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+
+
 class RedisPubSubChannelLayer(StockLayer):
     _last: tuple[bytes, dict[str, Any]] | None = None
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args: Any, hosts: Any = None, **kwargs: Any) -> None:
+        hosts = [{"retry": retry_once(), **host} for host in decode_hosts(hosts)]
+        super().__init__(*args, hosts=hosts, **kwargs)
         # Each loop's layer (one per process, in a server) names its channels after itself
         # and marks the group messages it publishes: its id, and ``ORIGIN_MARK`` + the id.
         self._layer_ids: weakref.WeakKeyDictionary[RedisPubSubLoopLayer, tuple[str, bytes]] = (

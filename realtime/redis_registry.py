@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from realtime.batching import Batcher
-from realtime.redis_layer import names_starting_with
+from realtime.redis_layer import names_starting_with, retry_once
 from realtime.registry import ConnectionRegistry, Entry, Overview
 
 logger = logging.getLogger(__name__)
@@ -97,6 +97,7 @@ class RedisRegistry(ConnectionRegistry):
                 timeout=REDIS_TIMEOUT_SECONDS,
                 socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
                 socket_timeout=REDIS_TIMEOUT_SECONDS,
+                retry=retry_once(),
             )
             client = self._clients[loop] = aioredis.Redis.from_pool(pool)
         return client

@@ -457,3 +457,21 @@ def test_a_group_is_dropped_with_its_subscription_when_its_last_member_leaves(re
     assert subscribed
     assert second_left
     assert gone
+
+
+def test_a_publish_on_a_connection_redis_closed_is_sent_again_on_a_new_one(redis_server):
+    """As after a restart of Redis: the first update was lost, and the first broadcast
+    answered 503, with Redis up."""
+
+    async def scenario():
+        async with layer_and_redis(redis_server) as (layer, client):
+            channel = await layer.new_channel()
+            await layer.group_add("watchers", channel)
+            await layer.group_send("watchers", {"type": "first"})
+            assert await asyncio.wait_for(layer.receive(channel), 5) == {"type": "first"}
+            [shard] = layer._get_layer()._shards
+            await client.client_kill_filter(_id=await shard._redis.client_id())
+            await layer.group_send("watchers", {"type": "after"})
+            assert await asyncio.wait_for(layer.receive(channel), 5) == {"type": "after"}
+
+    async_to_sync(scenario)()

@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 import pytest
+import redis.asyncio as aioredis
 from asgiref.sync import async_to_sync
 
 from realtime import redis_registry
@@ -139,6 +140,23 @@ def test_glob_characters_in_a_prefix_match_only_themselves(redis_server):
         await assert_empty(registry)
 
     run(scenario, lookalike, registry)
+
+
+@pytest.mark.redis
+def test_a_command_on_a_connection_redis_closed_is_sent_again_on_a_new_one(redis_server):
+    """As after a restart of Redis, whose first command failed."""
+    registry = redis_registry_factory(redis_server)()
+
+    async def scenario():
+        await registry.add(entry(1, "sse"))
+        killer = aioredis.Redis.from_url(redis_server)
+        try:
+            await killer.client_kill_filter(_id=await registry.client.client_id())
+        finally:
+            await killer.aclose()
+        assert await registry.count_transport("sse") == 1
+
+    run(scenario, registry)
 
 
 async def wait_until_empty(registry: ConnectionRegistry, within: float) -> float:
