@@ -5,13 +5,17 @@ Validation errors add ``errors``, the per-field details with their codes' messag
 
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.core.exceptions import RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import Http404, HttpRequest, JsonResponse
 from rest_framework import exceptions
 from rest_framework.fields import get_error_detail
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
+
+from realtime.views import PayloadTooLarge
 
 
 def _first_code(codes: Any) -> str:
@@ -30,6 +34,10 @@ def as_api_validation_error(exc: DjangoValidationError) -> exceptions.Validation
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     if isinstance(exc, DjangoValidationError):
         exc = as_api_validation_error(exc)
+    elif isinstance(exc, RequestDataTooBig):
+        # Django's 400 (and an ERROR log line) for a body over its memory limit.
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        exc = PayloadTooLarge(f"The body must be at most {limit} bytes.")
     elif isinstance(exc, Http404):
         exc = exceptions.NotFound()
     elif isinstance(exc, DjangoPermissionDenied):

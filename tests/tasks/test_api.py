@@ -232,6 +232,19 @@ def test_non_json_body_is_415_json(user):
     assert_error(response, 415, "unsupported_media_type")
 
 
+@pytest.mark.parametrize("method", ["post", "patch"])
+def test_a_body_over_djangos_memory_limit_is_413_json(user, settings, method):
+    """Django answered 400 ``bad_request``, and logged an error."""
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
+    task = services.create_task(owner=user, name="t")
+    path = "/api/tasks/" if method == "post" else f"/api/tasks/{task.pk}/"
+    body = {"name": "n", "result": "x" * 2000}
+    assert_error(
+        getattr(api_client(user), method)(path, body, format="json"), 413, "payload_too_large"
+    )
+    assert Task.objects.get().seq == 1
+
+
 def test_malformed_json_is_400_json(user):
     response = api_client(user).post("/api/tasks/", "{nope", content_type="application/json")
     assert_error(response, 400, "parse_error")
