@@ -9,7 +9,8 @@ channel silently, losing messages while the sender is told nothing.
 Here ``group_send`` puts one shallow copy per member without tasks, expiry is checked as a
 message is received, and a member whose queue is full is not skipped: its next receive
 returns ``{"type": "realtime.overflow"}`` so its consumer can close the connection (the
-slow-client policy, close code 4008) instead of silently missing messages. Memory is
+slow-client policy, close code 4008) instead of silently missing messages. So does a
+receive that finds a message past its expiry, which Channels' layer drops. Memory is
 bounded by ``capacity`` messages per channel. A channel whose pending receive is cancelled
 (its consumer ended) is dropped with its group memberships. A channel's reader may take a
 message at once, without a wake-up, while it waits with nothing queued
@@ -160,6 +161,9 @@ class InMemoryChannelLayer(BaseChannelLayer):
                 expires, message = await queue.get()
                 if expires >= time.monotonic():
                     return message
+                # A message that waited past the expiry is lost to this reader, which is
+                # told so, as of an overflow: dropped silently, it was never missed.
+                return {"type": OVERFLOW}
         except asyncio.CancelledError:
             self._forget(channel)
             raise
