@@ -528,7 +528,9 @@ def test_a_connection_whose_token_expires_is_closed_4401_and_gets_nothing_more(u
     run(scenario)
 
 
-def test_an_expiry_that_finds_the_inbox_full_is_tried_again(user, monkeypatch):
+@pytest.fixture
+def first_expiry_refused(monkeypatch) -> list:
+    """The inbox is full when the first expiry comes: what it refused, once it has."""
     refused = []
     put_nowait = Inbox.put_nowait
 
@@ -539,6 +541,12 @@ def test_an_expiry_that_finds_the_inbox_full_is_tried_again(user, monkeypatch):
         return put_nowait(self, item)
 
     monkeypatch.setattr(Inbox, "put_nowait", full_once)
+    return refused
+
+
+def test_an_expiry_that_finds_the_inbox_full_is_tried_again(
+    user, monkeypatch, first_expiry_refused
+):
     monkeypatch.setattr(consumers, "EXPIRY_RETRY_SECONDS", 0.2)
     token, _ = expiring_token(user)
 
@@ -546,31 +554,23 @@ def test_an_expiry_that_finds_the_inbox_full_is_tried_again(user, monkeypatch):
         async with open_websocket(f"/ws?token={token}") as ws:
             await connect_user(ws)
             await assert_closed_with(ws, CloseCode.UNAUTHORIZED)
-        assert len(refused) == 1
+        assert len(first_expiry_refused) == 1
 
     run(scenario)
 
 
-def test_an_expiry_tried_again_after_a_new_token_came_is_dropped(user, monkeypatch):
+def test_an_expiry_tried_again_after_a_new_token_came_is_dropped(
+    user, monkeypatch, first_expiry_refused
+):
     """Tried again, it read the deadline of the token given since, and took it for its
     own: the connection was closed with a valid token."""
-    refused = []
-    put_nowait = Inbox.put_nowait
-
-    def full_once(self, item):
-        if item.get("type") == TOKEN_EXPIRED and not refused:
-            refused.append(item)
-            return False
-        return put_nowait(self, item)
-
-    monkeypatch.setattr(Inbox, "put_nowait", full_once)
     monkeypatch.setattr(consumers, "EXPIRY_RETRY_SECONDS", 1.0)
     token, _ = expiring_token(user)
 
     async def scenario():
         async with open_websocket(f"/ws?token={token}") as ws:
             await connect_user(ws)
-            while not refused:
+            while not first_expiry_refused:
                 await asyncio.sleep(0.02)
             reply = await request(ws, {"action": "authenticate", "token": token_for(user)})
             assert reply["type"] == "authenticated"
