@@ -1,6 +1,7 @@
 """The WebSocket consumer through the full ASGI stack (origin check, auth, routing)."""
 
 import asyncio
+import contextlib
 import json
 import uuid
 from datetime import timedelta
@@ -754,27 +755,36 @@ def give(task_id, owner) -> None:
     task.save()
 
 
+@contextlib.asynccontextmanager
+async def busy_consumer(user, task, monkeypatch):
+    """A connection subscribed to ``task``, whose consumer is then busy with a subscribe
+    to another task (``id`` "busy"), its read held until ``release()`` is called: what
+    happens meanwhile queues up behind it."""
+    busy = await database_sync_to_async(services.create_task)(owner=user, name="busy")
+    gate = GatedSnapshots(connections._snapshots, busy.pk)
+    monkeypatch.setattr(connections, "_snapshots", gate)
+    async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+        await connect_user(ws)
+        await request(ws, {"action": "subscribe", "task_id": str(task.pk)})
+        await ws.send_json_to({"action": "subscribe", "task_id": str(busy.pk), "id": "busy"})
+        await asyncio.wait_for(gate.entered.wait(), 5)
+        yield ws, gate.release.set
+
+
 def test_a_subscription_made_again_after_its_task_came_back_is_not_ended_by_the_old_news(
     user, other_user, task, monkeypatch
 ):
     """The task was given away (seq 2), subscribed to again and given back (seq 3) while
     the consumer was busy: the note that seq 2 hid it ended the new subscription, after
     the client had been told ``subscribed``, and seq 4 was lost."""
-    busy = services.create_task(owner=user, name="busy")
 
     async def scenario():
-        gate = GatedSnapshots(connections._snapshots, busy.pk)
-        monkeypatch.setattr(connections, "_snapshots", gate)
-        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
-            await connect_user(ws)
-            await request(ws, {"action": "subscribe", "task_id": str(task.pk)})
-            await ws.send_json_to({"action": "subscribe", "task_id": str(busy.pk), "id": 2})
-            await asyncio.wait_for(gate.entered.wait(), 5)
+        async with busy_consumer(user, task, monkeypatch) as (ws, release):
             await database_sync_to_async(give)(task.pk, other_user)
             await ws.send_json_to({"action": "subscribe", "task_id": str(task.pk), "id": 3})
             await database_sync_to_async(give)(task.pk, user)
-            gate.release.set()
-            assert (await ws.receive_json_from(timeout=5))["id"] == 2
+            release()
+            assert (await ws.receive_json_from(timeout=5))["id"] == "busy"
             again = await ws.receive_json_from(timeout=5)
             assert (again["type"], again["id"], again["seq"]) == ("subscribed", 3, 3)
             assert await ws.receive_nothing(timeout=0.5)
@@ -789,20 +799,13 @@ def test_a_task_given_away_then_deleted_ends_its_former_owners_subscription_unsa
     user, other_user, task, monkeypatch
 ):
     """Its deletion was news to its new owner only: the former owner heard of it."""
-    busy = services.create_task(owner=user, name="busy")
 
     async def scenario():
-        gate = GatedSnapshots(connections._snapshots, busy.pk)
-        monkeypatch.setattr(connections, "_snapshots", gate)
-        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
-            await connect_user(ws)
-            await request(ws, {"action": "subscribe", "task_id": str(task.pk)})
-            await ws.send_json_to({"action": "subscribe", "task_id": str(busy.pk)})
-            await asyncio.wait_for(gate.entered.wait(), 5)
+        async with busy_consumer(user, task, monkeypatch) as (ws, release):
             await database_sync_to_async(give)(task.pk, other_user)
             await database_sync_to_async(Task.objects.filter(pk=task.pk).delete)()
-            gate.release.set()
-            assert (await ws.receive_json_from(timeout=5))["type"] == "subscribed"
+            release()
+            assert (await ws.receive_json_from(timeout=5))["id"] == "busy"
             notice = await ws.receive_json_from(timeout=5)
             assert (notice["type"], notice["task_id"]) == ("unsubscribed", str(task.pk))
             assert await ws.receive_nothing(timeout=0.5)
