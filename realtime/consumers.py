@@ -215,8 +215,9 @@ class InboxConsumerMixin:
         self.session_check_at = None
 
     def session_key(self) -> str | None:
-        """The key of the session that authenticated the connection, if one did."""
-        session = self.scope.get("session") if self.scope.get("auth_expires_at") is None else None
+        """The key of the session that authenticated the connection, if one did (a
+        connection authenticated by a token has no session in its scope)."""
+        session = self.scope.get("session")
         return None if session is None else session.session_key
 
     def token_expired(self) -> None:

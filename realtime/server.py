@@ -56,35 +56,33 @@ INCOMING_RESUME = 4
 class ReadingQueue(ChannelQueue):
     """What a WebSocket client sent, for its application: past ``INCOMING_LIMIT`` messages
     not yet taken, the client is held back (its protocol's ``hold_back()``: nothing more
-    is read or parsed) until the application has taken all but ``INCOMING_RESUME``
-    (``go_on()``). A client that sends faster than its messages are handled then waits on
-    TCP, as the ``websockets`` library makes it wait (``max_queue``), instead of filling
-    the server's memory: one client sending subscribes grew a server by 87 MiB in 4 s."""
+    is read or parsed; ``held_back`` says so) until the application has taken all but
+    ``INCOMING_RESUME`` (``go_on()``). A client that sends faster than its messages are
+    handled then waits on TCP, as the ``websockets`` library makes it wait
+    (``max_queue``), instead of filling the server's memory: one client sending
+    subscribes grew a server by 87 MiB in 4 s."""
 
-    __slots__ = ("reader", "paused")
+    __slots__ = ("reader",)
 
     def __init__(self, reader: Any) -> None:
         super().__init__(UNBOUNDED)
         self.reader = reader
-        self.paused = False
 
     def put_nowait(self, item: Any) -> None:
         super().put_nowait(item)
-        if not self.paused and len(self.items) >= INCOMING_LIMIT:
-            self.paused = True
+        if not self.reader.held_back and len(self.items) >= INCOMING_LIMIT:
             self.reader.hold_back()
 
     def get(self) -> Coroutine[Any, Any, Any]:
         # A coroutine of its own only while the client is held back: one more for every
         # idle connection's wait cost ~0.5 KiB of its memory.
-        if self.paused:
+        if self.reader.held_back:
             return self._get_and_go_on()
         return super().get()
 
     async def _get_and_go_on(self) -> Any:
         item = await super().get()
-        if self.paused and len(self.items) <= INCOMING_RESUME:
-            self.paused = False
+        if self.reader.held_back and len(self.items) <= INCOMING_RESUME:
             self.reader.go_on()
         return item
 
