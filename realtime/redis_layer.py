@@ -23,18 +23,21 @@ and reach it through one pattern subscription per Redis shard, as channels-redis
 layer receives all of a process's channels on one list: a connection costs no SUBSCRIBE
 and UNSUBSCRIBE of its own, no confirmations to parse, and no wait on the shard's lock.
 
-It relies on channels-redis 4.3's per-loop layer: its ``groups`` of member channels (each
-one a ``Members`` made here, used by the stock layer as the ``set`` it would make), its
-``channels`` dict of queues, filled by the shard receivers with ``put_nowait()`` for any
-message whose channel is in it (a pattern's messages included), its
-``_get_group_channel_name()`` and ``_get_shard()``, and its shards' ``_lock``,
-``_ensure_redis()``, ``_ensure_receiver()``, ``_receive_message()`` (looked up on the
-shard, so that a shard can have its own), and redis-py ``_redis`` and ``_pubsub``.
+It relies on channels-redis 4.3's per-loop layer, made by ``_get_layer()`` and kept in
+``_layers``: its ``groups`` of member channels (each one a ``Members`` made here, used by
+the stock layer as the ``set`` it would make), its ``channels`` dict of queues, filled by
+the shard receivers with ``put_nowait()`` for any message whose channel is in it (a
+pattern's messages included), its ``_get_group_channel_name()`` and ``_get_shard()``, and
+its shards' ``_lock`` (a ``ShardLock`` here, put in before first use), ``_ensure_redis()``,
+``_ensure_receiver()``, ``_receive_message()`` (looked up on the shard, so that a shard can
+have its own), and redis-py ``_redis`` and ``_pubsub``.
 """
 
 import asyncio
 import functools
+import math
 import re
+import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterable
@@ -46,6 +49,7 @@ from channels_redis.utils import decode_hosts
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from realtime.layers import UNBOUNDED, ChannelQueue
 
@@ -141,6 +145,32 @@ def retry_once() -> Retry:
     return Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
 
 
+class ShardLock(asyncio.Lock):
+    """A shard's lock, held by every command on its Redis connection: a command that
+    waited for it behind one that Redis did not answer in time fails at once, as that one
+    did. Each used to wait out a timeout of its own (redis-py's ``socket_timeout``, 5 s) in
+    turn: with Redis accepting connections but silent, the third of three publishes failed
+    after 15 s, and the REST request that made it, and those queued for its thread, waited
+    as long."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: When a command that held the lock last met a timeout (``time.monotonic()``).
+        self.timed_out_at = -math.inf
+
+    async def __aenter__(self) -> None:
+        queued_at = time.monotonic()
+        await self.acquire()
+        if self.timed_out_at >= queued_at:
+            self.release()
+            raise RedisTimeoutError("Redis did not answer a command sent ahead of this one.")
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None and issubclass(exc_type, RedisTimeoutError | TimeoutError):
+            self.timed_out_at = time.monotonic()
+        self.release()
+
+
 class RedisPubSubChannelLayer(StockLayer):
     _last: tuple[bytes, dict[str, Any]] | None = None
 
@@ -152,6 +182,14 @@ class RedisPubSubChannelLayer(StockLayer):
         self._layer_ids: weakref.WeakKeyDictionary[RedisPubSubLoopLayer, tuple[str, bytes]] = (
             weakref.WeakKeyDictionary()
         )
+
+    def _get_layer(self) -> RedisPubSubLoopLayer:
+        layer = self._layers.get(asyncio.get_running_loop())
+        if layer is None:
+            layer = super()._get_layer()
+            for shard in layer._shards:
+                shard._lock = ShardLock()  # before any command could take the stock one
+        return layer
 
     def decode(self, message: bytes) -> dict[str, Any]:
         """The message in ``message``, decoded once for every member it is put in for;

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -475,3 +476,45 @@ def test_a_publish_on_a_connection_redis_closed_is_sent_again_on_a_new_one(redis
             assert await asyncio.wait_for(layer.receive(channel), 5) == {"type": "after"}
 
     async_to_sync(scenario)()
+
+
+@contextlib.asynccontextmanager
+async def silent_redis() -> AsyncIterator[str]:
+    """The URL of a server that accepts connections and reads commands but never answers,
+    as a Redis that has stalled does."""
+    writers = []
+
+    async def take(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        await reader.read()
+
+    server = await asyncio.start_server(take, "127.0.0.1", 0)
+    try:
+        yield f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        for writer in writers:
+            writer.close()
+        server.close()
+
+
+def test_commands_queued_behind_one_redis_did_not_answer_fail_with_it():
+    """Each used to wait out its own timeout in turn: the third of three publishes failed
+    after three timeouts, and the REST requests that made them waited as long."""
+    timeout = 0.5
+
+    async def publish(layer: RedisPubSubChannelLayer, group: str) -> float:
+        started = time.monotonic()
+        with pytest.raises(redis.TimeoutError):
+            await layer.group_send(group, {"type": "hello"})
+        return time.monotonic() - started
+
+    async def scenario() -> tuple[list[float], float]:
+        async with silent_redis() as url:
+            layer = RedisPubSubChannelLayer(hosts=[{"address": url, "socket_timeout": timeout}])
+            queued = await asyncio.gather(*(publish(layer, f"group{i}") for i in range(3)))
+            # Queued after that timeout, a command tries Redis again.
+            return queued, await publish(layer, "later")
+
+    queued, later = async_to_sync(scenario)()
+    assert all(timeout * 0.9 < waited < timeout * 1.8 for waited in queued), queued
+    assert later > timeout * 0.9
