@@ -1,4 +1,5 @@
 import uuid
+from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -131,14 +132,23 @@ class Task(models.Model):
         # Within a caller's transaction, no savepoint: a failure here fails it anyway.
         with transaction.atomic(using=using, savepoint=False):
             stored = self._locked_state(connections[using])
+            kept: dict[str, Any] = {}
             if stored is not None and update_fields is not None:
                 # The fields not written are read as stored: the change is published as
                 # the row will be, not as this copy was read (its owner may be another's).
-                self.refresh_from_db(using=using, fields=self._fields_other_than(update_fields))
+                # The copy gets its own values of them back once saved, as any save of
+                # some fields leaves them: a change the caller has yet to save is kept.
+                unwritten = self._fields_other_than(update_fields)
+                kept = {name: self.__dict__[name] for name in unwritten if name in self.__dict__}
+                self.refresh_from_db(using=using, fields=unwritten)
             allowed = stored is not None and transition_allowed(stored[0], self.status)
-            if allowed:
-                self.seq = stored[1] + 1
-                super().save(*args, **kwargs)
+            try:
+                if allowed:
+                    self.seq = stored[1] + 1
+                    super().save(*args, **kwargs)
+            finally:
+                for name, value in kept.items():
+                    setattr(self, name, value)
         # Refusals are raised once the block is left: nothing was written, and a caller's
         # transaction stays usable.
         if stored is None:

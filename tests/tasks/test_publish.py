@@ -130,6 +130,17 @@ def test_a_save_of_some_fields_of_an_old_copy_publishes_the_row_as_committed(
     assert (stored.owner_id, stored.status, stored.progress) == (other_user.pk, "running", 60)
 
 
+def test_a_save_of_some_fields_keeps_the_copys_changes_to_the_others(user, task):
+    """A worker that saves its progress and then its result, each on its own: the first
+    save read the stored result into the copy, and the second wrote that old result back."""
+    task.result, task.progress = {"new": True}, 50
+    task.save(update_fields=["progress"])
+    assert task.result == {"new": True}
+    task.save(update_fields=["result"])
+    stored = Task.objects.get(pk=task.pk)
+    assert (stored.progress, stored.result, stored.seq) == (50, {"new": True}, 3)
+
+
 def test_each_change_in_one_transaction_publishes_the_result_it_saved(user, task):
     def change():
         with transaction.atomic():
