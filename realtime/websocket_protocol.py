@@ -17,6 +17,7 @@ It also bounds what a client that stops reading costs (``realtime.slow_clients``
 
 import asyncio
 import functools
+import time
 
 from daphne.ws_protocol import WebSocketFactory, WebSocketProtocol
 
@@ -144,6 +145,15 @@ class FrameWritingWebSocketProtocol(UnreadBytesProducer, WebSocketProtocol):
         messages, which autobahn would all have parsed and handed over."""
         self.held_back = True
         self.transport.pauseProducing()
+
+    def check_timeouts(self) -> None:
+        """Daphne's, except that a client held back is not pinged: its messages wait
+        unread, so it is there, and its pong would wait behind them, unread, until the
+        ping's timeout dropped it (1006). (A ping sent before is timed out by nothing:
+        autobahn takes any message that follows it as an answer.)"""
+        if self.held_back:
+            self.last_ping = time.time()
+        super().check_timeouts()
 
     def go_on(self) -> None:
         """Read again, and parse what was read but not yet parsed (soon, not in the

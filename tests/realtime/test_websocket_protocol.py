@@ -178,6 +178,30 @@ def test_a_client_is_held_back_by_messages_not_by_reads():
     asyncio.run(scenario())
 
 
+def test_a_held_back_client_is_not_pinged():
+    """Its pong waited unparsed behind its messages, and the ping's timeout dropped a
+    client that had answered (1006): a database slow enough to hold it back that long did."""
+
+    async def scenario():
+        protocol, transport = open_protocol()
+        protocol.server.websocket_timeout, protocol.server.ping_interval = -1, 20
+        protocol.socket_opened = time.time()
+        protocol.dataReceived(b"".join(client_frame(b"%d" % n) for n in range(40)))
+        assert transport.producerState == "paused"
+        protocol.last_ping -= 60  # a minute held back: nothing parsed meanwhile
+        protocol.check_timeouts()
+        held_back = transport.value(), protocol.autoPingPending
+        while protocol.held_back:
+            await protocol.application_queue.get()
+        protocol.last_ping -= 60
+        protocol.check_timeouts()
+        return held_back, transport.value()
+
+    held_back, resumed = asyncio.run(scenario())
+    assert held_back == (b"", None)
+    assert resumed[:1] == b"\x89"  # a ping, once the client is read again
+
+
 def test_a_server_that_closes_a_held_back_client_reads_its_answer_past_its_messages():
     """Otherwise the client's close answer waits behind its messages, unread, and autobahn
     aborts the connection when its closing handshake times out."""
