@@ -61,7 +61,10 @@ def env_list(name: str, default: list[str]) -> list[str]:
 
 
 def env_prefixed(prefix: str) -> dict[str, str]:
-    """Every variable named ``PREFIX…``, keyed by the rest of its name."""
+    """Every variable named ``PREFIX…`` that has a value, keyed by the rest of its name: an
+    empty one means the default, as for every other variable."""
     return {
-        name[len(prefix) :]: value for name, value in os.environ.items() if name.startswith(prefix)
+        name[len(prefix) :]: value
+        for name, value in os.environ.items()
+        if name.startswith(prefix) and value.strip()
     }

@@ -128,6 +128,21 @@ def test_an_empty_database_url_is_the_default():
     ].endswith("db.sqlite3")
 
 
+def test_an_empty_realtime_variable_is_the_default():
+    """An environment file's blank REALTIME_ lines stopped start-up with a traceback."""
+    env = {
+        "DJANGO_DEBUG": "1",
+        "REALTIME_SUBSCRIPTION_LIMIT": "",
+        "REALTIME_SSE_HEARTBEAT_SECONDS": " ",
+        "REALTIME_TASK_SOURCE": "",
+    }
+    expression = (
+        "[realtime_settings.SUBSCRIPTION_LIMIT, realtime_settings.SSE_HEARTBEAT_SECONDS,"
+        " realtime_settings.TASK_SOURCE]"
+    )
+    assert value_of(env, expression) == [100, 15.0, "mcp_platform.tasks.realtime.TaskSource"]
+
+
 def test_a_log_level_may_be_given_in_any_case():
     env = {"DJANGO_DEBUG": "1", "DJANGO_LOG_LEVEL": "debug"}
     assert value_of(env, "settings.LOGGING['root']['level']") == "DEBUG"
@@ -151,11 +166,17 @@ def test_counts_sizes_and_intervals_must_be_finite_and_positive(settings, name, 
     assert error.msg.startswith(name)
 
 
+def test_a_project_that_names_no_task_source_fails_the_checks(settings):
+    settings.REALTIME = {
+        name: value for name, value in settings.REALTIME.items() if name != "TASK_SOURCE"
+    }
+    assert "realtime.E003" in [message.id for message in check_settings()]
+
+
 @pytest.mark.parametrize(
     ("variable", "value", "check"),
     [
         ("REALTIME_SUBSCRIPTON_LIMIT", "5", "realtime.E001"),
-        ("REALTIME_TASK_SOURCE", "", "realtime.E003"),
         ("REALTIME_CONNECTION_LEASE_SECONDS", "0", "realtime.E002"),
         ("REALTIME_SLOW_CLIENT_QUEUE_LIMIT", "-1", "realtime.E002"),
         ("REALTIME_REDIS_URL", "redis://127.0.0.1:6379/0", "realtime.E004"),
@@ -165,7 +186,6 @@ def test_counts_sizes_and_intervals_must_be_finite_and_positive(settings, name, 
     ],
     ids=[
         "unknown-name",
-        "no-task-source",
         "no-lease",
         "no-queue",
         "registry-apart-from-layer",
