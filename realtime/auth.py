@@ -111,12 +111,25 @@ async def session_user(session_key: str | None) -> AbstractBaseUser | None:
     return user if user.is_authenticated else None
 
 
-def query_token(scope: dict[str, Any]) -> str | None:
-    """The ``token`` query parameter of a connection, if any; an empty one is a token that
-    will fail, not an absent one."""
+def the_token(tokens: list[str]) -> str | None:
+    """The token given, however many times; ``None`` if none was. Different tokens are
+    refused (``ValueError``): one bad beside a good one would otherwise be dropped
+    unseen, and bad credentials are never silently replaced by others."""
+    if len(set(tokens)) > 1:
+        raise ValueError("More than one token given.")
+    return tokens[0] if tokens else None
+
+
+def query_tokens(scope: dict[str, Any]) -> list[str]:
+    """The ``token`` query parameters of a connection; an empty one is a token that will
+    fail, not an absent one."""
     query = scope.get("query_string", b"").decode("latin-1")
-    values = parse_qs(query, keep_blank_values=True).get("token")
-    return values[-1] if values else None
+    return parse_qs(query, keep_blank_values=True).get("token", [])
+
+
+def query_token(scope: dict[str, Any]) -> str | None:
+    """The token of the ``token`` query parameter (``the_token()``)."""
+    return the_token(query_tokens(scope))
 
 
 def bearer_token(scope: dict[str, Any]) -> str | None:
@@ -130,10 +143,11 @@ def bearer_token(scope: dict[str, Any]) -> str | None:
 
 
 def header_or_query_token(scope: dict[str, Any]) -> str | None:
-    """``bearer_token()``, else ``query_token()``: for HTTP, where clients that can send
-    a header should, and ``EventSource``, which cannot, uses the query."""
-    token = bearer_token(scope)
-    return query_token(scope) if token is None else token
+    """The token of an ``Authorization: Bearer`` header or of the query (``the_token()``):
+    for HTTP, where clients that can send a header should, and ``EventSource``, which
+    cannot, uses the query."""
+    header = bearer_token(scope)
+    return the_token([*query_tokens(scope), *([] if header is None else [header])])
 
 
 class TokenAuthMiddleware:
@@ -157,14 +171,15 @@ class TokenAuthMiddleware:
         self.session_inner = AuthMiddlewareStack(inner)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
-        token = self.token_of(scope)
-        if token is None:
-            return await self.session_inner(scope, receive, send)
         failure = expires_at = None
         try:
-            user, expires_at = await authenticate_token(token)
+            token = self.token_of(scope)
+            if token is not None:
+                user, expires_at = await authenticate_token(token)
         except ValueError as exc:
-            user, failure = AnonymousUser(), str(exc)
+            token, user, failure = "", AnonymousUser(), str(exc)
+        if token is None:
+            return await self.session_inner(scope, receive, send)
         scope = dict(scope, user=user, auth_failure=failure, auth_expires_at=expires_at)
         return await self.inner(scope, receive, send)
 

@@ -232,6 +232,17 @@ def test_bad_token_beside_a_valid_session_is_refused(session_cookie, token):
     run(scenario)
 
 
+def test_a_bad_token_beside_a_valid_one_is_refused(user):
+    """Two ``token`` parameters: the last one was taken, and a bad first one dropped."""
+
+    async def scenario():
+        async with open_websocket(f"/ws?token=bad&token={token_for(user)}") as ws:
+            await ws.connect(timeout=5)
+            await assert_closed_with(ws, CloseCode.UNAUTHORIZED)
+
+    run(scenario)
+
+
 @pytest.mark.parametrize(
     ("origin", "accepted"),
     [

@@ -192,11 +192,12 @@ def test_each_way_of_authenticating(user, how):
 
 
 @transactional
-def test_header_token_wins_over_query_token(user, other_user):
+def test_one_token_given_in_both_places_is_that_token(user):
+    """An ``EventSource`` polyfill that can send headers may put it in both."""
+    token = token_for(user)
+
     async def scenario():
-        async with InProcessStream(
-            {"token": token_for(other_user)}, headers=bearer(token_for(user))
-        ) as stream:
+        async with InProcessStream({"token": token}, headers=bearer(token)) as stream:
             assert (await stream.next_of("connected")).json()["user_id"] == user.pk
 
     run(scenario)
@@ -229,6 +230,9 @@ def expired_token(user) -> str:
         ("expired token", "authentication_failed"),
         ("inactive user", "authentication_failed"),
         ("bad token beside a valid session", "authentication_failed"),
+        ("bad query token beside a valid one", "authentication_failed"),
+        ("bad query token beside a valid header", "authentication_failed"),
+        ("another user's query token beside a header", "authentication_failed"),
     ],
 )
 def test_missing_or_bad_credentials_are_401_json_without_a_stream(
@@ -254,6 +258,12 @@ def test_missing_or_bad_credentials_are_401_json_without_a_stream(
         cookie = client.cookies[settings.SESSION_COOKIE_NAME]
         query = {"token": "not-a-jwt"}
         headers = [(b"cookie", f"{cookie.key}={cookie.value}".encode())]
+    elif credentials == "bad query token beside a valid one":
+        query = [("token", "not-a-jwt"), ("token", token_for(user))]
+    elif credentials == "bad query token beside a valid header":
+        query, headers = {"token": "not-a-jwt"}, bearer(token_for(user))
+    elif credentials == "another user's query token beside a header":
+        query, headers = {"token": token_for(make_user())}, bearer(token_for(user))
 
     async def scenario():
         async with InProcessStream(query, headers=headers) as stream:
