@@ -24,15 +24,17 @@ from realtime.slow_clients import UnreadBytesProducer
 
 def redact(path: str) -> str:
     """``path`` with the value of each ``token`` query parameter replaced, its name read
-    as the server reads it (``%74oken`` is ``token`` too)."""
+    as the server reads it (``%74oken`` is ``token`` too), and as a client might have
+    mistyped it (``token+=``, ``Token=``, ``token%3D…``): those are no token to the server,
+    but what follows them may well be one."""
     base, mark, query = path.partition("?")
     if not mark:
         return path
     parameters = []
     for parameter in query.split("&"):
-        name, equals, _ = parameter.partition("=")
-        if equals and unquote_plus(name) == "token":
-            parameter = f"{name}=[redacted]"
+        if unquote_plus(parameter).partition("=")[0].strip().lower() == "token":
+            name, equals, _ = parameter.partition("=")
+            parameter = f"{name}=[redacted]" if equals else "[redacted]"
         parameters.append(parameter)
     return f"{base}?{'&'.join(parameters)}"
 

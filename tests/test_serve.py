@@ -31,6 +31,8 @@ from tests.conftest import ROOT, LiveServer, start_server, token_for
         ("/events?%74oken=abc&to%6Ben=def", "/events?%74oken=[redacted]&to%6Ben=[redacted]"),
         ("/ws?token=abc&token=def", "/ws?token=[redacted]&token=[redacted]"),
         ("/ws?token=", "/ws?token=[redacted]"),
+        ("/events?token+=abc&Token=def", "/events?token+=[redacted]&Token=[redacted]"),
+        ("/events?token%3Dabc&x=1", "/events?[redacted]&x=1"),
         ("/api/tasks/", "/api/tasks/"),
     ],
 )
