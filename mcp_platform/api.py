@@ -13,6 +13,7 @@ from django.http import Http404, HttpRequest, JsonResponse
 from rest_framework import exceptions
 from rest_framework.fields import get_error_detail
 from rest_framework.response import Response
+from rest_framework.settings import api_settings
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from realtime.views import PayloadTooLarge
@@ -27,8 +28,13 @@ def _first_code(codes: Any) -> str:
 
 
 def as_api_validation_error(exc: DjangoValidationError) -> exceptions.ValidationError:
-    """A model or service ``ValidationError`` as DRF's, keeping its codes."""
-    return exceptions.ValidationError(detail=get_error_detail(exc))
+    """A model or service ``ValidationError`` as DRF's, keeping its codes. One that names
+    no field has its messages under ``non_field_errors``, as a serializer's would: ``errors``
+    is always an object."""
+    detail = get_error_detail(exc)
+    if not isinstance(detail, dict):
+        detail = {api_settings.NON_FIELD_ERRORS_KEY: detail}
+    return exceptions.ValidationError(detail=detail)
 
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:

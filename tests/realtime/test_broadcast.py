@@ -323,6 +323,12 @@ def test_missing_message_names_the_field(staff_user):
     assert body["errors"] == {"message": ["This field is required."]}
 
 
+def test_an_error_of_the_payload_as_a_whole_is_a_non_field_error(staff_user):
+    """As a serializer's are: ``errors`` was a bare list, where clients read an object."""
+    body = post(api_client(staff_user), {"message": "m", "x": "\u0000"}).json()
+    assert list(body["errors"]) == ["non_field_errors"] and body["errors"]["non_field_errors"]
+
+
 def test_form_encoded_body_is_415(staff_user):
     response = api_client(staff_user).post("/broadcast", {"message": "m"}, format="multipart")
     assert response.status_code == 415
