@@ -22,7 +22,7 @@ def json_value(text: str) -> Any:
 
 
 class Command(BaseCommand):
-    help = "Change a task; the change is published to its live subscribers."
+    help = "Change a task; the change is published to its live subscribers (through Redis)."
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("task_id")
