@@ -88,6 +88,13 @@ class Refused(Exception):
     def body(self) -> bytes:
         return protocol.encode({"code": self.code, "detail": self.detail}).encode()
 
+    def messages(self) -> list[dict[str, Any]]:
+        """The whole response, as the ASGI messages that send it."""
+        return [
+            {"type": "http.response.start", "status": self.status, "headers": self.headers()},
+            {"type": "http.response.body", "body": self.body()},
+        ]
+
 
 def authenticated_user(scope: dict[str, Any]) -> AbstractBaseUser:
     """The user ``realtime.auth.http_auth_stack`` found: of a bearer token (header, else
@@ -137,6 +144,8 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
     last_sent = 0.0
     #: Whether the stream's headers went out: from then on, the response is the stream.
     streaming = False
+    #: The request's user, task ids and whether its connection is kept alive, once checked.
+    checked: tuple[AbstractBaseUser, list[uuid.UUID], bool]
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """A stream that fails ends its response, and its client reconnects after
@@ -152,20 +161,24 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
             with contextlib.suppress(Exception):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def http_request(self, message: dict[str, Any]) -> None:
-        if message.get("more_body"):
-            return  # a GET's body means nothing here; answer once it has all arrived
+    async def refused_without_channel(self, receive: Any, send: Any) -> bool:
+        """Every refusal that the request alone decides (method, host, credentials, task
+        ids) is answered at once."""
         try:
-            await self.start()
+            self.checked = self.check_request()
         except ProtocolError as exc:
-            await self.refuse(Refused.from_protocol_error(exc))
+            refusal = Refused.from_protocol_error(exc)
         except Refused as exc:
-            await self.refuse(exc)
+            refusal = exc
+        else:
+            return False
+        for message in refusal.messages():
+            await send(message)
+        return True
 
-    async def start(self) -> None:
-        """Check the request, connect and subscribe, and send the stream's first bytes.
-
-        The stream counts as a live connection from before ``connected`` is sent."""
+    def check_request(self) -> tuple[AbstractBaseUser, list[uuid.UUID], bool]:
+        """The request's user, task ids and whether its connection is kept alive; raises
+        ``Refused`` or ``ProtocolError`` for a request refused."""
         if self.scope["method"] != "GET":
             method = self.scope["method"]
             raise Refused(405, "method_not_allowed", f'Method "{method}" not allowed.')
@@ -179,6 +192,21 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
         limit = realtime_settings.SUBSCRIPTION_LIMIT
         if len(task_ids) > limit:
             raise ProtocolError(ErrorCode.SUBSCRIPTION_LIMIT, f"At most {limit} task_ids.")
+        return user, task_ids, keeps_alive(request)
+
+    async def http_request(self, message: dict[str, Any]) -> None:
+        if message.get("more_body"):
+            return  # a GET's body means nothing here; answer once it has all arrived
+        try:
+            await self.start()
+        except ProtocolError as exc:
+            await self.refuse(Refused.from_protocol_error(exc))
+
+    async def start(self) -> None:
+        """Connect and subscribe the checked request, and send the stream's first bytes.
+
+        The stream counts as a live connection from before ``connected`` is sent."""
+        user, task_ids, keep_alive = self.checked
         manager = get_connection_manager()
         self.connection = await manager.connect(
             channel_name=self.channel_name,
@@ -189,7 +217,7 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
         for task_id in task_ids:
             await manager.subscribe_to_task(self.connection, user, task_id)
         headers = list(STREAM_HEADERS)
-        if keeps_alive(request):
+        if keep_alive:
             headers.append((b"Connection", b"keep-alive"))
         await self.send_headers(headers=headers)
         self.streaming = True
@@ -201,7 +229,8 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
     async def refuse(self, refusal: Refused) -> None:
         """Answer with the JSON error, leaving nothing connected, and end."""
         await self.leave()
-        await self.send_response(refusal.status, refusal.body(), headers=refusal.headers())
+        for message in refusal.messages():
+            await self.send(message)
         raise StopConsumer()
 
     async def send_chunk(self, data: bytes) -> None:

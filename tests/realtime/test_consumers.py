@@ -666,6 +666,22 @@ def test_a_failing_channel_layer_ends_the_consumer_instead_of_hanging(user, sett
     run(scenario)
 
 
+@pytest.mark.parametrize("query", ["", "?token=bad"])
+def test_credentials_that_fail_are_refused_4401_without_the_channel_layer(settings, query):
+    """A refusal makes no channel: with Redis away, each was a 500, and an error logged
+    with its traceback, for any anonymous client."""
+    settings.CHANNEL_LAYERS = {
+        "default": {"BACKEND": "tests.realtime.broken_layer.UnreachableLayer"}
+    }
+
+    async def scenario():
+        async with open_websocket(f"/ws{query}") as ws:
+            await ws.connect(timeout=5)
+            await assert_closed_with(ws, CloseCode.UNAUTHORIZED)
+
+    run(scenario)
+
+
 class NowaitSend:
     """A server's ``send`` that can also send without waiting, as Daphne's under
     ``python -m mcp_platform.serve`` (``realtime.server.Send``)."""

@@ -307,6 +307,31 @@ def test_other_methods_are_405_json(user, method, disconnected):
 
 
 @transactional
+@pytest.mark.parametrize(
+    "query, status, code",
+    [
+        ({}, 401, "not_authenticated"),
+        ({"token": "not-a-jwt"}, 401, "authentication_failed"),
+        ("valid token, bad task_id", 400, "invalid_task_id"),
+    ],
+)
+def test_a_refusal_is_answered_without_the_channel_layer(user, settings, query, status, code):
+    """A refusal makes no channel: with Redis away, each was Daphne's 500 page, and an
+    error logged with its traceback, for any anonymous client."""
+    settings.CHANNEL_LAYERS = {
+        "default": {"BACKEND": "tests.realtime.broken_layer.UnreachableLayer"}
+    }
+    if isinstance(query, str):
+        query = {"token": token_for(user), "task_id": "nope"}
+
+    async def scenario():
+        async with InProcessStream(query) as stream:
+            assert (stream.status, stream.json()["code"]) == (status, code)
+
+    run(scenario)
+
+
+@transactional
 def test_a_host_not_in_allowed_hosts_is_400_json(user):
     async def scenario():
         async with InProcessStream(
