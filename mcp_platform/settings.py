@@ -174,5 +174,12 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_choice("DJANGO_LOG_LEVEL", "INFO", LOG_LEVELS)},
-    "loggers": {"django.channels.server": {"level": "WARNING"}},
+    "loggers": {
+        # Django's own handlers for it (its console one under DEBUG) wrote every line of
+        # django.* a second time, beside the root's; it now has the root's level.
+        "django": {"handlers": [], "level": "NOTSET"},
+        # Not the SQL of every query (under DEBUG), parameters, password hashes and all.
+        "django.db.backends": {"level": "INFO"},
+        "django.channels.server": {"level": "WARNING"},
+    },
 }

@@ -143,6 +143,27 @@ def test_an_empty_realtime_variable_is_the_default():
     assert value_of(env, expression) == [100, 15.0, "mcp_platform.tasks.realtime.TaskSource"]
 
 
+@pytest.mark.parametrize("debug", ["0", "1"])
+def test_each_log_line_is_written_once(debug):
+    code = (
+        "import django; django.setup(); from django.test import Client; "
+        "Client().get('/no/such/path/')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={
+            **BASE_ENV,
+            "DJANGO_DEBUG": debug,
+            "DJANGO_SECRET_KEY": "s" * 50,
+            "DJANGO_ALLOWED_HOSTS": "testserver",
+        },
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.stderr.count("Not Found: /no/such/path/") == 1, result.stderr
+
+
 def test_a_log_level_may_be_given_in_any_case():
     env = {"DJANGO_DEBUG": "1", "DJANGO_LOG_LEVEL": "debug"}
     assert value_of(env, "settings.LOGGING['root']['level']") == "DEBUG"
