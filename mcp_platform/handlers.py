@@ -16,9 +16,10 @@ work as Django documents them. docs/performance.md has the measurements. The pro
 streaming endpoints (``/ws``, ``/events``) are Channels consumers and do not come here.
 """
 
+import os
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import IO, Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -47,6 +48,7 @@ class SyncChainASGIHandler(ASGIHandler):
         except RequestAborted:
             return
         try:
+            scope = with_content_length(scope, body_file)
             response = await self.in_pool(self.respond)(scope, body_file)
             try:
                 await self.send_response(response, send)
@@ -74,6 +76,17 @@ class SyncChainASGIHandler(ASGIHandler):
             # Its content is all in memory: the request is over once it is read.
             response.close()
         return response
+
+
+def with_content_length(scope: dict[str, Any], body_file: IO[bytes]) -> dict[str, Any]:
+    """``scope``, saying how long the body read is if its request did not (a chunked one,
+    ``Transfer-Encoding: chunked``). Django REST framework reads a body without a
+    ``Content-Length`` as empty: a chunked login was "username required"."""
+    size = body_file.seek(0, os.SEEK_END)
+    body_file.seek(0)
+    if not size or any(name.lower() == b"content-length" for name, _ in scope["headers"]):
+        return scope
+    return {**scope, "headers": [*scope["headers"], (b"content-length", str(size).encode())]}
 
 
 def get_asgi_application() -> Any:

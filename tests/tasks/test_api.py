@@ -245,6 +245,32 @@ def test_a_body_over_djangos_memory_limit_is_413_json(user, settings, method):
     assert Task.objects.get().seq == 1
 
 
+@pytest.mark.e2e
+@pytest.mark.django_db(transaction=True)
+def test_a_chunked_body_is_read_over_daphne(daphne_server, user):
+    """Without ``Content-Length`` (``Transfer-Encoding: chunked``), Django REST framework
+    read the body as empty: a login was answered "This field is required."."""
+    import aiohttp
+    from asgiref.sync import async_to_sync
+
+    async def chunks():
+        yield json.dumps({"username": user.username}).encode()[:-1]
+        yield json.dumps({"password": PASSWORD}).encode().replace(b"{", b", ", 1)
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                f"{daphne_server.http_url}/api/token/",
+                data=chunks(),
+                headers={"Content-Type": "application/json"},
+            ) as response:
+                assert response.request_info.headers.get("Content-Length") is None
+                return response.status, await response.json()
+
+    status, answer = async_to_sync(scenario)()
+    assert status == 200 and answer.keys() == {"access", "refresh"}
+
+
 def test_malformed_json_is_400_json(user):
     response = api_client(user).post("/api/tasks/", "{nope", content_type="application/json")
     assert_error(response, 400, "parse_error")
