@@ -88,6 +88,28 @@ class BoundedWebRequest(UnreadBytesProducer, WebRequest):
                 return
         super().handle_reply(message)
 
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802 (Twisted's name)
+        if self.bounded and self._response_started and not self.finished:
+            self.log_stream_ended()
+        super().connectionLost(reason)
+
+    def log_stream_ended(self) -> None:
+        """The access log's line of a stream its client ended, as Daphne writes one for a
+        response the server ends: otherwise the streams that clients close, most of them,
+        never reached the access log."""
+        self.server.log_action(
+            "http",
+            "complete",
+            {
+                "path": self.uri.decode("latin-1"),
+                "status": self.code,
+                "method": self.method.decode("ascii", "replace"),
+                "client": ":".join(map(str, self.client_addr)) if self.client_addr else None,
+                "time_taken": self.duration(),
+                "size": self.sentLength,
+            },
+        )
+
     def finish(self) -> None:
         # Daphne finishes a stream itself at its --http-timeout, with this request still
         # its producer, which Twisted would log with the request's URI, token and all.

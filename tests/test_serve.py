@@ -365,6 +365,24 @@ def test_served_access_log_never_shows_a_query_token(server, request):
 
 
 @pytest.mark.django_db(transaction=True)
+def test_a_stream_its_client_ends_is_in_the_access_log(daphne_server, user):
+    """Only streams the server ended were: most are ended by their clients."""
+    marker = f"closed-by-client-{time.monotonic_ns()}"
+    path = f"/events?token={token_for(user)}&{marker}=1"
+    with socket.create_connection(("127.0.0.1", daphne_server.port), timeout=10) as client:
+        client.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+        received = b""
+        while b"event: connected" not in received:
+            received += client.recv(4096)
+    deadline = time.monotonic() + 10
+    while marker not in daphne_server.log():
+        assert time.monotonic() < deadline, daphne_server.log()
+        time.sleep(0.05)
+    [line] = [line for line in daphne_server.log().splitlines() if marker in line]
+    assert '"GET /events?token=[redacted]&' in line and '" 200 ' in line
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_stream_that_daphne_times_out_leaves_its_token_out_of_the_log(
     verbose_daphne_server, user
 ):
