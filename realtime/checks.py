@@ -23,6 +23,8 @@ MUST_BE_POSITIVE = {
     "REORDER_WINDOW_SECONDS": "an update ahead of a missing one would go at once, and the "
     "missing one be dropped when it came",
     "SESSION_RECHECK_SECONDS": "sessions would be checked without pause",
+    "PUBLISH_WAIT_SECONDS": "a request would not wait for its change to be published, even "
+    "when it takes a moment",
 }
 
 

@@ -38,6 +38,9 @@ DEFAULTS: dict[str, Any] = {
     # Seconds between checks of the session of a connection opened with one: once the
     # session has ended (logout, expiry) or its user is inactive, the connection ends.
     "SESSION_RECHECK_SECONDS": 60.0,
+    # Seconds a request that changed a task waits for the change's publish, in a server;
+    # past that the publish goes on without it (realtime.api).
+    "PUBLISH_WAIT_SECONDS": 1.0,
 }
 
 

@@ -179,6 +179,7 @@ def test_a_log_level_may_be_given_in_any_case():
         ("CONNECTION_LEASE_SECONDS", math.inf),
         ("CONNECTION_LEASE_SECONDS", math.nan),
         ("SLOW_CLIENT_BUFFER_BYTES", -1),
+        ("PUBLISH_WAIT_SECONDS", 0.0),
     ],
 )
 def test_counts_sizes_and_intervals_must_be_finite_and_positive(settings, name, value):

@@ -1,12 +1,13 @@
 """Per-connection delivery rules: each seq once, in order, a late one waited for briefly."""
 
 import asyncio
+import time
 import uuid
 from contextlib import asynccontextmanager
 from types import SimpleNamespace
 
 import pytest
-from asgiref.sync import async_to_sync
+from asgiref.sync import async_to_sync, sync_to_async
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -295,3 +296,40 @@ def test_a_connection_that_follows_every_task_leaves_no_subscription_to_remove()
 
     async_to_sync(scenario)()
     assert removed == [frozenset()]
+
+
+@pytest.fixture
+def stalled_publish(settings, monkeypatch) -> TaskSnapshot:
+    """A publish that fails after 0.5 s, as on a Redis that accepts and does not answer,
+    with a wait of 0.1 s for it."""
+    settings.REALTIME = {**settings.REALTIME, "PUBLISH_WAIT_SECONDS": 0.1}
+
+    async def stalled(self, snapshot):
+        await asyncio.sleep(0.5)
+        raise ConnectionError("Redis did not answer")
+
+    monkeypatch.setattr(ConnectionManager, "send_task_update", stalled)
+    return TaskSnapshot(task_id=uuid.uuid4(), owner_id=1, seq=2, state={})
+
+
+def test_a_request_waits_for_its_publish_at_most_the_wait_in_a_server(stalled_publish, caplog):
+    """A silent Redis held every request that changed a task for 5 s, and those queued
+    for its thread with it."""
+
+    async def server():  # the event loop in the main thread, the request in one of its own
+        started = time.monotonic()
+        await sync_to_async(api.publish_task_update, thread_sensitive=False)(stalled_publish)
+        waited = time.monotonic() - started
+        await asyncio.sleep(0.6)  # the publish goes on meanwhile, and fails
+        return waited
+
+    assert 0.1 <= asyncio.run(server()) < 0.4
+    assert f"Could not publish task {stalled_publish.task_id}" in caplog.text
+
+
+def test_a_publish_outside_a_server_is_waited_for_to_its_end(stalled_publish):
+    """As a management command's: its loop ends with the call, and the publish with it."""
+    started = time.monotonic()
+    with pytest.raises(ConnectionError):
+        api.publish_task_update(stalled_publish)
+    assert time.monotonic() - started >= 0.5

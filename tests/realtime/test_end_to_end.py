@@ -336,3 +336,57 @@ def test_a_stream_of_changes_reaches_every_subscriber_whole_and_in_order(request
                 assert not short, f"missing or out of order: {short}"
 
     async_to_sync(scenario)()
+
+
+@contextlib.contextmanager
+def silent_redis_url():
+    """The URL of a server that accepts connections and never answers, as a Redis that
+    has stalled."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                accepted.append(listener.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
+    finally:
+        listener.close()
+        for connection in accepted:
+            connection.close()
+
+
+def test_changes_are_answered_while_redis_does_not_answer(tmp_path, user):
+    """Each PATCH waited out redis-py's 5 s timeout, in one of the two request threads,
+    and those queued behind it waited their turn: three took 5, 5 and 10 s."""
+    task = services.create_task(owner=user, name="t")
+    token = token_for(user)
+    with silent_redis_url() as url:
+        server = start_server(tmp_path, {"REDIS_URL": url})
+        try:
+
+            async def patch(session, progress):
+                started = asyncio.get_running_loop().time()
+                async with session.patch(
+                    f"{server.http_url}/api/tasks/{task.pk}/",
+                    json={"progress": progress},
+                    headers={"Authorization": f"Bearer {token}"},
+                ) as response:
+                    assert response.status == 200, await response.text()
+                return asyncio.get_running_loop().time() - started
+
+            async def scenario():
+                async with aiohttp.ClientSession() as session:
+                    return await asyncio.gather(*(patch(session, n) for n in (10, 20, 30)))
+
+            took = async_to_sync(scenario)()
+        finally:
+            server.stop()
+    assert max(took) < 3.5, took
+    assert "Publishing task" in server.log() and "goes on without the request" in server.log()
