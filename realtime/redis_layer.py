@@ -35,9 +35,7 @@ have its own), and redis-py ``_redis`` and ``_pubsub``.
 
 import asyncio
 import functools
-import math
 import re
-import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterable
@@ -146,28 +144,30 @@ def retry_once() -> Retry:
 
 
 class ShardLock(asyncio.Lock):
-    """A shard's lock, held by every command on its Redis connection: a command that
-    waited for it behind one that Redis did not answer in time fails at once, as that one
-    did. Each used to wait out a timeout of its own (redis-py's ``socket_timeout``, 5 s) in
-    turn: with Redis accepting connections but silent, the third of three publishes failed
-    after 15 s, and the REST request that made it, and those queued for its thread, waited
-    as long."""
+    """A shard's lock, held by every command on its Redis connection. After a command that
+    Redis did not answer in time, the next one tries Redis again (it may be back), and the
+    ones that waited behind both fail at once if that one times out too. Each used to wait
+    out a timeout of its own (redis-py's ``socket_timeout``, 5 s) in turn: with Redis
+    accepting connections but silent, the tenth of ten publishes failed after 50 s, and
+    publishes piled up for as long as Redis stayed silent. Failing every command queued
+    behind the first timeout instead lost those that Redis, back a moment later, would
+    have taken."""
 
     def __init__(self) -> None:
         super().__init__()
-        #: When a command that held the lock last met a timeout (``time.monotonic()``).
-        self.timed_out_at = -math.inf
+        #: Commands that met a timeout while holding the lock, so far.
+        self.timeouts = 0
 
     async def __aenter__(self) -> None:
-        queued_at = time.monotonic()
+        seen = self.timeouts
         await self.acquire()
-        if self.timed_out_at >= queued_at:
+        if self.timeouts - seen >= 2:
             self.release()
-            raise RedisTimeoutError("Redis did not answer a command sent ahead of this one.")
+            raise RedisTimeoutError("Redis did not answer two commands sent ahead of this one.")
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None and issubclass(exc_type, RedisTimeoutError | TimeoutError):
-            self.timed_out_at = time.monotonic()
+            self.timeouts += 1
         self.release()
 
 
@@ -320,5 +320,8 @@ class RedisPubSubChannelLayer(StockLayer):
         """Forget a channel, and stop listening for it in Redis if it was subscribed on its
         own (the stock layer does so only when a pending ``receive()`` is cancelled)."""
         layer = self._get_layer()
-        if layer.channels.pop(channel, None) is not None:
-            await layer._get_shard(channel).unsubscribe(channel)  # a no-op for ours
+        shard = layer._get_shard(channel)
+        # Ours were never subscribed on their own: the shard's lock, held by a command
+        # Redis does not answer, is not waited for.
+        if layer.channels.pop(channel, None) is not None and channel in shard._subscribed_to:
+            await shard.unsubscribe(channel)

@@ -497,9 +497,9 @@ async def silent_redis() -> AsyncIterator[str]:
         server.close()
 
 
-def test_commands_queued_behind_one_redis_did_not_answer_fail_with_it():
-    """Each used to wait out its own timeout in turn: the third of three publishes failed
-    after three timeouts, and the REST requests that made them waited as long."""
+def test_commands_queued_behind_two_that_redis_did_not_answer_fail_with_them():
+    """Each used to wait out its own timeout in turn: the sixth of six publishes failed
+    after six timeouts, and with Redis silent for long, publishes piled up."""
     timeout = 0.5
 
     async def publish(layer: RedisPubSubChannelLayer, group: str) -> float:
@@ -511,10 +511,93 @@ def test_commands_queued_behind_one_redis_did_not_answer_fail_with_it():
     async def scenario() -> tuple[list[float], float]:
         async with silent_redis() as url:
             layer = RedisPubSubChannelLayer(hosts=[{"address": url, "socket_timeout": timeout}])
-            queued = await asyncio.gather(*(publish(layer, f"group{i}") for i in range(3)))
-            # Queued after that timeout, a command tries Redis again.
+            queued = await asyncio.gather(*(publish(layer, f"group{i}") for i in range(6)))
+            # Queued after those timeouts, a command tries Redis again.
             return queued, await publish(layer, "later")
 
     queued, later = async_to_sync(scenario)()
-    assert all(timeout * 0.9 < waited < timeout * 1.8 for waited in queued), queued
+    assert all(timeout * 0.9 < waited < timeout * 2.8 for waited in queued), queued
     assert later > timeout * 0.9
+
+
+@contextlib.asynccontextmanager
+async def stalling_proxy(url: str) -> AsyncIterator[tuple[str, dict]]:
+    """The URL of a proxy to the Redis at ``url`` whose answers wait while its state says
+    ``stalled``, as a Redis that stalls for a moment."""
+    target = redis.connection.parse_url(url)
+    state = {"stalled": False}
+
+    async def pipe(reader, writer, answers: bool) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                while answers and state["stalled"]:
+                    await asyncio.sleep(0.01)
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def take(client_reader, client_writer) -> None:
+        reader, writer = await asyncio.open_connection(target["host"], target.get("port", 6379))
+        await asyncio.gather(pipe(client_reader, writer, False), pipe(reader, client_writer, True))
+
+    server = await asyncio.start_server(take, "127.0.0.1", 0)
+    try:
+        yield f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/{target.get('db', 0)}", state
+    finally:
+        server.close()
+
+
+def test_commands_queued_behind_one_timeout_go_to_a_redis_that_came_back(redis_server):
+    """Failing all of them at the first timeout lost those that Redis, back a moment
+    later, would have taken."""
+
+    async def scenario() -> list[str]:
+        async with stalling_proxy(redis_server) as (url, state):
+            layer = RedisPubSubChannelLayer(
+                hosts=[{"address": url, "socket_timeout": 0.5}],
+                prefix=f"test-{uuid.uuid4().hex[:8]}:",
+            )
+            await layer.group_send("warm", {"type": "hello"})
+            state["stalled"] = True
+            asyncio.get_running_loop().call_later(0.7, state.update, {"stalled": False})
+
+            async def publish() -> str:
+                try:
+                    await layer.group_send("watchers", {"type": "hello"})
+                except redis.TimeoutError:
+                    return "timed out"
+                return "sent"
+
+            first = asyncio.ensure_future(publish())
+            await asyncio.sleep(0.05)
+            queued = asyncio.gather(publish(), publish())  # behind the first, stalled
+            return [await first, *await queued]
+
+    assert async_to_sync(scenario)() == ["timed out", "sent", "sent"]
+
+
+def test_a_channel_is_forgotten_without_waiting_for_a_command_redis_does_not_answer(
+    redis_server,
+):
+    """Each consumer forgets its channel as it ends, which sends Redis nothing; it waited
+    for the shard's lock behind a stalled publish, and then failed with it."""
+
+    async def scenario() -> float:
+        async with stalling_proxy(redis_server) as (url, state):
+            layer = RedisPubSubChannelLayer(
+                hosts=[{"address": url, "socket_timeout": 0.5}],
+                prefix=f"test-{uuid.uuid4().hex[:8]}:",
+            )
+            channel = await layer.new_channel()
+            await layer.group_send("warm", {"type": "hello"})
+            state["stalled"] = True
+            publish = asyncio.ensure_future(layer.group_send("watchers", {"type": "hello"}))
+            await asyncio.sleep(0.05)
+            started = time.monotonic()
+            await layer.discard_channel(channel)
+            took = time.monotonic() - started
+            with pytest.raises(redis.TimeoutError):
+                await publish
+            return took
+
+    assert async_to_sync(scenario)() < 0.2
