@@ -132,22 +132,28 @@ def query_token(scope: dict[str, Any]) -> str | None:
     return the_token(query_tokens(scope))
 
 
-def bearer_token(scope: dict[str, Any]) -> str | None:
-    """The token of an ``Authorization: Bearer`` header. Other schemes are ignored, as
-    the REST API ignores them."""
+def bearer_tokens(scope: dict[str, Any]) -> list[str]:
+    """The tokens of the request's ``Authorization`` headers of simplejwt's type
+    (``Bearer``), read as the REST API reads one: split on whitespace, and a header without
+    exactly one token is a token that will fail. Other schemes are ignored, as the REST API
+    ignores them. Every such header counts: one bad after a good one was dropped unseen."""
+    types = simplejwt_settings.api_settings.AUTH_HEADER_TYPES
+    if isinstance(types, str):  # simplejwt takes one type or several
+        types = (types,)
+    tokens = []
     for name, value in scope.get("headers", ()):
         if name.lower() == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            return token.strip() if scheme.lower() == "bearer" else None
-    return None
+            parts = value.decode("latin-1").split()
+            if parts and parts[0] in types:
+                tokens.append(parts[1] if len(parts) == 2 else "")
+    return tokens
 
 
 def header_or_query_token(scope: dict[str, Any]) -> str | None:
-    """The token of an ``Authorization: Bearer`` header or of the query (``the_token()``):
-    for HTTP, where clients that can send a header should, and ``EventSource``, which
-    cannot, uses the query."""
-    header = bearer_token(scope)
-    return the_token([*query_tokens(scope), *([] if header is None else [header])])
+    """The token of the ``Authorization: Bearer`` headers or of the query
+    (``the_token()``): for HTTP, where clients that can send a header should, and
+    ``EventSource``, which cannot, uses the query."""
+    return the_token([*query_tokens(scope), *bearer_tokens(scope)])
 
 
 class TokenAuthMiddleware:

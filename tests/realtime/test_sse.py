@@ -192,6 +192,19 @@ def test_each_way_of_authenticating(user, how):
 
 
 @transactional
+def test_a_bearer_header_is_read_as_the_rest_api_reads_it(user):
+    """Split on any whitespace, as simplejwt splits it: a tab after ``Bearer`` was a
+    header of another scheme here, and a token the REST API accepted was refused."""
+
+    async def scenario():
+        headers = [(b"authorization", b"Bearer\t" + token_for(user).encode())]
+        async with InProcessStream(headers=headers) as stream:
+            assert (await stream.next_of("connected")).json()["user_id"] == user.pk
+
+    run(scenario)
+
+
+@transactional
 def test_one_token_given_in_both_places_is_that_token(user):
     """An ``EventSource`` polyfill that can send headers may put it in both."""
     token = token_for(user)
@@ -233,6 +246,12 @@ def expired_token(user) -> str:
         ("bad query token beside a valid one", "authentication_failed"),
         ("bad query token beside a valid header", "authentication_failed"),
         ("another user's query token beside a header", "authentication_failed"),
+        ("bad bearer header after a valid one", "authentication_failed"),
+        (
+            "bad bearer header after another scheme's, beside a valid query token",
+            "authentication_failed",
+        ),
+        ("bad bearer header with a tab, beside a valid session", "authentication_failed"),
     ],
 )
 def test_missing_or_bad_credentials_are_401_json_without_a_stream(
@@ -264,6 +283,19 @@ def test_missing_or_bad_credentials_are_401_json_without_a_stream(
         query, headers = {"token": "not-a-jwt"}, bearer(token_for(user))
     elif credentials == "another user's query token beside a header":
         query, headers = {"token": token_for(make_user())}, bearer(token_for(user))
+    elif credentials == "bad bearer header after a valid one":
+        headers = [*bearer(token_for(user)), *bearer("not-a-jwt")]
+    elif credentials == "bad bearer header after another scheme's, beside a valid query token":
+        query = {"token": token_for(user)}
+        headers = [(b"authorization", b"Basic dXNlcjpwdw=="), *bearer("not-a-jwt")]
+    elif credentials == "bad bearer header with a tab, beside a valid session":
+        client = Client()
+        client.force_login(user)
+        cookie = client.cookies[settings.SESSION_COOKIE_NAME]
+        headers = [
+            (b"authorization", b"Bearer\tnot-a-jwt"),
+            (b"cookie", f"{cookie.key}={cookie.value}".encode()),
+        ]
 
     async def scenario():
         async with InProcessStream(query, headers=headers) as stream:
