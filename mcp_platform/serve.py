@@ -31,6 +31,8 @@ Use it instead of the ``daphne`` command. It differs in these ways:
   ~3% of a connect; Twisted writes no access log line of its own, which it formatted for
   every request and, with ``-v 2``, logged with the query string's token;
 - its access log writes the lines of one event-loop turn together (``LinesPerTurn``);
+- it tells the real-time app which event loop serves requests, so that a request waits for
+  its change's publish at most ``REALTIME_PUBLISH_WAIT_SECONDS`` (``realtime.api``);
 - it runs Django's system checks first, as ``runserver`` does, and stops on an error.
 
 Without arguments it serves ``mcp_platform.asgi:application`` on 127.0.0.1:8000.
@@ -44,7 +46,7 @@ import pprint
 import sys
 from typing import TextIO
 
-from realtime.reactor import install
+from realtime.reactor import install, new_event_loop
 
 #: Allocations between young collections, and collections between older ones: few enough
 #: young ones that thousands of connection objects are rarely walked, small enough that a
@@ -130,9 +132,11 @@ def unproxied_twisted_http() -> None:
 
 def prepare() -> None:
     """Install everything above into Daphne, Twisted and autobahn, before Daphne starts."""
-    reactor = install()  # before Daphne imports Twisted's reactor
+    loop = new_event_loop()
+    reactor = install(loop)  # before Daphne imports Twisted's reactor
     gc.set_threshold(*GC_THRESHOLDS)
     reactor.callWhenRunning(gc.freeze)  # once Daphne has loaded the application
+    reactor.callWhenRunning(serve_requests_on, loop)
     sys.setswitchinterval(SWITCH_INTERVAL)
     quiet_autobahn_debug_text()
     unproxied_twisted_http()
@@ -157,6 +161,15 @@ def prepare() -> None:
             return super().__call__(protocol, action, details)
 
     cli.AccessLogGenerator = RedactingAccessLog
+
+
+def serve_requests_on(loop: asyncio.AbstractEventLoop) -> None:
+    """Tell the real-time app that ``loop`` serves requests for the process's life: a
+    request then waits for its change's publish at most ``REALTIME_PUBLISH_WAIT_SECONDS``.
+    (Once the apps are loaded: ``realtime.api`` imports models.)"""
+    from realtime import api
+
+    api.set_server_loop(loop)
 
 
 def check() -> None:

@@ -8,7 +8,6 @@ processes) publishes through ``publish_task_update()``, and of deletions through
 import asyncio
 import functools
 import logging
-import threading
 import uuid
 from collections.abc import Coroutine
 from typing import Any
@@ -20,6 +19,17 @@ from realtime.connections import Recipients, get_connection_manager
 from realtime.sources import TaskSnapshot
 
 logger = logging.getLogger(__name__)
+
+#: The event loop that serves this process's requests, if it is a server's (``set_server_loop()``).
+_server_loop: asyncio.AbstractEventLoop | None = None
+
+
+def set_server_loop(loop: asyncio.AbstractEventLoop | None) -> None:
+    """Say which event loop serves this process's requests, for as long as the process
+    lives (``python -m mcp_platform.serve`` does): a publish made for a request then waits
+    at most ``REALTIME_PUBLISH_WAIT_SECONDS`` (``within_the_wait()``)."""
+    global _server_loop
+    _server_loop = loop
 
 
 async def apublish_task_update(snapshot: TaskSnapshot) -> None:
@@ -51,14 +61,14 @@ def publish_task_deleted(task_id: uuid.UUID, owner_id: int) -> None:
 
 
 async def within_the_wait(publish: Coroutine[Any, Any, None], what: str) -> None:
-    """Await ``publish``, in a server at most ``REALTIME_PUBLISH_WAIT_SECONDS``: past that
-    it goes on without its caller, and a failure of it is logged. The caller is a request
-    thread, waiting with its client and every request queued for the thread: a Redis
-    that accepted connections but did not answer held each for 5 s, and the REST API with
-    them. In a server, the event loop runs in the main thread and outlives the caller; any
-    other loop, such as the one a management command's call runs in, ends with the call,
-    and the publish is awaited to its end there."""
-    if threading.current_thread() is not threading.main_thread():
+    """Await ``publish``, on a server's loop (``set_server_loop()``) at most
+    ``REALTIME_PUBLISH_WAIT_SECONDS``: past that it goes on without its caller, and a
+    failure of it is logged. The caller is then a request thread, waiting with its client
+    and every request queued for the thread: a Redis that accepted connections but did not
+    answer held each for 5 s, and the REST API with them. Any other loop, such as the one a
+    management command's call or a script's ``asyncio.run()`` runs, may end with the call,
+    and the publish with it: there it is awaited to its end."""
+    if asyncio.get_running_loop() is not _server_loop:
         await publish
         return
     task = asyncio.ensure_future(publish)

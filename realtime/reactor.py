@@ -103,10 +103,11 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def install() -> CoalescingWriteReactor:
-    """Install the reactor on a new event loop; must run before ``daphne.server`` is imported."""
+def install(loop: asyncio.AbstractEventLoop | None = None) -> CoalescingWriteReactor:
+    """Install the reactor on ``loop``, or a new event loop; must run before
+    ``daphne.server`` is imported."""
     from twisted.internet.main import installReactor
 
-    reactor = CoalescingWriteReactor(new_event_loop())
+    reactor = CoalescingWriteReactor(loop or new_event_loop())
     installReactor(reactor)
     return reactor

@@ -3,6 +3,7 @@
 import asyncio
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import asynccontextmanager
 from types import SimpleNamespace
 
@@ -299,7 +300,7 @@ def test_a_connection_that_follows_every_task_leaves_no_subscription_to_remove()
 
 
 @pytest.fixture
-def stalled_publish(settings, monkeypatch) -> TaskSnapshot:
+def stalled_publish(settings, monkeypatch) -> Iterator[TaskSnapshot]:
     """A publish that fails after 0.5 s, as on a Redis that accepts and does not answer,
     with a wait of 0.1 s for it."""
     settings.REALTIME = {**settings.REALTIME, "PUBLISH_WAIT_SECONDS": 0.1}
@@ -309,14 +310,16 @@ def stalled_publish(settings, monkeypatch) -> TaskSnapshot:
         raise ConnectionError("Redis did not answer")
 
     monkeypatch.setattr(ConnectionManager, "send_task_update", stalled)
-    return TaskSnapshot(task_id=uuid.uuid4(), owner_id=1, seq=2, state={})
+    yield TaskSnapshot(task_id=uuid.uuid4(), owner_id=1, seq=2, state={})
+    api.set_server_loop(None)
 
 
 def test_a_request_waits_for_its_publish_at_most_the_wait_in_a_server(stalled_publish, caplog):
     """A silent Redis held every request that changed a task for 5 s, and those queued
     for its thread with it."""
 
-    async def server():  # the event loop in the main thread, the request in one of its own
+    async def server():  # the request in a thread of its own, as the server runs it
+        api.set_server_loop(asyncio.get_running_loop())
         started = time.monotonic()
         await sync_to_async(api.publish_task_update, thread_sensitive=False)(stalled_publish)
         waited = time.monotonic() - started
@@ -328,8 +331,15 @@ def test_a_request_waits_for_its_publish_at_most_the_wait_in_a_server(stalled_pu
 
 
 def test_a_publish_outside_a_server_is_waited_for_to_its_end(stalled_publish):
-    """As a management command's: its loop ends with the call, and the publish with it."""
+    """As a management command's, or a script's in ``asyncio.run()``: its loop may end
+    with the call, and the publish with it."""
     started = time.monotonic()
     with pytest.raises(ConnectionError):
         api.publish_task_update(stalled_publish)
-    assert time.monotonic() - started >= 0.5
+
+    async def script():
+        with pytest.raises(ConnectionError):
+            await sync_to_async(api.publish_task_update, thread_sensitive=False)(stalled_publish)
+
+    asyncio.run(script())
+    assert time.monotonic() - started >= 1.0
