@@ -220,6 +220,20 @@ def server_database_url() -> str:
     return f"postgres://{auth}{settings.get('HOST') or ''}{port}/{settings['NAME']}"
 
 
+async def patch_task(base: str, token: str, task_id: Any, changes: dict) -> dict:
+    """PATCH a task over HTTP at ``base``, as a client does; its answer, which must be 200."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        async with session.patch(
+            f"{base}/api/tasks/{task_id}/",
+            json=changes,
+            headers={"Authorization": f"Bearer {token}"},
+        ) as response:
+            assert response.status == 200, await response.text()
+            return await response.json()
+
+
 @dataclass
 class LiveServer:
     process: subprocess.Popen

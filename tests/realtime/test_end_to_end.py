@@ -15,7 +15,14 @@ from asgiref.sync import async_to_sync
 
 from bench.procstat import rss_kib
 from mcp_platform.tasks import services
-from tests.conftest import ROOT, free_port, server_database_url, start_server, token_for
+from tests.conftest import (
+    ROOT,
+    free_port,
+    patch_task,
+    server_database_url,
+    start_server,
+    token_for,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -371,19 +378,13 @@ def test_changes_are_answered_while_redis_does_not_answer(tmp_path, user):
         server = start_server(tmp_path, {"REDIS_URL": url})
         try:
 
-            async def patch(session, progress):
+            async def patch(progress):
                 started = asyncio.get_running_loop().time()
-                async with session.patch(
-                    f"{server.http_url}/api/tasks/{task.pk}/",
-                    json={"progress": progress},
-                    headers={"Authorization": f"Bearer {token}"},
-                ) as response:
-                    assert response.status == 200, await response.text()
+                await patch_task(server.http_url, token, task.pk, {"progress": progress})
                 return asyncio.get_running_loop().time() - started
 
             async def scenario():
-                async with aiohttp.ClientSession() as session:
-                    return await asyncio.gather(*(patch(session, n) for n in (10, 20, 30)))
+                return await asyncio.gather(*(patch(n) for n in (10, 20, 30)))
 
             took = async_to_sync(scenario)()
         finally:

@@ -15,7 +15,7 @@ import pytest
 from asgiref.sync import async_to_sync
 
 from mcp_platform.tasks import services
-from tests.conftest import broadcast_census, start_server, token_for
+from tests.conftest import broadcast_census, patch_task, start_server, token_for
 from tests.sse import EventReader, RawResponse
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -37,17 +37,6 @@ def heartbeat_server(django_db_setup, django_db_blocker, tmp_path_factory):
 @pytest.fixture
 def task(user):
     return services.create_task(owner=user, name="streamed")
-
-
-async def patch_task(base: str, token: str, task_id, changes: dict) -> dict:
-    async with aiohttp.ClientSession() as session:
-        async with session.patch(
-            f"{base}/api/tasks/{task_id}/",
-            json=changes,
-            headers={"Authorization": f"Bearer {token}"},
-        ) as response:
-            assert response.status == 200, await response.text()
-            return await response.json()
 
 
 def assert_update(event, task, patched: dict, seq: int) -> None:

@@ -5,7 +5,6 @@ import json
 import struct
 import time
 
-import aiohttp
 import pytest
 import websockets
 from asgiref.sync import async_to_sync
@@ -19,7 +18,7 @@ from websockets.streams import StreamReader
 from mcp_platform.tasks import services
 from realtime.server import INCOMING_LIMIT, ReadingQueue
 from realtime.websocket_protocol import FrameWritingWebSocketProtocol, frame_header
-from tests.conftest import token_for
+from tests.conftest import patch_task, token_for
 
 
 def parse(data: bytes) -> Frame:
@@ -67,13 +66,7 @@ def test_updates_of_every_frame_length_arrive_whole_over_daphne(daphne_server, u
             assert json.loads(await ws.recv())["type"] == "connected"
             await ws.send(json.dumps({"action": "subscribe", "task_id": str(task.pk)}))
             assert json.loads(await ws.recv())["type"] == "subscribed"
-            async with aiohttp.ClientSession() as session:
-                async with session.patch(
-                    f"{daphne_server.http_url}/api/tasks/{task.pk}/",
-                    json={"result": result},
-                    headers={"Authorization": f"Bearer {token}"},
-                ) as response:
-                    assert response.status == 200, await response.text()
+            await patch_task(daphne_server.http_url, token, task.pk, {"result": result})
             update = json.loads(await asyncio.wait_for(ws.recv(), 10))
             assert update["type"] == "task_update"
             assert update["task"]["result"] == result
