@@ -3,6 +3,7 @@
 
 import asyncio
 import json
+import os
 import pprint
 import socket
 import struct
@@ -135,6 +136,32 @@ def test_what_start_up_loaded_is_left_out_of_collections_once_the_server_runs():
     before, serving = map(int, result.stdout.split())
     assert before == 0
     assert serving > 50_000, result.stderr  # modules, classes, Django's registries
+
+
+CHECKPOINT_SCRIPT = r"""
+import contextlib, io, threading
+from mcp_platform import serve
+with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):
+    serve.main(["--help"])  # all but serving
+from django.db import connection
+with connection.cursor() as cursor:
+    cursor.execute("PRAGMA wal_autocheckpoint")
+    print(cursor.fetchone()[0], *sorted(thread.name for thread in threading.enumerate()))
+"""
+
+
+def test_a_server_on_sqlite_checkpoints_in_a_thread_of_its_own(tmp_path):
+    database = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+    result = subprocess.run(
+        [sys.executable, "-c", CHECKPOINT_SCRIPT],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DATABASE_URL": database},
+    )
+    autocheckpoint, *threads = result.stdout.split()
+    assert autocheckpoint == "0", result.stderr
+    assert "sqlite-checkpoints-default" in threads
 
 
 def test_a_debug_lines_pretty_text_is_made_only_when_the_line_is_written():

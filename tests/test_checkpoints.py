@@ -1,0 +1,109 @@
+"""SQLite's WAL checkpoints run in a server's thread of their own, not in its commits."""
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from django.db.utils import ConnectionHandler
+
+from mcp_platform import checkpoints
+
+PAGE = 4096
+
+
+@pytest.fixture(autouse=True)
+def _databases_of_their_own(django_db_blocker):
+    """These tests open databases of their own, not the test database."""
+    with django_db_blocker.unblock():
+        yield
+
+
+def sqlite_databases(tmp_path: Path, *aliases: str, in_memory: str = "") -> ConnectionHandler:
+    names = {alias: str(tmp_path / f"{alias}.sqlite3") for alias in aliases}
+    if in_memory:
+        names[in_memory] = ":memory:"
+    return ConnectionHandler(
+        {
+            alias: {
+                "ENGINE": "django.db.backends.sqlite3",
+                "NAME": name,
+                "OPTIONS": {"init_command": "PRAGMA journal_mode=WAL;"},
+            }
+            for alias, name in names.items()
+        }
+    )
+
+
+def write_pages(handler: ConnectionHandler, alias: str, pages: int) -> None:
+    """Commit ``pages`` changes of about a page each, one by one, as requests do."""
+    with handler[alias].cursor() as cursor:
+        cursor.execute("CREATE TABLE IF NOT EXISTS change (body BLOB)")
+        for _ in range(pages):
+            cursor.execute("INSERT INTO change VALUES (zeroblob(3000))")
+
+
+def log_pages(handler: ConnectionHandler, alias: str) -> int:
+    return os.path.getsize(handler[alias].settings_dict["NAME"] + "-wal") // PAGE
+
+
+def autocheckpoint(handler: ConnectionHandler, alias: str) -> int:
+    with handler[alias].cursor() as cursor:
+        cursor.execute("PRAGMA wal_autocheckpoint")
+        return cursor.fetchone()[0]
+
+
+def test_a_servers_connections_leave_checkpoints_to_its_checkpointer(tmp_path):
+    handler = sqlite_databases(tmp_path, "default", "other")
+    checkpointer = checkpoints.Checkpointer(
+        "default", handler["default"].settings_dict["NAME"], 3600
+    )
+    checkpointer.start()
+    try:
+        write_pages(handler, "default", 3_000)
+        write_pages(handler, "other", 3_000)
+        assert autocheckpoint(handler, "default") == 0
+        # SQLite's own checkpoint, in the commit past 1,000 pages, would have started the
+        # log again from its beginning.
+        assert log_pages(handler, "default") > 3_000
+        assert autocheckpoint(handler, "other") == 1_000
+        assert log_pages(handler, "other") < 1_200
+    finally:
+        checkpointer.stop()
+        handler.close_all()
+
+
+def test_the_checkpointer_keeps_the_log_short(tmp_path):
+    handler = sqlite_databases(tmp_path, "default")
+    checkpointer = checkpoints.Checkpointer(
+        "default", handler["default"].settings_dict["NAME"], 0.05
+    )
+    checkpointer.start()
+    try:
+        write_pages(handler, "default", 500)
+        one_turns_writes = log_pages(handler, "default")
+        for _ in range(5):
+            time.sleep(0.3)
+            write_pages(handler, "default", 500)
+        assert autocheckpoint(handler, "default") == 0
+        # Each turn's first write, after a checkpoint, started the log from its beginning.
+        assert log_pages(handler, "default") < 1.5 * one_turns_writes
+    finally:
+        checkpointer.stop()
+        handler.close_all()
+
+
+def test_checkpointers_start_for_database_files_only(tmp_path):
+    handler = sqlite_databases(tmp_path, "default", in_memory="memory")
+    opened_before = autocheckpoint(handler, "default")
+    started = checkpoints.start(handler)
+    try:
+        assert [checkpointer.alias for checkpointer in started] == ["default"]
+        assert opened_before == 1_000
+        # The connection opened before was closed: the next one leaves checkpoints.
+        assert autocheckpoint(handler, "default") == 0
+        assert autocheckpoint(handler, "memory") == 1_000
+    finally:
+        for checkpointer in started:
+            checkpointer.stop()
+        handler.close_all()
