@@ -113,6 +113,19 @@ class Task(models.Model):
             if field.name not in names and field.attname not in names and not field.primary_key
         ]
 
+    def delete(self, *args, **kwargs) -> tuple[int, dict[str, int]]:
+        """Delete the task, for the watchers of its owner as stored (read under the row's
+        lock): a copy read before the task changed hands told its previous owner's, and
+        its new owner's subscribers heard that it was no longer theirs, not that it was
+        deleted."""
+        using = kwargs.get("using") or router.db_for_write(type(self), instance=self)
+        with transaction.atomic(using=using, savepoint=False):
+            stored = type(self)._base_manager.using(using).select_for_update().filter(pk=self.pk)
+            owner_id = stored.values_list("owner_id", flat=True).first()
+            if owner_id is not None:
+                self.owner_id = owner_id
+            return super().delete(*args, **kwargs)
+
     def save(self, *args, **kwargs) -> None:
         """Save and advance ``seq``. The stored status and ``seq`` are read under a row
         lock, so that concurrent writers in other processes never reuse a number and no

@@ -179,6 +179,17 @@ def test_a_deletion_publishes_task_deleted_whichever_way_it_is_made(user, task, 
     assert (deleted["type"], deleted["task_id"]) == ("task_deleted", task_id)
 
 
+def test_a_copy_read_before_the_task_changed_hands_deletes_it_for_its_new_owner(
+    user, other_user, task
+):
+    stale = Task.objects.get(pk=task.pk)
+    Task.objects.filter(pk=task.pk).update(owner=other_user)
+
+    deleted = watch(other_user, task, stale.delete)
+    assert (deleted["type"], deleted["task_id"]) == ("task_deleted", str(task.pk))
+    assert stale.owner_id == other_user.pk
+
+
 def test_rolled_back_deletion_publishes_nothing(user, task):
     def change():
         with pytest.raises(RuntimeError), transaction.atomic():
