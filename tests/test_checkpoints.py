@@ -1,6 +1,7 @@
 """SQLite's WAL checkpoints run in a server's thread of their own, not in its commits."""
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def test_a_servers_connections_leave_checkpoints_to_its_checkpointer(tmp_path):
     try:
         write_pages(handler, "default", 3_000)
         write_pages(handler, "other", 3_000)
-        assert autocheckpoint(handler, "default") == 0
+        assert autocheckpoint(handler, "default") == checkpoints.BACKSTOP_PAGES
         # SQLite's own checkpoint, in the commit past 1,000 pages, would have started the
         # log again from its beginning.
         assert log_pages(handler, "default") > 3_000
@@ -85,12 +86,53 @@ def test_the_checkpointer_keeps_the_log_short(tmp_path):
         for _ in range(5):
             time.sleep(0.3)
             write_pages(handler, "default", 500)
-        assert autocheckpoint(handler, "default") == 0
+        assert autocheckpoint(handler, "default") == checkpoints.BACKSTOP_PAGES
         # Each turn's first write, after a checkpoint, started the log from its beginning.
         assert log_pages(handler, "default") < 1.5 * one_turns_writes
     finally:
         checkpointer.stop()
         handler.close_all()
+
+
+def test_the_log_stays_short_under_steady_writes(tmp_path):
+    """Writes that never pause land during the checkpoints too."""
+    handler = sqlite_databases(tmp_path, "default")
+    checkpointer = checkpoints.Checkpointer(
+        "default", handler["default"].settings_dict["NAME"], 0.1
+    )
+    checkpointer.start()
+    written = 0
+
+    def write_steadily() -> None:
+        nonlocal written
+        ends = time.monotonic() + 3
+        while time.monotonic() < ends:
+            write_pages(handler, "default", 5)
+            written += 5
+            time.sleep(0.002)
+
+    try:
+        writer = threading.Thread(target=write_steadily)
+        writer.start()
+        writer.join()
+        # Each change adds two or three pages: a log never started again holds them all.
+        assert written > 1_000
+        assert log_pages(handler, "default") < written
+    finally:
+        checkpointer.stop()
+        handler.close_all()
+
+
+def test_a_checkpointer_that_fails_says_so_once(tmp_path, caplog):
+    checkpointer = checkpoints.Checkpointer("default", str(tmp_path / "missing" / "db"), 0.01)
+    checkpointer.start()
+    time.sleep(0.3)
+    checkpointer.stop()
+    [record] = caplog.records
+    assert record.getMessage() == (
+        "Could not checkpoint the database 'default'; its connections do past 10000 pages "
+        "until this works again"
+    )
 
 
 def test_checkpointers_start_for_database_files_only(tmp_path):
@@ -101,7 +143,7 @@ def test_checkpointers_start_for_database_files_only(tmp_path):
         assert [checkpointer.alias for checkpointer in started] == ["default"]
         assert opened_before == 1_000
         # The connection opened before was closed: the next one leaves checkpoints.
-        assert autocheckpoint(handler, "default") == 0
+        assert autocheckpoint(handler, "default") == checkpoints.BACKSTOP_PAGES
         assert autocheckpoint(handler, "memory") == 1_000
     finally:
         for checkpointer in started:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 import uvloop
 
+from mcp_platform import checkpoints
 from mcp_platform.serve import LinesPerTurn, PrettyWhenWritten
 from mcp_platform.tasks import services
 from realtime.http_protocol import BoundedWebRequest, redact
@@ -159,8 +160,9 @@ def test_a_server_on_sqlite_checkpoints_in_a_thread_of_its_own(tmp_path):
         text=True,
         env={**os.environ, "DATABASE_URL": database},
     )
+    assert result.returncode == 0, result.stderr
     autocheckpoint, *threads = result.stdout.split()
-    assert autocheckpoint == "0", result.stderr
+    assert int(autocheckpoint) == checkpoints.BACKSTOP_PAGES
     assert "sqlite-checkpoints-default" in threads
 
 
