@@ -113,18 +113,21 @@ class Task(models.Model):
             if field.name not in names and field.attname not in names and not field.primary_key
         ]
 
-    def delete(self, *args, **kwargs) -> tuple[int, dict[str, int]]:
+    def delete(
+        self, using: str | None = None, keep_parents: bool = False
+    ) -> tuple[int, dict[str, int]]:
         """Delete the task, for the watchers of its owner as stored (read under the row's
         lock): a copy read before the task changed hands told its previous owner's, and
         its new owner's subscribers heard that it was no longer theirs, not that it was
-        deleted."""
-        using = kwargs.get("using") or router.db_for_write(type(self), instance=self)
+        deleted. A task deleted already is left as it is, and nothing is published."""
+        using = using or router.db_for_write(type(self), instance=self)
         with transaction.atomic(using=using, savepoint=False):
-            stored = type(self)._base_manager.using(using).select_for_update().filter(pk=self.pk)
-            owner_id = stored.values_list("owner_id", flat=True).first()
-            if owner_id is not None:
-                self.owner_id = owner_id
-            return super().delete(*args, **kwargs)
+            stored = type(self)._base_manager.using(using).select_for_update()
+            try:
+                self.owner_id = stored.values_list("owner_id", flat=True).get(pk=self.pk)
+            except self.DoesNotExist:
+                return 0, {}
+            return super().delete(using=using, keep_parents=keep_parents)
 
     def save(self, *args, **kwargs) -> None:
         """Save and advance ``seq``. The stored status and ``seq`` are read under a row

@@ -190,6 +190,16 @@ def test_a_copy_read_before_the_task_changed_hands_deletes_it_for_its_new_owner(
     assert stale.owner_id == other_user.pk
 
 
+def test_a_copy_of_a_task_deleted_already_deletes_and_publishes_nothing(task, monkeypatch):
+    stale = Task.objects.get(pk=task.pk)
+    task.delete()
+    published = []
+    monkeypatch.setattr(signals, "publish_task_deleted", lambda *args: published.append(args))
+
+    assert stale.delete() == (0, {})
+    assert published == []
+
+
 def test_rolled_back_deletion_publishes_nothing(user, task):
     def change():
         with pytest.raises(RuntimeError), transaction.atomic():
