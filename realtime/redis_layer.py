@@ -29,12 +29,17 @@ the stock layer as the ``set`` it would make), its ``channels`` dict of queues, 
 the shard receivers with ``put_nowait()`` for any message whose channel is in it (a
 pattern's messages included), its ``_get_group_channel_name()`` and ``_get_shard()``, and
 its shards' ``_lock`` (a ``ShardLock`` here, put in before first use), ``_ensure_redis()``,
-``_ensure_receiver()``, ``_receive_message()`` (looked up on the shard, so that a shard can
-have its own), and redis-py ``_redis`` and ``_pubsub``.
+``_ensure_receiver()``, ``_subscribed_to``, and ``subscribe()``, ``_do_receiving()`` and
+``_receive_message()`` (looked up on the shard, so that a shard can have its own), and
+redis-py ``_redis`` and ``_pubsub``.
+
+A member joins a group once Redis has confirmed the group's subscription
+(``_subscribe_confirmed()``), so that what is published after the join reaches it.
 """
 
 import asyncio
 import functools
+import logging
 import re
 import uuid
 import weakref
@@ -50,6 +55,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from realtime.layers import UNBOUNDED, ChannelQueue
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a subscribe waits for Redis to confirm it, as long as redis-py's default wait
+#: for an answer.
+CONFIRMATION_TIMEOUT = 5.0
 
 # Channel queues are unbounded (``UNBOUNDED``), as the stock layer's are: the receiver that
 # fills them cannot wait. A connection drains its queue as fast as it writes to its socket,
@@ -115,6 +126,60 @@ def _receive_unless_published_here(
     if type(data) is bytes and data.startswith(origin):
         return
     RedisSingleShardConnection._receive_message(shard, message)
+
+
+async def _subscribe_confirmed(shard: RedisSingleShardConnection, channel: str) -> None:
+    """SUBSCRIBE the shard to ``channel`` unless it is, and return once Redis has confirmed
+    it (as for each caller while a confirmation is awaited). The stock layer returned once
+    the command was sent: a member that then read the task's state, and whose SUBSCRIBE
+    reached Redis after a change that another process committed since and published,
+    never had that change."""
+    if channel not in shard._subscribed_to:
+        async with shard._lock:
+            if channel not in shard._subscribed_to:
+                shard._ensure_redis()
+                shard._ensure_receiver()
+                # Before the command: the receiver may read its confirmation at once.
+                shard._confirmations[channel] = asyncio.get_running_loop().create_future()
+                try:
+                    await shard._pubsub.subscribe(channel)
+                except BaseException:
+                    shard._confirmations.pop(channel, None)
+                    raise
+                shard._subscribed_to.add(channel)
+    confirmed = shard._confirmations.get(channel)
+    if confirmed is not None:
+        try:
+            await asyncio.wait_for(asyncio.shield(confirmed), CONFIRMATION_TIMEOUT)
+        except TimeoutError:
+            shard._confirmations.pop(channel, None)  # the next ones wait no more
+            raise RedisTimeoutError(
+                f"Redis did not confirm the subscription to {channel}."
+            ) from None
+
+
+async def _receive_confirming(shard: RedisSingleShardConnection) -> None:
+    """The shard's receiver: channels-redis's, except that it also reads Redis's
+    confirmations of SUBSCRIBE, which ``_subscribe_confirmed()`` waits for."""
+    while True:
+        try:
+            if shard._pubsub is None or not shard._pubsub.subscribed:
+                await asyncio.sleep(0.1)
+                continue
+            message = await shard._pubsub.get_message(timeout=0.1)
+            if message is None:
+                continue
+            if message["type"] in ("message", "pmessage"):
+                shard._receive_message(message)
+            elif message["type"] == "subscribe":
+                confirmed = shard._confirmations.pop(message["channel"].decode(), None)
+                if confirmed is not None and not confirmed.done():
+                    confirmed.set_result(None)
+        except (asyncio.CancelledError, TimeoutError, GeneratorExit):
+            raise
+        except Exception:
+            logger.exception("Unexpected exception in receive task")
+            await asyncio.sleep(1)
 
 
 async def _listen(shard: RedisSingleShardConnection, pattern: str) -> None:
@@ -189,6 +254,9 @@ class RedisPubSubChannelLayer(StockLayer):
             layer = super()._get_layer()
             for shard in layer._shards:
                 shard._lock = ShardLock()  # before any command could take the stock one
+                shard._confirmations = {}  # channel: the future of its SUBSCRIBE's confirmation
+                shard.subscribe = functools.partial(_subscribe_confirmed, shard)
+                shard._do_receiving = functools.partial(_receive_confirming, shard)
         return layer
 
     def decode(self, message: bytes) -> dict[str, Any]:

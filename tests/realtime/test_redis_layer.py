@@ -523,14 +523,15 @@ def test_commands_queued_behind_two_that_redis_did_not_answer_fail_with_them():
 @contextlib.asynccontextmanager
 async def stalling_proxy(url: str) -> AsyncIterator[tuple[str, dict]]:
     """The URL of a proxy to the Redis at ``url`` whose answers wait while its state says
-    ``stalled``, as a Redis that stalls for a moment."""
+    ``stalled``, as a Redis that stalls for a moment, and whose commands wait while it says
+    ``commands_stalled``, as on a slow way to Redis."""
     target = redis.connection.parse_url(url)
-    state = {"stalled": False}
+    state = {"stalled": False, "commands_stalled": False}
 
-    async def pipe(reader, writer, answers: bool) -> None:
+    async def pipe(reader, writer, stalled: str) -> None:
         with contextlib.suppress(ConnectionError):
             while data := await reader.read(65536):
-                while answers and state["stalled"]:
+                while state[stalled]:
                     await asyncio.sleep(0.01)
                 writer.write(data)
                 await writer.drain()
@@ -538,7 +539,10 @@ async def stalling_proxy(url: str) -> AsyncIterator[tuple[str, dict]]:
 
     async def take(client_reader, client_writer) -> None:
         reader, writer = await asyncio.open_connection(target["host"], target.get("port", 6379))
-        await asyncio.gather(pipe(client_reader, writer, False), pipe(reader, client_writer, True))
+        await asyncio.gather(
+            pipe(client_reader, writer, "commands_stalled"),
+            pipe(reader, client_writer, "stalled"),
+        )
 
     server = await asyncio.start_server(take, "127.0.0.1", 0)
     try:
@@ -601,3 +605,60 @@ def test_a_channel_is_forgotten_without_waiting_for_a_command_redis_does_not_ans
             return took
 
     assert async_to_sync(scenario)() < 0.2
+
+
+def test_a_member_gets_what_another_process_publishes_once_it_has_joined(redis_server):
+    """Joined once its SUBSCRIBE was sent, a member that reached Redis late missed what was
+    published meanwhile: a subscriber read the task's state, and lost the next change."""
+
+    async def scenario() -> dict:
+        async with stalling_proxy(redis_server) as (url, state):
+            prefix = f"test-{uuid.uuid4().hex[:8]}:"
+            here = RedisPubSubChannelLayer(hosts=[url], prefix=prefix)
+            there = RedisPubSubChannelLayer(hosts=[redis_server], prefix=prefix)
+            try:
+                mine = await here.new_channel()
+                state["commands_stalled"] = True
+                asyncio.get_running_loop().call_later(
+                    0.3, state.update, {"commands_stalled": False}
+                )
+                await here.group_add("watchers", mine)
+                await there.group_send("watchers", {"type": "published after the join"})
+                return await asyncio.wait_for(here.receive(mine), 2)
+            finally:
+                await there.flush()
+                await here.flush()
+
+    assert async_to_sync(scenario)() == {"type": "published after the join"}
+
+
+def test_members_joining_while_redis_confirms_the_first_wait_for_it(redis_server):
+    async def scenario() -> tuple[list[bool], dict]:
+        async with stalling_proxy(redis_server) as (url, state):
+            prefix = f"test-{uuid.uuid4().hex[:8]}:"
+            here = RedisPubSubChannelLayer(hosts=[url], prefix=prefix)
+            there = RedisPubSubChannelLayer(hosts=[redis_server], prefix=prefix)
+            try:
+                first, second = await here.new_channel(), await here.new_channel()
+                state["stalled"] = True
+                joins = [
+                    asyncio.ensure_future(here.group_add("watchers", channel))
+                    for channel in (first, second)
+                ]
+                await asyncio.sleep(0.2)
+                waiting = [not join.done() for join in joins]
+                state["stalled"] = False
+                await asyncio.gather(*joins)
+                await there.group_send("watchers", {"type": "hello"})
+                received = {
+                    channel: await asyncio.wait_for(here.receive(channel), 2)
+                    for channel in (first, second)
+                }
+                return waiting, received
+            finally:
+                await there.flush()
+                await here.flush()
+
+    waiting, received = async_to_sync(scenario)()
+    assert waiting == [True, True]
+    assert list(received.values()) == [{"type": "hello"}, {"type": "hello"}]
