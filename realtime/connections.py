@@ -8,6 +8,7 @@ consumer objects: a ``Connection`` is plain state that its consumer owns and pas
 import contextlib
 import enum
 import itertools
+import logging
 import sys
 import uuid
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from realtime.conf import realtime_settings
 from realtime.protocol import ErrorCode, ProtocolError
 from realtime.registry import ConnectionRegistry, Entry, LocalRegistry, Overview
 from realtime.sources import TaskSnapshot, get_task_source
+
+logger = logging.getLogger(__name__)
 
 #: Channel-layer message types, and the consumer handler each one calls.
 TASK_UPDATE = "task.update"  # task_update()
@@ -318,7 +321,19 @@ class ConnectionManager:
                 f"At most {realtime_settings.SUBSCRIPTION_LIMIT} subscriptions per connection.",
             )
         group = groups.task_group(task_id)
-        await self._join(connection, group)
+        try:
+            await self._join(connection, group)
+        except Exception:
+            # The channel layer failed (Redis away, or not confirming the subscription):
+            # raised, it ended the connection.
+            logger.warning("Could not join the group of task %s", task_id, exc_info=True)
+            if is_new:
+                with contextlib.suppress(Exception):
+                    await self._leave(connection, group)
+            raise ProtocolError(
+                ErrorCode.UNAVAILABLE,
+                "The task's updates could not be followed just now; try again.",
+            ) from None
         try:
             snapshot = await _snapshots.load((user, task_id))
         except DatabaseError:

@@ -38,6 +38,7 @@ A member joins a group once Redis has confirmed the group's subscription
 """
 
 import asyncio
+import collections
 import functools
 import logging
 import re
@@ -53,13 +54,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.utils import str_if_bytes
 
 from realtime.layers import UNBOUNDED, ChannelQueue
 
 logger = logging.getLogger(__name__)
 
-#: Seconds a subscribe waits for Redis to confirm it, as long as redis-py's default wait
-#: for an answer.
+#: Seconds a subscribe waits for Redis to confirm it, unless the host sets its own
+#: ``socket_timeout``: as long as redis-py's default wait for an answer.
 CONFIRMATION_TIMEOUT = 5.0
 
 # Channel queues are unbounded (``UNBOUNDED``), as the stock layer's are: the receiver that
@@ -130,32 +132,47 @@ def _receive_unless_published_here(
 
 async def _subscribe_confirmed(shard: RedisSingleShardConnection, channel: str) -> None:
     """SUBSCRIBE the shard to ``channel`` unless it is, and return once Redis has confirmed
-    it (as for each caller while a confirmation is awaited). The stock layer returned once
-    the command was sent: a member that then read the task's state, and whose SUBSCRIBE
-    reached Redis after a change that another process committed since and published,
-    never had that change."""
-    if channel not in shard._subscribed_to:
-        async with shard._lock:
-            if channel not in shard._subscribed_to:
-                shard._ensure_redis()
-                shard._ensure_receiver()
-                # Before the command: the receiver may read its confirmation at once.
-                shard._confirmations[channel] = asyncio.get_running_loop().create_future()
-                try:
-                    await shard._pubsub.subscribe(channel)
-                except BaseException:
-                    shard._confirmations.pop(channel, None)
-                    raise
-                shard._subscribed_to.add(channel)
-    confirmed = shard._confirmations.get(channel)
-    if confirmed is not None:
-        try:
-            await asyncio.wait_for(asyncio.shield(confirmed), CONFIRMATION_TIMEOUT)
-        except TimeoutError:
-            shard._confirmations.pop(channel, None)  # the next ones wait no more
-            raise RedisTimeoutError(
-                f"Redis did not confirm the subscription to {channel}."
-            ) from None
+    the latest SUBSCRIBE of it. The stock layer returned once the command was sent: a
+    member that then read the task's state, and whose SUBSCRIBE reached Redis after a
+    change that another process committed since and published, never had that change."""
+    async with shard._lock:
+        if channel not in shard._subscribed_to:
+            shard._ensure_redis()
+            shard._ensure_receiver()
+            # Queued before the command: the receiver may read its confirmation at once.
+            pending = shard._confirmations.setdefault(channel, collections.deque())
+            confirmed = asyncio.get_running_loop().create_future()
+            pending.append(confirmed)
+            try:
+                await shard._pubsub.subscribe(channel)
+            except BaseException:
+                if confirmed in pending:
+                    pending.remove(confirmed)
+                raise
+            shard._subscribed_to.add(channel)
+        pending = shard._confirmations.get(channel)
+        latest = pending[-1] if pending else None
+    if latest is None:
+        return
+    timeout = shard.host.get("socket_timeout") or CONFIRMATION_TIMEOUT
+    try:
+        await asyncio.wait_for(asyncio.shield(latest), timeout)
+    except TimeoutError:
+        # What waits may never be confirmed: the next members to join do not wait for it.
+        shard._confirmations.pop(channel, None)
+        raise RedisTimeoutError(f"Redis did not confirm the subscription to {channel}.") from None
+
+
+def _confirm(shard: RedisSingleShardConnection, channel: str) -> None:
+    """Redis confirmed the oldest SUBSCRIBE of ``channel`` that awaits it (Redis answers
+    one connection's commands in order)."""
+    pending = shard._confirmations.get(channel)
+    if pending:
+        confirmed = pending.popleft()
+        if not pending:
+            del shard._confirmations[channel]
+        if not confirmed.done():
+            confirmed.set_result(None)
 
 
 async def _receive_confirming(shard: RedisSingleShardConnection) -> None:
@@ -172,9 +189,7 @@ async def _receive_confirming(shard: RedisSingleShardConnection) -> None:
             if message["type"] in ("message", "pmessage"):
                 shard._receive_message(message)
             elif message["type"] == "subscribe":
-                confirmed = shard._confirmations.pop(message["channel"].decode(), None)
-                if confirmed is not None and not confirmed.done():
-                    confirmed.set_result(None)
+                _confirm(shard, str_if_bytes(message["channel"]))
         except (asyncio.CancelledError, TimeoutError, GeneratorExit):
             raise
         except Exception:
@@ -254,7 +269,8 @@ class RedisPubSubChannelLayer(StockLayer):
             layer = super()._get_layer()
             for shard in layer._shards:
                 shard._lock = ShardLock()  # before any command could take the stock one
-                shard._confirmations = {}  # channel: the future of its SUBSCRIBE's confirmation
+                # Channel: the confirmations its SUBSCRIBEs await, oldest first.
+                shard._confirmations: dict[str, collections.deque[asyncio.Future[None]]] = {}
                 shard.subscribe = functools.partial(_subscribe_confirmed, shard)
                 shard._do_receiving = functools.partial(_receive_confirming, shard)
         return layer
@@ -393,3 +409,16 @@ class RedisPubSubChannelLayer(StockLayer):
         # Redis does not answer, is not waited for.
         if layer.channels.pop(channel, None) is not None and channel in shard._subscribed_to:
             await shard.unsubscribe(channel)
+
+    async def flush(self) -> None:
+        """As the stock layer's; and members waiting for Redis to confirm their group's
+        subscription on the connections it closes fail at once, instead of at the end of
+        the wait."""
+        layer = self._get_layer()
+        await layer.flush()
+        for shard in layer._shards:
+            for pending in shard._confirmations.values():
+                for confirmed in pending:
+                    if not confirmed.done():
+                        confirmed.set_exception(RedisConnectionError("The layer was flushed."))
+            shard._confirmations.clear()

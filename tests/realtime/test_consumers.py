@@ -222,6 +222,37 @@ def test_a_subscribe_the_database_fails_is_answered_unavailable_and_nothing_ends
     run(scenario)
 
 
+def test_a_subscribe_the_channel_layer_fails_is_answered_unavailable_and_nothing_ends(
+    user, task, monkeypatch
+):
+    """Raised, a failed join (Redis away, or not confirming the subscription) ended the
+    connection."""
+    manager = get_connection_manager()
+    join = type(manager.layer).group_add
+    failures = []
+
+    async def fails_once(self, group, channel):
+        if group.startswith("task.") and not failures:
+            failures.append(group)
+            raise ConnectionError("Redis is away")
+        await join(self, group, channel)
+
+    monkeypatch.setattr(type(manager.layer), "group_add", fails_once)
+
+    async def scenario():
+        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+            await connect_user(ws)
+            reply = await request(ws, {"action": "subscribe", "task_id": str(task.pk)})
+            assert (reply["type"], reply["code"]) == ("error", "unavailable"), reply
+            assert await manager.count_task_subscribers(task.pk) == 0
+            reply = await request(ws, {"action": "subscribe", "task_id": str(task.pk)})
+            assert reply["type"] == "subscribed"
+            assert await manager.count_task_subscribers(task.pk) == 1
+        assert failures == [f"task.{task.pk}"]
+
+    run(scenario)
+
+
 @pytest.mark.parametrize("token", ["bad", ""])
 def test_bad_token_beside_a_valid_session_is_refused(session_cookie, token):
     async def scenario():

@@ -662,3 +662,79 @@ def test_members_joining_while_redis_confirms_the_first_wait_for_it(redis_server
     waiting, received = async_to_sync(scenario)()
     assert waiting == [True, True]
     assert list(received.values()) == [{"type": "hello"}, {"type": "hello"}]
+
+
+def test_a_member_joining_as_the_last_one_leaves_stays_subscribed(redis_server):
+    """The join found the group still subscribed and went on; the leave's UNSUBSCRIBE,
+    queued behind a publish, went after it, and the member heard nothing from Redis."""
+
+    async def scenario() -> dict:
+        async with stalling_proxy(redis_server) as (url, state):
+            prefix = f"test-{uuid.uuid4().hex[:8]}:"
+            here = RedisPubSubChannelLayer(hosts=[url], prefix=prefix)
+            there = RedisPubSubChannelLayer(hosts=[redis_server], prefix=prefix)
+            try:
+                leaving, joining = await here.new_channel(), await here.new_channel()
+                await here.group_add("watchers", leaving)
+                state["stalled"] = True
+                publish = asyncio.ensure_future(here.group_send("others", {"type": "x"}))
+                await asyncio.sleep(0.05)  # the publish holds the shard's lock
+                leave = asyncio.ensure_future(here.group_discard("watchers", leaving))
+                await asyncio.sleep(0.05)
+                join = asyncio.ensure_future(here.group_add("watchers", joining))
+                await asyncio.sleep(0.05)
+                state["stalled"] = False
+                await asyncio.gather(publish, leave, join)
+                await there.group_send("watchers", {"type": "hello"})
+                return await asyncio.wait_for(here.receive(joining), 2)
+            finally:
+                await there.flush()
+                await here.flush()
+
+    assert async_to_sync(scenario)() == {"type": "hello"}
+
+
+def test_a_member_waits_for_the_confirmation_of_its_own_subscribe(redis_server):
+    """A join, its leave and another join before Redis answers: the first SUBSCRIBE's
+    confirmation is not the second's."""
+
+    async def scenario() -> tuple[bool, bool]:
+        async with stalling_proxy(redis_server) as (url, state):
+            here = RedisPubSubChannelLayer(hosts=[url], prefix=f"test-{uuid.uuid4().hex[:8]}:")
+            try:
+                first, second = await here.new_channel(), await here.new_channel()
+                state["stalled"] = True
+                cancelled = asyncio.ensure_future(here.group_add("watchers", first))
+                await asyncio.sleep(0.1)  # its SUBSCRIBE reached Redis; the answer waits
+                cancelled.cancel()
+                state["commands_stalled"] = True
+                await here.group_discard("watchers", first)
+                join = asyncio.ensure_future(here.group_add("watchers", second))
+                await asyncio.sleep(0.1)
+                state["stalled"] = False  # the first SUBSCRIBE's confirmation comes
+                await asyncio.sleep(0.3)
+                joined_early = join.done()
+                state["commands_stalled"] = False
+                await join
+                return joined_early, join.done()
+            finally:
+                await here.flush()
+
+    assert async_to_sync(scenario)() == (False, True)
+
+
+def test_a_flush_fails_the_members_waiting_for_a_confirmation_at_once(redis_server):
+    async def scenario() -> float:
+        async with stalling_proxy(redis_server) as (url, state):
+            here = RedisPubSubChannelLayer(hosts=[url], prefix=f"test-{uuid.uuid4().hex[:8]}:")
+            channel = await here.new_channel()
+            state["stalled"] = True
+            join = asyncio.ensure_future(here.group_add("watchers", channel))
+            await asyncio.sleep(0.1)
+            started = time.monotonic()
+            await here.flush()
+            with pytest.raises(redis.ConnectionError):
+                await join
+            return time.monotonic() - started
+
+    assert async_to_sync(scenario)() < 1
