@@ -207,17 +207,21 @@ def test_a_subscribe_the_database_fails_is_answered_unavailable_and_nothing_ends
         ):
             for ws in (first, second):
                 await connect_user(ws)
-            for number, ws in enumerate((first, second)):  # read in one batch
+            for number, ws in enumerate((first, second)):  # read in one batch, mostly
                 await ws.send_json_to(
                     {"action": "subscribe", "task_id": str(task.pk), "id": number}
                 )
-            for ws in (first, second):
-                reply = await ws.receive_json_from(timeout=5)
-                assert (reply["type"], reply["code"]) == ("error", "unavailable"), reply
-            assert await manager.count_task_subscribers(task.pk) == 0
-            reply = await request(first, {"action": "subscribe", "task_id": str(task.pk)})
-            assert reply["type"] == "subscribed"
-        assert failures == [2]
+            replies = [await ws.receive_json_from(timeout=5) for ws in (first, second)]
+            refused = [reply for reply in replies if reply["type"] == "error"]
+            assert [reply["code"] for reply in refused] == ["unavailable"] * failures[0]
+            subscribed = len(replies) - len(refused)
+            assert await manager.count_task_subscribers(task.pk) == subscribed
+            for ws in (first, second):  # neither ended
+                reply = await request(ws, {"action": "subscribe", "task_id": str(task.pk)})
+                assert reply["type"] == "subscribed"
+        # On Redis the second may join once the first's join was confirmed, and be read
+        # in a batch of its own.
+        assert failures in ([2], [1])
 
     run(scenario)
 
