@@ -1,8 +1,10 @@
 """SQLite's WAL checkpoints run in a server's thread of their own, not in its commits."""
 
+import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,13 +56,22 @@ def autocheckpoint(handler: ConnectionHandler, alias: str) -> int:
         return cursor.fetchone()[0]
 
 
-def test_a_servers_connections_leave_checkpoints_to_its_checkpointer(tmp_path):
-    handler = sqlite_databases(tmp_path, "default", "other")
-    checkpointer = checkpoints.Checkpointer(
-        "default", handler["default"].settings_dict["NAME"], 3600
-    )
+@contextlib.contextmanager
+def checkpointed(handler: ConnectionHandler, interval: float) -> Iterator[None]:
+    """The database ``default`` of ``handler`` checkpointed every ``interval`` seconds."""
+    name = handler["default"].settings_dict["NAME"]
+    checkpointer = checkpoints.Checkpointer("default", name, interval)
     checkpointer.start()
     try:
+        yield
+    finally:
+        checkpointer.stop()
+        handler.close_all()
+
+
+def test_a_servers_connections_leave_checkpoints_to_its_checkpointer(tmp_path):
+    handler = sqlite_databases(tmp_path, "default", "other")
+    with checkpointed(handler, 3600):
         write_pages(handler, "default", 3_000)
         write_pages(handler, "other", 3_000)
         assert autocheckpoint(handler, "default") == checkpoints.BACKSTOP_PAGES
@@ -69,18 +80,11 @@ def test_a_servers_connections_leave_checkpoints_to_its_checkpointer(tmp_path):
         assert log_pages(handler, "default") > 3_000
         assert autocheckpoint(handler, "other") == 1_000
         assert log_pages(handler, "other") < 1_200
-    finally:
-        checkpointer.stop()
-        handler.close_all()
 
 
 def test_the_checkpointer_keeps_the_log_short(tmp_path):
     handler = sqlite_databases(tmp_path, "default")
-    checkpointer = checkpoints.Checkpointer(
-        "default", handler["default"].settings_dict["NAME"], 0.05
-    )
-    checkpointer.start()
-    try:
+    with checkpointed(handler, 0.05):
         write_pages(handler, "default", 500)
         one_turns_writes = log_pages(handler, "default")
         for _ in range(5):
@@ -89,18 +93,11 @@ def test_the_checkpointer_keeps_the_log_short(tmp_path):
         assert autocheckpoint(handler, "default") == checkpoints.BACKSTOP_PAGES
         # Each turn's first write, after a checkpoint, started the log from its beginning.
         assert log_pages(handler, "default") < 1.5 * one_turns_writes
-    finally:
-        checkpointer.stop()
-        handler.close_all()
 
 
 def test_the_log_stays_short_under_steady_writes(tmp_path):
     """Writes that never pause land during the checkpoints too."""
     handler = sqlite_databases(tmp_path, "default")
-    checkpointer = checkpoints.Checkpointer(
-        "default", handler["default"].settings_dict["NAME"], 0.1
-    )
-    checkpointer.start()
     written = 0
 
     def write_steadily() -> None:
@@ -111,16 +108,13 @@ def test_the_log_stays_short_under_steady_writes(tmp_path):
             written += 5
             time.sleep(0.002)
 
-    try:
+    with checkpointed(handler, 0.1):
         writer = threading.Thread(target=write_steadily)
         writer.start()
         writer.join()
         # Each change adds two or three pages: a log never started again holds them all.
         assert written > 1_000
         assert log_pages(handler, "default") < written
-    finally:
-        checkpointer.stop()
-        handler.close_all()
 
 
 def test_a_checkpointer_that_fails_says_so_once(tmp_path, caplog):

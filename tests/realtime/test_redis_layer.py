@@ -551,6 +551,22 @@ async def stalling_proxy(url: str) -> AsyncIterator[tuple[str, dict]]:
         server.close()
 
 
+@contextlib.asynccontextmanager
+async def here_and_there(
+    url: str, redis_server: str
+) -> AsyncIterator[tuple[RedisPubSubChannelLayer, RedisPubSubChannelLayer]]:
+    """This process's layer, reaching Redis at ``url``, and another process's, reaching it
+    directly, sharing a prefix; flushed at the end."""
+    prefix = f"test-{uuid.uuid4().hex[:8]}:"
+    here = RedisPubSubChannelLayer(hosts=[url], prefix=prefix)
+    there = RedisPubSubChannelLayer(hosts=[redis_server], prefix=prefix)
+    try:
+        yield here, there
+    finally:
+        await there.flush()
+        await here.flush()
+
+
 def test_commands_queued_behind_one_timeout_go_to_a_redis_that_came_back(redis_server):
     """Failing all of them at the first timeout lost those that Redis, back a moment
     later, would have taken."""
@@ -612,52 +628,42 @@ def test_a_member_gets_what_another_process_publishes_once_it_has_joined(redis_s
     published meanwhile: a subscriber read the task's state, and lost the next change."""
 
     async def scenario() -> dict:
-        async with stalling_proxy(redis_server) as (url, state):
-            prefix = f"test-{uuid.uuid4().hex[:8]}:"
-            here = RedisPubSubChannelLayer(hosts=[url], prefix=prefix)
-            there = RedisPubSubChannelLayer(hosts=[redis_server], prefix=prefix)
-            try:
-                mine = await here.new_channel()
-                state["commands_stalled"] = True
-                asyncio.get_running_loop().call_later(
-                    0.3, state.update, {"commands_stalled": False}
-                )
-                await here.group_add("watchers", mine)
-                await there.group_send("watchers", {"type": "published after the join"})
-                return await asyncio.wait_for(here.receive(mine), 2)
-            finally:
-                await there.flush()
-                await here.flush()
+        async with (
+            stalling_proxy(redis_server) as (url, state),
+            here_and_there(url, redis_server) as (here, there),
+        ):
+            mine = await here.new_channel()
+            state["commands_stalled"] = True
+            asyncio.get_running_loop().call_later(0.3, state.update, {"commands_stalled": False})
+            await here.group_add("watchers", mine)
+            await there.group_send("watchers", {"type": "published after the join"})
+            return await asyncio.wait_for(here.receive(mine), 2)
 
     assert async_to_sync(scenario)() == {"type": "published after the join"}
 
 
 def test_members_joining_while_redis_confirms_the_first_wait_for_it(redis_server):
     async def scenario() -> tuple[list[bool], dict]:
-        async with stalling_proxy(redis_server) as (url, state):
-            prefix = f"test-{uuid.uuid4().hex[:8]}:"
-            here = RedisPubSubChannelLayer(hosts=[url], prefix=prefix)
-            there = RedisPubSubChannelLayer(hosts=[redis_server], prefix=prefix)
-            try:
-                first, second = await here.new_channel(), await here.new_channel()
-                state["stalled"] = True
-                joins = [
-                    asyncio.ensure_future(here.group_add("watchers", channel))
-                    for channel in (first, second)
-                ]
-                await asyncio.sleep(0.2)
-                waiting = [not join.done() for join in joins]
-                state["stalled"] = False
-                await asyncio.gather(*joins)
-                await there.group_send("watchers", {"type": "hello"})
-                received = {
-                    channel: await asyncio.wait_for(here.receive(channel), 2)
-                    for channel in (first, second)
-                }
-                return waiting, received
-            finally:
-                await there.flush()
-                await here.flush()
+        async with (
+            stalling_proxy(redis_server) as (url, state),
+            here_and_there(url, redis_server) as (here, there),
+        ):
+            first, second = await here.new_channel(), await here.new_channel()
+            state["stalled"] = True
+            joins = [
+                asyncio.ensure_future(here.group_add("watchers", channel))
+                for channel in (first, second)
+            ]
+            await asyncio.sleep(0.2)
+            waiting = [not join.done() for join in joins]
+            state["stalled"] = False
+            await asyncio.gather(*joins)
+            await there.group_send("watchers", {"type": "hello"})
+            received = {
+                channel: await asyncio.wait_for(here.receive(channel), 2)
+                for channel in (first, second)
+            }
+            return waiting, received
 
     waiting, received = async_to_sync(scenario)()
     assert waiting == [True, True]
@@ -669,27 +675,23 @@ def test_a_member_joining_as_the_last_one_leaves_stays_subscribed(redis_server):
     queued behind a publish, went after it, and the member heard nothing from Redis."""
 
     async def scenario() -> dict:
-        async with stalling_proxy(redis_server) as (url, state):
-            prefix = f"test-{uuid.uuid4().hex[:8]}:"
-            here = RedisPubSubChannelLayer(hosts=[url], prefix=prefix)
-            there = RedisPubSubChannelLayer(hosts=[redis_server], prefix=prefix)
-            try:
-                leaving, joining = await here.new_channel(), await here.new_channel()
-                await here.group_add("watchers", leaving)
-                state["stalled"] = True
-                publish = asyncio.ensure_future(here.group_send("others", {"type": "x"}))
-                await asyncio.sleep(0.05)  # the publish holds the shard's lock
-                leave = asyncio.ensure_future(here.group_discard("watchers", leaving))
-                await asyncio.sleep(0.05)
-                join = asyncio.ensure_future(here.group_add("watchers", joining))
-                await asyncio.sleep(0.05)
-                state["stalled"] = False
-                await asyncio.gather(publish, leave, join)
-                await there.group_send("watchers", {"type": "hello"})
-                return await asyncio.wait_for(here.receive(joining), 2)
-            finally:
-                await there.flush()
-                await here.flush()
+        async with (
+            stalling_proxy(redis_server) as (url, state),
+            here_and_there(url, redis_server) as (here, there),
+        ):
+            leaving, joining = await here.new_channel(), await here.new_channel()
+            await here.group_add("watchers", leaving)
+            state["stalled"] = True
+            publish = asyncio.ensure_future(here.group_send("others", {"type": "x"}))
+            await asyncio.sleep(0.05)  # the publish holds the shard's lock
+            leave = asyncio.ensure_future(here.group_discard("watchers", leaving))
+            await asyncio.sleep(0.05)
+            join = asyncio.ensure_future(here.group_add("watchers", joining))
+            await asyncio.sleep(0.05)
+            state["stalled"] = False
+            await asyncio.gather(publish, leave, join)
+            await there.group_send("watchers", {"type": "hello"})
+            return await asyncio.wait_for(here.receive(joining), 2)
 
     assert async_to_sync(scenario)() == {"type": "hello"}
 
