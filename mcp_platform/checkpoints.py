@@ -51,7 +51,7 @@ class Checkpointer:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop checkpointing (the connections opened meanwhile still leave it to us)."""
+        """Stop checkpointing; the connections opened meanwhile keep only the backstop."""
         connection_created.disconnect(self._leave_checkpoints)
         self._stopped.set()
         self._thread.join()
