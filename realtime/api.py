@@ -9,10 +9,11 @@ import asyncio
 import functools
 import logging
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from asgiref.sync import async_to_sync
+from django.db import transaction
 
 from realtime.conf import realtime_settings
 from realtime.connections import Recipients, get_connection_manager
@@ -58,6 +59,35 @@ def publish_task_deleted(task_id: uuid.UUID, owner_id: int) -> None:
     ``REALTIME_PUBLISH_WAIT_SECONDS`` in a server (``within_the_wait()``)."""
     coroutine = apublish_task_deleted(task_id, owner_id)
     async_to_sync(within_the_wait)(coroutine, f"the deletion of task {task_id}")
+
+
+async def apublish_access_change(user_id: int) -> None:
+    """Have every live connection of a user, in every process, check its credentials again
+    at once: the user was deactivated, deleted, made staff or no longer staff, or changed
+    password (``realtime.signals`` publishes these)."""
+    await get_connection_manager().send_access_changed(user_id)
+
+
+def publish_access_change(user_id: int) -> None:
+    """Synchronous form of ``apublish_access_change()``, which waits for the publish at most
+    ``REALTIME_PUBLISH_WAIT_SECONDS`` in a server (``within_the_wait()``)."""
+    coroutine = apublish_access_change(user_id)
+    async_to_sync(within_the_wait)(coroutine, f"an access change of user {user_id}")
+
+
+def publish_after_commit(using: str, what: str, publish: Callable[..., None], *args: Any) -> None:
+    """Run ``publish(*args)`` once the transaction on ``using`` commits: a rolled-back change
+    publishes nothing. A failure is logged, naming ``what`` changed, and not raised: the
+    change is committed and its caller succeeded, which a channel layer that is down must
+    not turn into an error."""
+
+    def run() -> None:
+        try:
+            publish(*args)
+        except Exception:
+            logger.exception("Could not publish %s (%s)", what, publish.__name__)
+
+    transaction.on_commit(run, using=using)
 
 
 async def within_the_wait(publish: Coroutine[Any, Any, None], what: str) -> None:

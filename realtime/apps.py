@@ -6,4 +6,5 @@ class RealtimeConfig(AppConfig):
     verbose_name = "Real-time"
 
     def ready(self) -> None:
-        from realtime import checks  # noqa: F401  (registers the system checks)
+        # Registers the system checks, and connects the receivers.
+        from realtime import checks, signals  # noqa: F401

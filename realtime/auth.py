@@ -70,33 +70,44 @@ class Credentials(NamedTuple):
     user: AbstractBaseUser
     #: When the token expires (its ``exp``, in seconds since the epoch).
     expires_at: float
+    #: The token's user id and password claims, to check the user against again when
+    #: their access changes (``token_user()``).
+    user_claim: Any
+    password_claim: Any
 
 
 async def authenticate_token(raw_token: Any) -> Credentials:
     """The user an access token names, and when it expires, checked as simplejwt's REST
-    authentication checks it: signature, expiry, token type, then that the user exists, is
-    active and, with ``CHECK_REVOKE_TOKEN``, has not changed password since.
-
-    The user is read fresh from the database, together with those of other connections
-    authenticating at the same moment (``realtime.batching``). Raises ``ValueError`` with
-    the reason on any failure.
+    authentication checks it: signature, expiry, token type, then the user
+    (``token_user()``). Raises ``ValueError`` with the reason on any failure.
     """
     jwt_settings = simplejwt_settings.api_settings  # replaced when settings change
     token = validated_token(raw_token)
     try:
-        user_id = token[jwt_settings.USER_ID_CLAIM]
+        user_claim = token[jwt_settings.USER_ID_CLAIM]
     except KeyError:
         raise ValueError("Token contained no recognizable user identification") from None
-    user = await _user_batcher.load(user_id)
+    password_claim = token.get(jwt_settings.REVOKE_TOKEN_CLAIM)
+    user = await token_user(user_claim, password_claim)
+    return Credentials(user, float(token["exp"]), user_claim, password_claim)
+
+
+async def token_user(user_claim: Any, password_claim: Any) -> AbstractBaseUser:
+    """The user a valid token's claims name, as simplejwt's REST authentication checks
+    them: the user exists, is active and, with ``CHECK_REVOKE_TOKEN``, has not changed
+    password since. ``ValueError`` with the reason otherwise.
+
+    The user is read fresh from the database, together with those of other connections
+    asking at the same moment (``realtime.batching``)."""
+    jwt_settings = simplejwt_settings.api_settings
+    user = await _user_batcher.load(user_claim)
     if user is None:
         raise ValueError("User not found")
     if jwt_settings.CHECK_USER_IS_ACTIVE and not user.is_active:
         raise ValueError("User is inactive")
-    if jwt_settings.CHECK_REVOKE_TOKEN and token.get(
-        jwt_settings.REVOKE_TOKEN_CLAIM
-    ) != get_md5_hash_password(user.password):
+    if jwt_settings.CHECK_REVOKE_TOKEN and password_claim != get_md5_hash_password(user.password):
         raise ValueError("The user's password has been changed.")
-    return Credentials(user, float(token["exp"]))
+    return user
 
 
 async def session_user(session_key: str | None) -> AbstractBaseUser | None:
@@ -163,8 +174,9 @@ class TokenAuthMiddleware:
     a client that sends bad credentials is refused rather than silently downgraded. The
     reason goes in ``scope["auth_failure"]``, for endpoints that can tell the client. A
     token skips the session lookup, which saves a database round trip per connection.
-    When a valid token expires goes in ``scope["auth_expires_at"]``: the connection ends
-    then (``InboxConsumerMixin.watch_expiry()``).
+    A valid token's ``Credentials`` go in ``scope["auth_credentials"]``: the connection ends
+    when it expires, or when its user's access changes so that it no longer holds
+    (``InboxConsumerMixin.watch_credentials()``).
     """
 
     def __init__(
@@ -177,16 +189,17 @@ class TokenAuthMiddleware:
         self.session_inner = AuthMiddlewareStack(inner)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
-        failure = expires_at = None
+        failure = credentials = None
         try:
             token = self.token_of(scope)
             if token is not None:
-                user, expires_at = await authenticate_token(token)
+                credentials = await authenticate_token(token)
+                user = credentials.user
         except ValueError as exc:
             token, user, failure = "", AnonymousUser(), str(exc)
         if token is None:
             return await self.session_inner(scope, receive, send)
-        scope = dict(scope, user=user, auth_failure=failure, auth_expires_at=expires_at)
+        scope = dict(scope, user=user, auth_failure=failure, auth_credentials=credentials)
         return await self.inner(scope, receive, send)
 
 

@@ -37,6 +37,7 @@ RELEASE_HELD = "realtime.release_held"  # realtime_release_held()
 TASK_HIDDEN = "realtime.task_hidden"  # realtime_task_hidden()
 BROADCAST = "realtime.broadcast"  # realtime_broadcast()
 PERSONAL = "realtime.message"  # realtime_message()
+ACCESS_CHANGED = "realtime.access_changed"  # realtime_access_changed()
 
 
 def _visible_snapshots(
@@ -369,6 +370,10 @@ class ConnectionManager:
         """Send ``{"type": "message", "payload": …}`` to every connection of one user."""
         text = protocol.encode(protocol.personal_message(payload))
         await self.layer.group_send(groups.user_group(user_id), {"type": PERSONAL, "text": text})
+
+    async def send_access_changed(self, user_id: int) -> None:
+        """Have every connection of the user check its credentials again, in every process."""
+        await self.layer.group_send(groups.user_group(user_id), {"type": ACCESS_CHANGED})
 
     async def broadcast(self, payload: dict[str, Any]) -> Recipients:
         """Send a broadcast to every live connection of every process, and say how many."""

@@ -16,9 +16,10 @@ from channels.consumer import get_handler_name
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
+from django.contrib.auth.base_user import AbstractBaseUser
 
 from realtime import expiry, protocol
-from realtime.auth import authenticate_token, session_user
+from realtime.auth import Credentials, authenticate_token, session_user, token_user
 from realtime.conf import realtime_settings
 from realtime.connections import (
     BROADCAST,
@@ -69,9 +70,9 @@ class InboxConsumerMixin:
     """
 
     connection: Connection | None = None
-    #: When the token the connection holds expires (seconds since the epoch); ``None`` for
-    #: a connection opened with a session, which is checked again instead.
-    expires_at: float | None = None
+    #: The token the connection holds; ``None`` for a connection opened with a session,
+    #: which is checked again instead.
+    credentials: Credentials | None = None
     #: When the session of a connection opened with one is next checked.
     session_check_at: float | None = None
 
@@ -199,17 +200,23 @@ class InboxConsumerMixin:
         ``payload_message()``: a WebSocket sends the text, an event stream an event."""
         raise NotImplementedError("a consumer with subscriptions says how notices are sent")
 
-    def watch_expiry(self, expires_at: float | None) -> None:
-        """End the connection when its credentials lapse: a token at ``expires_at`` (from
-        the scope's ``auth_expires_at``, or a token the client sent since), a session
-        (``expires_at`` of ``None``, for a connection opened with one) once a check finds
-        it ended, every ``SESSION_RECHECK_SECONDS``. A later call replaces the deadline.
-        Credentials are checked when given: without this, a connection would outlive them
-        by hours, and a deactivated or logged-out user's streams would go on."""
+    @property
+    def expires_at(self) -> float | None:
+        """When the token the connection holds expires (seconds since the epoch)."""
+        return None if self.credentials is None else self.credentials.expires_at
+
+    def watch_credentials(self, credentials: Credentials | None) -> None:
+        """End the connection when its credentials lapse: a token (the scope's
+        ``auth_credentials``, or one the client sent since) when it expires, a session
+        (``None``, for a connection opened with one) once a check finds it ended, every
+        ``SESSION_RECHECK_SECONDS``. A later call replaces the deadline. Credentials are
+        checked when given, and again at once when the user's access changes
+        (``realtime_access_changed()``): without this, a connection would outlive them by
+        hours, and a deactivated or logged-out user's streams would go on."""
         self.unwatch_expiry()
-        self.expires_at = expires_at
-        if expires_at is not None:
-            expiry.watch(expires_at, self)
+        self.credentials = credentials
+        if credentials is not None:
+            expiry.watch(credentials.expires_at, self)
         elif self.session_key() is not None:
             # Spread out: connections opened together (a reconnect after a restart) would
             # all read their sessions in the same second, every interval.
@@ -255,24 +262,36 @@ class InboxConsumerMixin:
         deadlines = (event["expires_at"], event["session_check_at"])
         if self.connection is None or deadlines != (self.expires_at, self.session_check_at):
             return
-        if self.session_check_at is not None and await self.session_holds():
-            self.watch_expiry(None)  # the next check
+        if self.session_check_at is not None and await self.credentials_hold():
+            self.watch_credentials(None)  # the next check
             return
+        expires_at = self.expires_at
         await self.leave()
-        await self.end_expired()
+        await self.end_expired(expires_at)
 
-    async def session_holds(self) -> bool:
-        """Whether the connection's session still authenticates its user, with what the
+    async def realtime_access_changed(self, event: dict[str, Any]) -> None:
+        """The user was deactivated, deleted, made staff or no longer staff, or changed
+        password (``realtime.signals``): the credentials are checked now, not at the
+        token's expiry or the session's next check, and the connection ends if they no
+        longer hold."""
+        if self.connection is not None and not await self.credentials_hold():
+            await self.leave()
+            await self.end_expired(None)
+
+    async def credentials_hold(self) -> bool:
+        """Whether the connection's credentials still authenticate its user, with what the
         user may see now. A check that fails (the database or the session store
-        unreachable) leaves the connection to the next one: ending every session's
-        connection at a database's failover would have them all reconnect at once."""
+        unreachable) leaves the connection to the next one, or to its token's expiry:
+        ending every connection at a database's failover would have them all reconnect
+        at once."""
         connection = self.connection
         assert connection is not None
         try:
-            user = await session_user(self.session_key())
+            user = await self.current_user()
         except Exception:
             logger.warning(
-                "Could not check a connection's session; checking again later", exc_info=True
+                "Could not check a connection's credentials; checking again later",
+                exc_info=True,
             )
             return True
         if user is None or user.pk != connection.entry.user_id:
@@ -284,8 +303,21 @@ class InboxConsumerMixin:
             connection.sees_all = user.is_staff  # its subscriptions' updates follow
         return True
 
-    async def end_expired(self) -> None:
-        """End a connection whose token expired, as the transport can say so."""
+    async def current_user(self) -> AbstractBaseUser | None:
+        """The user the connection's credentials authenticate now, read afresh (the token's
+        checked as at connecting); ``None`` if they no longer authenticate one."""
+        credentials = self.credentials
+        if credentials is None:
+            return await session_user(self.session_key())
+        try:
+            return await token_user(credentials.user_claim, credentials.password_claim)
+        except ValueError:
+            return None
+
+    async def end_expired(self, expires_at: float | None) -> None:
+        """End a connection whose credentials lapsed, as the transport can say so:
+        ``expires_at`` is when its token expired; ``None`` if its session ended or its
+        user's access was withdrawn."""
         raise NotImplementedError("a consumer that watches expiry says how it ends")
 
     async def leave(self) -> None:
@@ -344,7 +376,7 @@ class TaskConsumer(InboxConsumerMixin, AsyncWebsocketConsumer):
         # connection waited (on Redis; docs/performance.md). Messages that arrive
         # meanwhile wait in the inbox.
         await self.accept()
-        self.watch_expiry(self.scope.get("auth_expires_at"))
+        self.watch_credentials(self.scope.get("auth_credentials"))
         await self.send_message(
             protocol.connected(self.connection.connection_id, user.pk, self.expires_at)
         )
@@ -401,19 +433,19 @@ class TaskConsumer(InboxConsumerMixin, AsyncWebsocketConsumer):
         """A new token for the connection's user, checked in full: the connection then
         ends when it expires instead. A refused one changes nothing."""
         try:
-            user, expires_at = await authenticate_token(message.token)
+            credentials = await authenticate_token(message.token)
         except ValueError as exc:
             raise ProtocolError(
                 ErrorCode.AUTHENTICATION_FAILED, str(exc), message.request_id
             ) from None
-        if user.pk != self.user.pk:
+        if credentials.user.pk != self.user.pk:
             raise ProtocolError(
                 ErrorCode.AUTHENTICATION_FAILED,
                 "The token is another user's.",
                 message.request_id,
             )
-        self.watch_expiry(expires_at)
-        return protocol.authenticated(expires_at, message.request_id)
+        self.watch_credentials(credentials)
+        return protocol.authenticated(credentials.expires_at, message.request_id)
 
     handlers: dict[Action, Callable[["TaskConsumer", ClientMessage], Awaitable[dict[str, Any]]]] = {
         Action.SUBSCRIBE: subscribe,
@@ -454,5 +486,5 @@ class TaskConsumer(InboxConsumerMixin, AsyncWebsocketConsumer):
         """Messages for this client piled up faster than it read them (see realtime.layers)."""
         await self.close(code=CloseCode.SLOW_CLIENT.value)
 
-    async def end_expired(self) -> None:
+    async def end_expired(self, expires_at: float | None) -> None:
         await self.close(code=CloseCode.UNAUTHORIZED.value)

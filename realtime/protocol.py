@@ -20,7 +20,8 @@ class CloseCode(enum.IntEnum):
     """WebSocket close codes the server uses (application codes, 4000-4999)."""
 
     #: Credentials missing, invalid or expired: sent right after accepting, or when the
-    #: token the connection was authenticated with expires.
+    #: connection's credentials lapse (its token expires, its session ends, its user's
+    #: access changes).
     UNAUTHORIZED = 4401
     #: A client frame exceeded ``MAX_MESSAGE_BYTES``, or Daphne's own limit (1 MiB).
     #: Daphne drops application close codes below 3000, so this stands in for 1009.
@@ -205,7 +206,8 @@ def personal_message(payload: dict[str, Any]) -> dict[str, Any]:
 
 def token_expired(expires_at: float | None) -> dict[str, Any]:
     """The data of an event stream's last event (a WebSocket is closed with 4401): when
-    its token expired, or ``None`` for a stream whose session ended."""
+    its token expired, or ``None`` for a stream whose session ended or whose user's access
+    was withdrawn."""
     return {"expires_at": expiry_iso(expires_at)}
 
 

@@ -221,7 +221,7 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
             headers.append((b"Connection", b"keep-alive"))
         await self.send_headers(headers=headers)
         self.streaming = True
-        self.watch_expiry(self.scope.get("auth_expires_at"))
+        self.watch_credentials(self.scope.get("auth_credentials"))
         connected = protocol.sse_connected(self.connection.connection_id, user.pk, self.expires_at)
         await self.send_chunk(connected)
         self.tick()
@@ -305,11 +305,11 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
         HEARTBEAT: heartbeat_replies,
     }
 
-    async def end_expired(self) -> None:
+    async def end_expired(self, expires_at: float | None) -> None:
         """A ``token_expired`` event, then the end of the stream. An ``EventSource`` would
         reconnect with the same expired token and be refused (401): the client needs a new
         token, and a new stream."""
-        data = protocol.encode(protocol.token_expired(self.expires_at))
+        data = protocol.encode(protocol.token_expired(expires_at))
         await self.send_chunk(protocol.sse_event(SseEvent.TOKEN_EXPIRED, data))
         await self.send_body(b"")
         raise StopConsumer()

@@ -33,7 +33,9 @@ def simplejwt_accepts(raw_token: str | None) -> bool:
 
 def test_valid_access_token_gives_the_user_and_its_expiry(user):
     token = AccessToken.for_user(user)
-    assert authenticate(str(token)) == (user, token["exp"])
+    credentials = authenticate(str(token))
+    assert (credentials.user, credentials.expires_at) == (user, token["exp"])
+    assert credentials.user_claim == token["user_id"]
 
 
 def signed(claims: dict, key: str = settings.SIMPLE_JWT["SIGNING_KEY"]) -> str:

@@ -12,6 +12,7 @@ from django.db import IntegrityError, OperationalError, transaction
 
 from mcp_platform.tasks import services, signals
 from mcp_platform.tasks.models import Task
+from realtime.protocol import CloseCode
 from tests.conftest import api_client, connect_user, open_websocket, token_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -163,20 +164,34 @@ def test_rolled_back_change_publishes_nothing(user, task):
     assert Task.objects.get(pk=task.pk).seq == 1
 
 
-@pytest.mark.parametrize("how", ["delete", "queryset", "owner"])
+@pytest.mark.parametrize("how", ["delete", "queryset"])
 def test_a_deletion_publishes_task_deleted_whichever_way_it_is_made(user, task, how):
     task_id = str(task.pk)  # delete() forgets it
 
     def change():
         if how == "delete":
             task.delete()
-        elif how == "queryset":
-            Task.objects.filter(pk=task.pk).delete()
         else:
-            type(user).objects.filter(pk=user.pk).delete()  # the owner's tasks go with them
+            Task.objects.filter(pk=task.pk).delete()
 
     deleted = watch(user, task, change)
     assert (deleted["type"], deleted["task_id"]) == ("task_deleted", task_id)
+
+
+def test_a_deleted_owners_tasks_are_published_deleted_before_their_connection_ends(user, task):
+    async def scenario():
+        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+            await connect_user(ws)
+            await ws.send_json_to({"action": "subscribe", "task_id": str(task.pk)})
+            assert (await ws.receive_json_from(timeout=5))["type"] == "subscribed"
+            # The owner's tasks go with them.
+            await database_sync_to_async(type(user).objects.filter(pk=user.pk).delete)()
+            deleted = await ws.receive_json_from(timeout=5)
+            assert (deleted["type"], deleted["task_id"]) == ("task_deleted", str(task.pk))
+            closed = await ws.receive_output(timeout=5)
+            assert closed == {"type": "websocket.close", "code": CloseCode.UNAUTHORIZED}
+
+    async_to_sync(scenario)()
 
 
 def test_a_copy_read_before_the_task_changed_hands_deletes_it_for_its_new_owner(
