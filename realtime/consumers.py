@@ -286,6 +286,8 @@ class InboxConsumerMixin:
         at once."""
         connection = self.connection
         assert connection is not None
+        if self.credentials is None and self.session_key() is None:
+            return True  # authenticated otherwise (another middleware): nothing to check
         try:
             user = await self.current_user()
         except Exception:

@@ -3,8 +3,9 @@
 A connection checks its credentials when they are given, when its token expires, and every
 ``SESSION_RECHECK_SECONDS`` for a session. Without this, a user deactivated, deleted or
 no longer staff in the admin kept their streams, and what they showed, until then: up to
-the token's lifetime. Saved changes are read against the stored row; ``QuerySet.update()``
-sends no signals, so a change made that way waits for those checks.
+the token's lifetime. Saved changes are read against the stored row. ``QuerySet.update()``
+sends no signals, and fixtures (``loaddata``) are saved raw, unread: a change made either
+way waits for those checks.
 """
 
 from typing import Any
@@ -39,9 +40,11 @@ def read_access(
     sender: type[AbstractBaseUser], instance: AbstractBaseUser, raw: bool, using: str, **kwargs: Any
 ) -> None:
     """Read the access fields as stored, before the save replaces them. A new user has no
-    connections; a login's save of ``last_login`` alone costs no read."""
+    row (or no pk yet) and no connections; a login's save of ``last_login`` alone costs no
+    read. What a save that failed left is dropped first."""
+    instance.__dict__.pop(STORED, None)
     fields = access_fields(sender, kwargs.get("update_fields"))
-    if raw or instance._state.adding or not fields:
+    if raw or instance.pk is None or not fields:
         return
     stored = sender._base_manager.using(using).filter(pk=instance.pk).values(*fields).first()
     instance.__dict__[STORED] = stored

@@ -13,8 +13,9 @@ import pytest
 import websockets
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
+from channels.testing import WebsocketCommunicator
 from django.conf import settings
-from django.db import OperationalError, transaction
+from django.db import IntegrityError, OperationalError, transaction
 from django.test import Client, override_settings
 from rest_framework_simplejwt.tokens import AccessToken
 from rest_framework_simplejwt.utils import get_md5_hash_password
@@ -22,6 +23,7 @@ from rest_framework_simplejwt.utils import get_md5_hash_password
 from mcp_platform.tasks import services
 from realtime import consumers, signals
 from realtime.connections import get_connection_manager
+from realtime.consumers import TaskConsumer
 from realtime.protocol import CloseCode
 from tests.conftest import ROOT, connect_user, open_websocket, server_database_url, token_for
 from tests.sse import InProcessStream
@@ -77,7 +79,7 @@ def checks(monkeypatch) -> list[int]:
 @pytest.mark.parametrize("change", ["deactivated", "deleted"])
 @pytest.mark.parametrize("credentials", ["token", "session"])
 def test_a_connection_ends_4401_at_once_when_its_user_is_deactivated_or_deleted(
-    user, other_user, change, credentials
+    user, other_user, change, credentials, checks
 ):
     """It went on streaming the user's tasks until the token expired or the session's next
     check (up to five minutes, and a minute)."""
@@ -105,10 +107,25 @@ def test_a_connection_ends_4401_at_once_when_its_user_is_deactivated_or_deleted(
                 deleted = await ws.receive_json_from(timeout=5)
                 assert deleted["type"] == "task_deleted"
             await assert_closed_4401(ws)
-            assert await manager.count_user_connections(user.pk) == 0
+            assert await manager.count_user_connections(user_id) == 0
             assert await manager.count_task_subscribers(task.pk) == 0
-            # Another user's connection is not touched.
+            # Another user's connection is not checked, and stays.
             assert (await request(bystander, {"action": "ping"}))["type"] == "pong"
+
+    user_id = user.pk  # a deletion forgets it
+    run(scenario)
+    assert checks == ([user_id] if credentials == "token" else [])
+
+
+def test_a_user_saved_from_an_instance_made_anew_is_read_as_stored(user):
+    """An instance built with the pk of a stored user is saved as an UPDATE of that row."""
+    fields = {"pk": user.pk, "username": user.username, "password": user.password}
+
+    async def scenario():
+        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+            await connect_user(ws)
+            await database_sync_to_async(type(user)(**fields, is_active=False).save)()
+            await assert_closed_4401(ws)
 
     run(scenario)
 
@@ -202,6 +219,48 @@ def test_saves_that_leave_access_alone_check_nothing(user, checks, django_assert
             user.save(update_fields=["last_login"])
         user.first_name = "Ada"
         user.save()
+
+    async def scenario():
+        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+            await connect_user(ws)
+            await database_sync_to_async(edit)()
+            await asyncio.sleep(0.3)
+            assert (await request(ws, {"action": "ping"}))["type"] == "pong"
+
+    run(scenario)
+    assert checks == []
+
+
+def test_a_connection_authenticated_otherwise_is_left_as_it_is(user):
+    """Behind another authentication middleware, a connection has neither token nor
+    session to check again: it was ended by any change, being made staff included."""
+    communicator = WebsocketCommunicator(TaskConsumer.as_asgi(), "/ws")
+    communicator.scope["user"] = user
+
+    async def scenario():
+        try:
+            await connect_user(communicator)
+            await database_sync_to_async(set_staff)(user, True)
+            await asyncio.sleep(0.3)
+            assert (await request(communicator, {"action": "ping"}))["type"] == "pong"
+        finally:
+            await communicator.disconnect()
+
+    run(scenario)
+
+
+def test_a_failed_save_leaves_nothing_for_the_next_to_compare(user, other_user, checks):
+    """What the failed save read was compared by the next save of other fields, with a
+    change the caller had yet to save."""
+
+    def edit() -> None:
+        user.username = other_user.username
+        with pytest.raises(IntegrityError), transaction.atomic():
+            user.save()
+        user.refresh_from_db()
+        user.is_staff = True  # not saved: the save below writes the name alone
+        user.first_name = "Ada"
+        user.save(update_fields=["first_name"])
 
     async def scenario():
         async with open_websocket(f"/ws?token={token_for(user)}") as ws:
