@@ -1,9 +1,10 @@
 """Authentication and origin checks for the WebSocket and SSE transports."""
 
+import io
 from collections.abc import Callable
 from importlib import import_module
 from typing import Any, NamedTuple
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, urlparse, urlsplit
 
 from channels.auth import AuthMiddlewareStack
 from channels.auth import get_user as get_session_user
@@ -13,7 +14,9 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.contrib.auth.models import AnonymousUser
-from django.core.exceptions import ValidationError
+from django.core.exceptions import DisallowedHost, ValidationError
+from django.core.handlers.asgi import ASGIRequest
+from django.utils.http import is_same_domain
 from rest_framework.exceptions import APIException
 from rest_framework_simplejwt import settings as simplejwt_settings
 from rest_framework_simplejwt.authentication import JWTAuthentication
@@ -183,10 +186,13 @@ class TokenAuthMiddleware:
         self,
         inner: Any,
         token_of: Callable[[dict[str, Any]], str | None] = query_token,
+        session_guard: Callable[[Any], Any] | None = None,
     ) -> None:
         self.inner = inner
         self.token_of = token_of
         self.session_inner = AuthMiddlewareStack(inner)
+        if session_guard is not None:  # checks what a session would authenticate
+            self.session_inner = session_guard(self.session_inner)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
         failure = credentials = None
@@ -230,6 +236,50 @@ class OptionalOriginValidator(OriginValidator):
         return super().valid_origin(parsed_origin)
 
 
+def own_origin(scope: dict[str, Any], origin: str) -> bool:
+    """Whether ``origin`` is the origin the request reached, or one of
+    ``CSRF_TRUSTED_ORIGINS``: the rule of Django's CSRF protection, with the scheme, host
+    and port read as Django reads a request's (``SECURE_PROXY_SSL_HEADER``,
+    ``USE_X_FORWARDED_HOST``, ``ALLOWED_HOSTS``)."""
+    scheme = "https" if scope.get("scheme") in ("wss", "https") else "http"
+    request = ASGIRequest({**scope, "method": "GET", "scheme": scheme}, io.BytesIO())
+    try:
+        own = f"{'https' if request.is_secure() else 'http'}://{request.get_host()}"
+    except DisallowedHost:
+        own = None
+    trusted = settings.CSRF_TRUSTED_ORIGINS
+    if origin == own or origin in trusted:
+        return True
+    try:
+        parsed = urlsplit(origin)
+    except ValueError:
+        return False
+    wildcards = (urlsplit(pattern) for pattern in trusted if "*" in pattern)
+    return any(
+        pattern.scheme == parsed.scheme
+        and is_same_domain(parsed.netloc, pattern.netloc.removeprefix("*"))
+        for pattern in wildcards
+    )
+
+
+class OwnOriginValidator:
+    """Refuses a WebSocket handshake whose ``Origin`` is not the server's own
+    (``own_origin()``), as Django refuses such a form post. A browser sends a site's session
+    cookie with a handshake from any page of the same site (another port, or plain
+    ``http``), and the host check of ``ALLOWED_HOSTS`` let those through: the page's script
+    then held the user's session. A handshake without ``Origin`` is not a browser's, and
+    passes."""
+
+    def __init__(self, application: Any) -> None:
+        self.application = application
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
+        origins = [value for name, value in scope.get("headers", ()) if name == b"origin"]
+        if all(own_origin(scope, origin.decode("latin-1")) for origin in origins):
+            return await self.application(scope, receive, send)
+        return await WebsocketDenier()(scope, receive, send)
+
+
 def allowed_hosts_origin_validator(application: Any) -> OptionalOriginValidator:
     allowed = list(settings.ALLOWED_HOSTS)
     if settings.DEBUG and not allowed:
@@ -238,8 +288,11 @@ def allowed_hosts_origin_validator(application: Any) -> OptionalOriginValidator:
 
 
 def websocket_auth_stack(application: Any) -> Any:
-    """Origin check, then ``?token=`` or session authentication."""
-    return allowed_hosts_origin_validator(TokenAuthMiddleware(application))
+    """Origin check, then ``?token=`` or session authentication; a session's handshake
+    must come from the server's own origin."""
+    return allowed_hosts_origin_validator(
+        TokenAuthMiddleware(application, session_guard=OwnOriginValidator)
+    )
 
 
 def http_auth_stack(application: Any) -> Any:

@@ -299,6 +299,49 @@ def test_origin_must_be_an_allowed_host_when_sent(user, origin, accepted):
     run(scenario)
 
 
+@pytest.mark.parametrize(
+    ("origin", "trusted", "accepted"),
+    [
+        (None, [], True),
+        (b"http://localhost:8000", [], True),  # the server's own
+        (b"http://localhost:1234", [], False),  # another port of the same host
+        (b"https://localhost:8000", [], False),  # another scheme
+        (b"http://127.0.0.1:8000", [], False),  # another allowed host
+        (b"http://localhost:1234", ["http://localhost:1234"], True),
+        (b"https://localhost", ["https://*.localhost"], True),
+    ],
+)
+def test_a_session_handshake_must_come_from_the_servers_own_origin(
+    session_cookie, user, origin, trusted, accepted
+):
+    """The allowed hosts let any port and scheme of a host through: a page on another port,
+    or a plain-http page of the site, opened a WebSocket on the user's session. Others are
+    let in as Django's CSRF protection lets them post (``CSRF_TRUSTED_ORIGINS``)."""
+    headers = [(b"host", b"localhost:8000"), session_cookie]
+    headers += [] if origin is None else [(b"origin", origin)]
+
+    async def scenario():
+        async with open_websocket("/ws", headers=headers) as ws:
+            result, _ = await ws.connect(timeout=5)
+            assert result is accepted
+            if accepted:
+                assert (await ws.receive_json_from(timeout=5))["user_id"] == user.pk
+
+    with override_settings(CSRF_TRUSTED_ORIGINS=trusted):
+        run(scenario)
+
+
+def test_a_token_handshake_may_come_from_any_allowed_host(user):
+    """A token is no ambient credential: a page holds it only if its script was given it."""
+    headers = [(b"host", b"localhost:8000"), (b"origin", b"http://localhost:1234")]
+
+    async def scenario():
+        async with open_websocket(f"/ws?token={token_for(user)}", headers=headers) as ws:
+            assert (await connect_user(ws))["user_id"] == user.pk
+
+    run(scenario)
+
+
 def test_subscribe_ping_and_unsubscribe_echo_ids(user, task):
     async def scenario():
         async with open_websocket(f"/ws?token={token_for(user)}") as ws:

@@ -12,6 +12,8 @@ import aiohttp
 import pytest
 import websockets
 from asgiref.sync import async_to_sync
+from django.conf import settings
+from django.test import Client
 
 from bench.procstat import rss_kib
 from mcp_platform.tasks import services
@@ -188,6 +190,26 @@ def test_foreign_origin_is_refused_403_and_no_origin_is_allowed(daphne_server, u
             await receive_type(ws, "connected")
         async with websockets.connect(url) as ws:  # no Origin header at all
             await receive_type(ws, "connected")
+
+    async_to_sync(scenario)()
+
+
+def test_a_session_handshake_from_another_port_of_the_host_is_refused_403(daphne_server, user):
+    client = Client()
+    client.force_login(user)
+    cookie = client.cookies[settings.SESSION_COOKIE_NAME]
+    headers = {"Cookie": f"{cookie.key}={cookie.value}"}
+    url, own = f"{daphne_server.ws_url}/ws", f"http://127.0.0.1:{daphne_server.port}"
+
+    async def scenario():
+        with pytest.raises(websockets.InvalidStatus) as caught:
+            async with websockets.connect(
+                url, origin=f"http://127.0.0.1:{daphne_server.port + 1}", additional_headers=headers
+            ):
+                pass
+        assert caught.value.response.status_code == 403
+        async with websockets.connect(url, origin=own, additional_headers=headers) as ws:
+            assert (await receive_type(ws, "connected"))["user_id"] == user.pk
 
     async_to_sync(scenario)()
 
