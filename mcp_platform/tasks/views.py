@@ -3,6 +3,7 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from rest_framework import mixins, viewsets
+from rest_framework.pagination import CursorPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.serializers import BaseSerializer
@@ -11,6 +12,18 @@ from mcp_platform.api import as_api_validation_error
 from mcp_platform.tasks import services
 from mcp_platform.tasks.selectors import visible_tasks
 from mcp_platform.tasks.serializers import TaskSerializer
+
+
+class TaskPages(CursorPagination):
+    """A listing's pages: the newest tasks first, ``page_size`` (at most 1,000) to a page,
+    each page's cursor right however many tasks are added meanwhile. Unpaged, one listing
+    answered every task, which for staff is every user's: a review measured a 96 MB answer
+    and 270 MB more of the server's memory for 40 tasks with large results."""
+
+    ordering = "-created_at"
+    page_size = 100
+    page_size_query_param = "page_size"
+    max_page_size = 1000
 
 
 class TaskViewSet(
@@ -23,6 +36,7 @@ class TaskViewSet(
     """Tasks of the requesting user (staff: all). Another user's task is a 404."""
 
     serializer_class = TaskSerializer
+    pagination_class = TaskPages
     http_method_names = ["get", "post", "patch", "head", "options"]
 
     def get_queryset(self):

@@ -17,6 +17,7 @@ from rest_framework.test import APIClient
 from mcp_platform.tasks import services
 from mcp_platform.tasks.models import Task
 from mcp_platform.tasks.serializers import TaskSerializer
+from mcp_platform.tasks.views import TaskPages
 from tests.conftest import PASSWORD, api_client
 
 pytestmark = pytest.mark.django_db
@@ -91,8 +92,9 @@ def test_create_needs_a_name(user):
 def test_users_see_their_own_tasks_and_staff_see_all(user, other_user, staff_user):
     mine = services.create_task(owner=user, name="mine")
     theirs = services.create_task(owner=other_user, name="theirs")
-    assert [t["id"] for t in api_client(user).get("/api/tasks/").json()] == [str(mine.pk)]
-    assert {t["id"] for t in api_client(staff_user).get("/api/tasks/").json()} == {
+    listed = api_client(user).get("/api/tasks/").json()["results"]
+    assert [t["id"] for t in listed] == [str(mine.pk)]
+    assert {t["id"] for t in api_client(staff_user).get("/api/tasks/").json()["results"]} == {
         str(mine.pk),
         str(theirs.pk),
     }
@@ -110,6 +112,28 @@ def test_users_see_their_own_tasks_and_staff_see_all(user, other_user, staff_use
     )
 
 
+def test_a_listing_comes_in_pages_of_the_newest_first(user, monkeypatch):
+    """It answered every task at once, however many there were."""
+    created = [services.create_task(owner=user, name=f"t{n}") for n in range(101)]
+    client = api_client(user)
+    first = client.get("/api/tasks/").json()
+    assert len(first["results"]) == 100 and first["previous"] is None
+    assert [t["id"] for t in first["results"]] == [str(t.pk) for t in reversed(created)][:100]
+    assert [t["id"] for t in client.get(first["next"]).json()["results"]] == [str(created[0].pk)]
+    seen, page = [], "/api/tasks/?page_size=7"
+    while page:
+        body = client.get(page).json()
+        seen += [t["id"] for t in body["results"]]
+        page = body["next"]
+    assert seen == [str(t.pk) for t in reversed(created)]
+    monkeypatch.setattr(TaskPages, "max_page_size", 3)
+    assert len(client.get("/api/tasks/?page_size=500").json()["results"]) == 3
+
+
+def test_a_cursor_that_is_none_of_ours_is_a_json_404(user):
+    assert_error(api_client(user).get("/api/tasks/?cursor=forged"), 404, "not_found")
+
+
 def test_tasks_name_their_owner_by_id_without_reading_the_owners(user, staff_user):
     task = services.create_task(owner=user, name="theirs")
     user_table = type(user)._meta.db_table
@@ -123,7 +147,7 @@ def test_tasks_name_their_owner_by_id_without_reading_the_owners(user, staff_use
             response = getattr(client, method)(path, body, format="json")
         assert response.status_code == 200, response.content
         shown = response.json()
-        assert (shown[0] if isinstance(shown, list) else shown)["owner"] == user.pk
+        assert shown.get("results", [shown])[0]["owner"] == user.pk
         # The one read of a user is the requester's, by the token's authentication.
         reads_of_users = [q["sql"] for q in queries if user_table in q["sql"]]
         assert len(reads_of_users) == 1, reads_of_users
