@@ -54,7 +54,7 @@ PROTOCOL_ERROR_STATUS = {
 
 STREAM_HEADERS = [
     (b"Content-Type", b"text/event-stream"),
-    (b"Cache-Control", b"no-cache"),
+    (b"Cache-Control", b"no-store"),
     # Tells nginx not to buffer the stream.
     (b"X-Accel-Buffering", b"no"),
     (b"X-Content-Type-Options", b"nosniff"),

@@ -33,7 +33,7 @@ transactional = pytest.mark.django_db(transaction=True)
 
 STREAM_HEADERS = {
     "Content-Type": ["text/event-stream"],
-    "Cache-Control": ["no-cache"],
+    "Cache-Control": ["no-store"],
     "X-Accel-Buffering": ["no"],
     "Connection": ["keep-alive"],
 }

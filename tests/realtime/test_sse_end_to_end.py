@@ -58,7 +58,7 @@ async def header_auth_round_trip(stream_base: str, patch_base: str, user, task) 
         ) as response:
             assert response.status == 200
             assert response.headers.getall("Content-Type") == ["text/event-stream"]
-            assert response.headers.getall("Cache-Control") == ["no-cache"]
+            assert response.headers.getall("Cache-Control") == ["no-store"]
             assert response.headers.getall("X-Accel-Buffering") == ["no"]
             assert response.headers.getall("Connection") == ["keep-alive"]
             assert response.headers.getall("Transfer-Encoding") == ["chunked"]
@@ -97,7 +97,7 @@ def test_query_token_stream_wire_format(daphne_server, user, task):
         try:
             assert response.status_line == "HTTP/1.1 200 OK"
             assert response.header("Content-Type") == ["text/event-stream"]
-            assert response.header("Cache-Control") == ["no-cache"]
+            assert response.header("Cache-Control") == ["no-store"]
             assert response.header("X-Accel-Buffering") == ["no"]
             assert response.header("Connection") == ["keep-alive"]
             assert response.header("Transfer-Encoding") == ["chunked"]
