@@ -16,7 +16,7 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 
 DEBUG = env_bool("DJANGO_DEBUG", False)
 SECRET_KEY = env_str("DJANGO_SECRET_KEY")
-if not SECRET_KEY:
+if not SECRET_KEY.strip():  # blanks sign sessions and tokens that anyone can forge
     if not DEBUG:
         raise ImproperlyConfigured("DJANGO_SECRET_KEY must be set when DJANGO_DEBUG is off.")
     SECRET_KEY = "insecure-development-key-only-used-with-debug-on"
@@ -144,6 +144,7 @@ REST_FRAMEWORK = {
 # Ten years. Much longer is no expiry at all, and a token whose expiry would fall after the
 # year 9999 cannot be issued: every request for one failed with a 500.
 MAX_TOKEN_LIFETIME_SECONDS = 10 * 365 * 24 * 3600
+JWT_SIGNING_KEY = env_str("JWT_SIGNING_KEY")
 SIMPLE_JWT = {
     "ACCESS_TOKEN_LIFETIME": timedelta(
         seconds=env_int(
@@ -155,7 +156,7 @@ SIMPLE_JWT = {
             "JWT_REFRESH_LIFETIME_SECONDS", 86400, minimum=1, maximum=MAX_TOKEN_LIFETIME_SECONDS
         )
     ),
-    "SIGNING_KEY": env_str("JWT_SIGNING_KEY") or SECRET_KEY,
+    "SIGNING_KEY": JWT_SIGNING_KEY if JWT_SIGNING_KEY.strip() else SECRET_KEY,
     "ALGORITHM": "HS256",
     "UPDATE_LAST_LOGIN": False,
     "TOKEN_REFRESH_SERIALIZER": "mcp_platform.tokens.TokenRefreshSerializer",

@@ -34,8 +34,11 @@ def value_of(env: dict[str, str], expression: str):
     return json.loads(result.stdout)
 
 
-def test_refuses_to_start_with_debug_off_and_no_secret_key():
-    result = settings_of({"DJANGO_DEBUG": "0"}, "1")
+@pytest.mark.parametrize("key", [None, "", "  \t"])
+def test_refuses_to_start_with_debug_off_and_no_secret_key(key):
+    """A blank one was taken, to sign sessions and tokens."""
+    env = {"DJANGO_DEBUG": "0"} if key is None else {"DJANGO_DEBUG": "0", "DJANGO_SECRET_KEY": key}
+    result = settings_of(env, "1")
     assert result.returncode != 0
     assert "DJANGO_SECRET_KEY must be set" in result.stderr
 
@@ -46,6 +49,8 @@ def test_debug_is_off_by_default():
 
 def test_jwt_signing_key_defaults_to_the_secret_key_and_can_be_set():
     env = {"DJANGO_SECRET_KEY": "s" * 40}
+    assert value_of(env, "settings.SIMPLE_JWT['SIGNING_KEY']") == "s" * 40
+    env["JWT_SIGNING_KEY"] = " "  # blank: the secret key signs
     assert value_of(env, "settings.SIMPLE_JWT['SIGNING_KEY']") == "s" * 40
     env["JWT_SIGNING_KEY"] = "j" * 40
     assert value_of(env, "settings.SIMPLE_JWT['SIGNING_KEY']") == "j" * 40
