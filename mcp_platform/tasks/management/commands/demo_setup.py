@@ -1,5 +1,6 @@
+from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
 from mcp_platform.tasks import services
 from mcp_platform.tasks.models import Task
@@ -12,6 +13,12 @@ class Command(BaseCommand):
     help = "Create the demo user (staff, so it can also use the admin) and a task, once."
 
     def handle(self, *args, **options) -> None:
+        if not settings.DEBUG:
+            # A superuser whose password is in the README is a way into any server.
+            raise CommandError(
+                "demo_setup creates a superuser with a published password: it runs only with "
+                "DJANGO_DEBUG on (make run sets it)."
+            )
         User = get_user_model()
         user, created = User.objects.get_or_create(
             username=USERNAME, defaults={"is_staff": True, "is_superuser": True}

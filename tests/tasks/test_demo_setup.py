@@ -1,0 +1,29 @@
+"""``manage.py demo_setup``: the demo user and task, for development servers only."""
+
+import io
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.management import CommandError, call_command
+from django.test import override_settings
+
+from mcp_platform.tasks.management.commands.demo_setup import USERNAME
+from mcp_platform.tasks.models import Task
+
+pytestmark = pytest.mark.django_db
+
+
+def test_it_refuses_to_make_its_superuser_with_debug_off():
+    """Its password is published: on a production server it was a way in."""
+    with override_settings(DEBUG=False), pytest.raises(CommandError, match="DJANGO_DEBUG"):
+        call_command("demo_setup", stdout=io.StringIO())
+    assert not get_user_model().objects.filter(username=USERNAME).exists()
+
+
+def test_it_makes_the_demo_user_and_one_task_once_with_debug_on():
+    with override_settings(DEBUG=True):
+        call_command("demo_setup", stdout=io.StringIO())
+        call_command("demo_setup", stdout=io.StringIO())
+    user = get_user_model().objects.get(username=USERNAME)
+    assert user.is_superuser and user.check_password("demo-password")
+    assert Task.objects.filter(owner=user).count() == 1
