@@ -1,15 +1,19 @@
+from datetime import UTC
 from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.utils import timezone
 from rest_framework import mixins, viewsets
-from rest_framework.pagination import CursorPagination
+from rest_framework.exceptions import NotFound
+from rest_framework.pagination import Cursor, CursorPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.serializers import BaseSerializer
 
 from mcp_platform.api import as_api_validation_error
 from mcp_platform.tasks import services
+from mcp_platform.tasks.models import Task
 from mcp_platform.tasks.selectors import visible_tasks
 from mcp_platform.tasks.serializers import TaskSerializer
 
@@ -24,6 +28,23 @@ class TaskPages(CursorPagination):
     page_size = 100
     page_size_query_param = "page_size"
     max_page_size = 1000
+
+    def decode_cursor(self, request: Request) -> Cursor | None:
+        """DRF's, except that a cursor whose position is no time a task could be created at
+        (one made by hand) is invalid like any other, a 404: the query took it, and
+        answered a 400 or, on SQLite, a 500 past the year 9999 in UTC. The cursors made
+        here carry times with their offset from UTC."""
+        cursor = super().decode_cursor(request)
+        if cursor is not None and cursor.position is not None:
+            field = Task._meta.get_field(type(self).ordering.lstrip("-"))
+            try:
+                position = field.to_python(cursor.position)
+                valid = timezone.is_aware(position) and bool(position.astimezone(UTC))
+            except (ValidationError, OverflowError):
+                valid = False
+            if not valid:
+                raise NotFound(self.invalid_cursor_message)
+        return cursor
 
 
 class TaskViewSet(

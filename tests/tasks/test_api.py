@@ -1,5 +1,6 @@
 """The REST API: tokens, tasks, visibility, transitions and the one error shape."""
 
+import base64
 import json
 import threading
 import time
@@ -130,8 +131,22 @@ def test_a_listing_comes_in_pages_of_the_newest_first(user, monkeypatch):
     assert len(client.get("/api/tasks/?page_size=500").json()["results"]) == 3
 
 
-def test_a_cursor_that_is_none_of_ours_is_a_json_404(user):
-    assert_error(api_client(user).get("/api/tasks/?cursor=forged"), 404, "not_found")
+@pytest.mark.parametrize(
+    "position",
+    [
+        None,  # no cursor at all
+        "2026",
+        "2026-13-45 00:00:00",
+        "9999-12-31 23:59:59.999999-14:00",  # past the year 9999 in UTC
+        "2026-01-01 00:00:00",  # no offset from UTC
+    ],
+)
+def test_a_cursor_that_is_none_of_ours_is_a_json_404(user, position):
+    """A position no task could have went to the query: a 400, or a 500 past 9999."""
+    services.create_task(owner=user, name="listed")
+    cursor = "forged" if position is None else base64.b64encode(f"p={position}".encode())
+    response = api_client(user).get("/api/tasks/", {"cursor": cursor})
+    assert_error(response, 404, "not_found")
 
 
 def test_tasks_name_their_owner_by_id_without_reading_the_owners(user, staff_user):
