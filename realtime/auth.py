@@ -210,23 +210,27 @@ class TokenAuthMiddleware:
 
 
 class OptionalOriginValidator(OriginValidator):
-    """Channels' origin check, except that a handshake without ``Origin`` passes.
+    """Channels' origin check, except that a handshake without ``Origin`` passes, and so
+    does one from ``CSRF_TRUSTED_ORIGINS``.
 
     Browsers always send ``Origin``, and the check exists to protect them; services and
-    command-line clients send none and hold their credentials themselves.
+    command-line clients send none and hold their credentials themselves. A trusted origin
+    may open a session's WebSocket (``own_origin()``), so it passes here too, whatever its
+    host.
     """
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
         """Channels' check, except that an ``Origin`` that is no URL (an unclosed IPv6
         bracket) is refused: Channels' raised ``ValueError``, a 500."""
-        origin = None
+        origin = text = None
         for name, value in scope.get("headers", ()):
             if name == b"origin":
+                text = value.decode("latin-1")
                 try:
-                    origin = urlparse(value.decode("latin-1"))
+                    origin = urlparse(text)
                 except ValueError:
                     return await WebsocketDenier()(scope, receive, send)
-        if self.valid_origin(origin):
+        if self.valid_origin(origin) or (text is not None and trusted_origin(text)):
             return await self.application(scope, receive, send)
         return await WebsocketDenier()(scope, receive, send)
 
@@ -247,8 +251,14 @@ def own_origin(scope: dict[str, Any], origin: str) -> bool:
         own = f"{'https' if request.is_secure() else 'http'}://{request.get_host()}"
     except DisallowedHost:
         own = None
+    return origin == own or trusted_origin(origin)
+
+
+def trusted_origin(origin: str) -> bool:
+    """Whether ``origin`` is one of ``CSRF_TRUSTED_ORIGINS``, wildcards as Django reads them
+    (``https://*.example.com``: that host and its subdomains, over ``https``)."""
     trusted = settings.CSRF_TRUSTED_ORIGINS
-    if origin == own or origin in trusted:
+    if origin in trusted:
         return True
     try:
         parsed = urlsplit(origin)

@@ -309,6 +309,7 @@ def test_origin_must_be_an_allowed_host_when_sent(user, origin, accepted):
         (b"http://127.0.0.1:8000", [], False),  # another allowed host
         (b"http://localhost:1234", ["http://localhost:1234"], True),
         (b"https://localhost", ["https://*.localhost"], True),
+        (b"https://app.example.com", ["https://*.example.com"], True),  # no allowed host
     ],
 )
 def test_a_session_handshake_must_come_from_the_servers_own_origin(
