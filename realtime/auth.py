@@ -242,9 +242,9 @@ class OptionalOriginValidator(OriginValidator):
 
 def own_origin(scope: dict[str, Any], origin: str) -> bool:
     """Whether ``origin`` is the origin the request reached, or one of
-    ``CSRF_TRUSTED_ORIGINS``: the rule of Django's CSRF protection, with the scheme, host
-    and port read as Django reads a request's (``SECURE_PROXY_SSL_HEADER``,
-    ``USE_X_FORWARDED_HOST``, ``ALLOWED_HOSTS``)."""
+    ``CSRF_TRUSTED_ORIGINS``: the rule of Django's CSRF protection, with the host and port
+    read as Django reads a request's (``ALLOWED_HOSTS``), and the scheme from the scope
+    (``realtime.server.websocket_scheme()``)."""
     scheme = "https" if scope.get("scheme") in ("wss", "https") else "http"
     request = ASGIRequest({**scope, "method": "GET", "scheme": scheme}, io.BytesIO())
     try:

@@ -18,6 +18,7 @@ from typing import Any
 
 import daphne.cli
 from daphne.server import Server
+from twisted.internet.interfaces import ISSLTransport
 
 from realtime.layers import UNBOUNDED, ChannelQueue
 
@@ -97,6 +98,7 @@ class NowaitServer(Server):
         # HTTP request's body is in memory before it is queued: only a WebSocket's messages
         # arrive while the application runs.
         if scope["type"] == "websocket":
+            scope.setdefault("scheme", websocket_scheme(protocol))
             input_queue = ReadingQueue(protocol)
         else:
             input_queue = ChannelQueue(UNBOUNDED)
@@ -107,6 +109,18 @@ class NowaitServer(Server):
             return None
         self.connections[protocol]["application_instance"] = asyncio.ensure_future(instance)
         return input_queue
+
+
+def websocket_scheme(protocol: Any) -> str:
+    """``wss`` or ``ws``, which Daphne leaves out of a WebSocket's scope (ASGI's default is
+    ``ws``), read as Daphne reads an HTTP request's scheme: ``X-Forwarded-Proto`` with
+    ``--proxy-headers``, else whether the connection is TLS. A session's handshake is
+    refused unless its page's origin has the same scheme (``realtime.auth.own_origin()``):
+    without it, the site's own https pages were refused and its plain-http ones let in."""
+    forwarded = getattr(protocol, "client_scheme", None)  # Daphne's, from the proxy's header
+    if forwarded:
+        return "wss" if forwarded in ("https", "wss") else "ws"
+    return "ws" if ISSLTransport(protocol.transport, None) is None else "wss"
 
 
 def install() -> None:

@@ -4,6 +4,8 @@ import asyncio
 import contextlib
 import json
 import os
+import ssl
+import subprocess
 import sys
 import uuid
 from datetime import timedelta
@@ -195,21 +197,87 @@ def test_foreign_origin_is_refused_403_and_no_origin_is_allowed(daphne_server, u
 
 
 def test_a_session_handshake_from_another_port_of_the_host_is_refused_403(daphne_server, user):
+    url, port = f"{daphne_server.ws_url}/ws", daphne_server.port
+    headers = session_headers(user)
+
+    async def scenario():
+        assert await handshake_status(url, f"http://127.0.0.1:{port}", headers) == 101
+        assert await handshake_status(url, f"http://127.0.0.1:{port + 1}", headers) == 403
+
+    async_to_sync(scenario)()
+
+
+def session_headers(user) -> dict[str, str]:
     client = Client()
     client.force_login(user)
     cookie = client.cookies[settings.SESSION_COOKIE_NAME]
-    headers = {"Cookie": f"{cookie.key}={cookie.value}"}
-    url, own = f"{daphne_server.ws_url}/ws", f"http://127.0.0.1:{daphne_server.port}"
+    return {"Cookie": f"{cookie.key}={cookie.value}"}
+
+
+async def handshake_status(url: str, origin: str, headers: dict, **options) -> int:
+    """101 if the handshake was accepted (and ``connected`` followed), else its status."""
+    try:
+        connecting = websockets.connect(url, origin=origin, additional_headers=headers, **options)
+        async with connecting as ws:
+            await receive_type(ws, "connected")
+            return 101
+    except websockets.InvalidStatus as refused:
+        return refused.response.status_code
+
+
+@pytest.fixture(scope="module")
+def tls_server(django_db_setup, tmp_path_factory):
+    """A server that also listens with TLS, on a certificate of its own."""
+    tmp = tmp_path_factory.mktemp("tls")
+    key, cert = tmp / "key.pem", tmp / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    port = free_port()
+    endpoint = f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+    server = start_server(tmp, args=["-e", endpoint])
+    context = ssl.create_default_context(cafile=str(cert))
+    yield f"wss://127.0.0.1:{port}/ws", f"https://127.0.0.1:{port}", context
+    server.stop()
+
+
+def test_a_session_handshake_over_tls_must_come_from_the_https_origin(tls_server, user):
+    """Daphne's WebSocket scope had no scheme: the site's own https page was refused, and a
+    plain-http page of it let in."""
+    url, own, context = tls_server
+    headers = session_headers(user)
 
     async def scenario():
-        with pytest.raises(websockets.InvalidStatus) as caught:
-            async with websockets.connect(
-                url, origin=f"http://127.0.0.1:{daphne_server.port + 1}", additional_headers=headers
-            ):
-                pass
-        assert caught.value.response.status_code == 403
-        async with websockets.connect(url, origin=own, additional_headers=headers) as ws:
-            assert (await receive_type(ws, "connected"))["user_id"] == user.pk
+        assert await handshake_status(url, own, headers, ssl=context) == 101
+        plain = own.replace("https://", "http://")
+        assert await handshake_status(url, plain, headers, ssl=context) == 403
+
+    async_to_sync(scenario)()
+
+
+@pytest.fixture(scope="module")
+def proxied_server(django_db_setup, tmp_path_factory):
+    """A server behind a proxy that terminates TLS, told so by X-Forwarded-Proto."""
+    server = start_server(tmp_path_factory.mktemp("proxied"), args=["--proxy-headers"])
+    yield server
+    server.stop()
+
+
+def test_a_session_handshake_through_a_tls_proxy_must_come_from_the_https_origin(
+    proxied_server, user
+):
+    url, host = f"{proxied_server.ws_url}/ws", f"127.0.0.1:{proxied_server.port}"
+    forwarded = {**session_headers(user), "X-Forwarded-For": "10.0.0.1"}
+
+    async def scenario():
+        https = {**forwarded, "X-Forwarded-Proto": "https"}
+        assert await handshake_status(url, f"https://{host}", https) == 101
+        assert await handshake_status(url, f"http://{host}", https) == 403
+        assert await handshake_status(url, f"http://{host}", forwarded) == 101  # plain http
 
     async_to_sync(scenario)()
 
