@@ -24,7 +24,9 @@ class TaskPages(CursorPagination):
     answered every task, which for staff is every user's: a review measured a 96 MB answer
     and 270 MB more of the server's memory for 40 tasks with large results."""
 
-    ordering = "-created_at"
+    # The id breaks ties of time, so that a page's offset among equal times is the same
+    # from one query to the next (PostgreSQL returned ties in any order).
+    ordering = ("-created_at", "-id")
     page_size = 100
     page_size_query_param = "page_size"
     max_page_size = 1000
@@ -36,7 +38,7 @@ class TaskPages(CursorPagination):
         here carry times with their offset from UTC."""
         cursor = super().decode_cursor(request)
         if cursor is not None and cursor.position is not None:
-            field = Task._meta.get_field(type(self).ordering.lstrip("-"))
+            field = Task._meta.get_field(type(self).ordering[0].lstrip("-"))
             try:
                 position = field.to_python(cursor.position)
                 valid = timezone.is_aware(position) and bool(position.astimezone(UTC))

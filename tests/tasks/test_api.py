@@ -131,6 +131,24 @@ def test_a_listing_comes_in_pages_of_the_newest_first(user, monkeypatch):
     assert len(client.get("/api/tasks/?page_size=500").json()["results"]) == 3
 
 
+def test_tasks_created_at_the_same_time_are_each_listed_once(user, other_user, staff_user):
+    """Ordered by time alone, PostgreSQL returned ties in any order from one page's query
+    to the next, and a staff listing repeated some tasks and lost others."""
+    for owner in (user, other_user) * 15:
+        services.create_task(owner=owner, name="tied")
+    tasks = list(Task.objects.order_by("pk"))
+    for group in range(3):
+        moment = tasks[0].created_at.replace(microsecond=group)
+        Task.objects.filter(pk__in=[t.pk for t in tasks[group::3]]).update(created_at=moment)
+    client, seen, page = api_client(staff_user), [], "/api/tasks/?page_size=7"
+    while page:
+        body = client.get(page).json()
+        seen += [t["id"] for t in body["results"]]
+        page = body["next"]
+    expected = Task.objects.order_by("-created_at", "-id").values_list("pk", flat=True)
+    assert seen == [str(pk) for pk in expected]
+
+
 @pytest.mark.parametrize(
     "position",
     [
