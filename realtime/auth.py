@@ -246,7 +246,10 @@ def own_origin(scope: dict[str, Any], origin: str) -> bool:
     read as Django reads a request's (``ALLOWED_HOSTS``), and the scheme from the scope
     (``realtime.server.websocket_scheme()``)."""
     scheme = "https" if scope.get("scheme") in ("wss", "https") else "http"
-    request = ASGIRequest({**scope, "method": "GET", "scheme": scheme}, io.BytesIO())
+    # Only the headers and scheme count: the query, undecodable bytes and all, is left out.
+    request = ASGIRequest(
+        {**scope, "method": "GET", "scheme": scheme, "query_string": b""}, io.BytesIO()
+    )
     try:
         own = f"{'https' if request.is_secure() else 'http'}://{request.get_host()}"
     except DisallowedHost:

@@ -332,6 +332,24 @@ def test_a_session_handshake_must_come_from_the_servers_own_origin(
         run(scenario)
 
 
+def test_a_session_handshake_with_a_query_of_undecodable_bytes_is_checked_not_crashed(
+    session_cookie, user
+):
+    """The origin check built Django's request of the handshake, whose query it decodes."""
+    headers = [(b"host", b"localhost:8000"), (b"origin", b"http://localhost:8000"), session_cookie]
+
+    communicator = make_communicator("/ws", headers=headers)
+    communicator.scope["query_string"] = b"x=\xff"
+
+    async def scenario():
+        try:
+            assert (await connect_user(communicator))["user_id"] == user.pk
+        finally:
+            await communicator.disconnect()
+
+    run(scenario)
+
+
 def test_a_token_handshake_may_come_from_any_allowed_host(user):
     """A token is no ambient credential: a page holds it only if its script was given it."""
     headers = [(b"host", b"localhost:8000"), (b"origin", b"http://localhost:1234")]
