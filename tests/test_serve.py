@@ -186,6 +186,8 @@ def test_the_servers_send_also_sends_without_waiting_until_the_connection_is_gon
     a ``ReadingQueue`` of its connection."""
 
     class Protocol:
+        transport = None  # no TLS
+
         def __init__(self) -> None:
             self.sent = []
 
@@ -198,6 +200,7 @@ def test_the_servers_send_also_sends_without_waiting_until_the_connection_is_gon
     sends = []
 
     async def application(scope, receive, send):
+        assert scope["scheme"] == "ws"  # which Daphne leaves out
         sends.append(send)
 
     async def scenario():
