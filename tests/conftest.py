@@ -1,6 +1,7 @@
 """Shared fixtures: users and tokens, WebSocket communicators that always disconnect,
 real services (Redis) that fail loudly in CI, and real Daphne servers on free ports."""
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -218,6 +219,22 @@ def server_database_url() -> str:
     auth = f"{user}{password}@" if user else ""
     port = f":{settings['PORT']}" if settings.get("PORT") else ""
     return f"postgres://{auth}{settings.get('HOST') or ''}{port}/{settings['NAME']}"
+
+
+async def run_manage(redis_url: str, *args: str) -> None:
+    """``manage.py`` with ``args`` in a process of its own, on the live servers' database and
+    ``redis_url``, as an operator's command runs beside them; it must succeed."""
+    command = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "manage.py",
+        *args,
+        cwd=ROOT,
+        env={**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": server_database_url()},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(command.communicate(), 60)
+    assert command.returncode == 0, stderr.decode()
 
 
 async def patch_task(base: str, token: str, task_id: Any, changes: dict) -> dict:

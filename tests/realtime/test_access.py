@@ -6,8 +6,6 @@ what ends a connection within seconds is the change itself, not a periodic check
 
 import asyncio
 import json
-import os
-import sys
 
 import pytest
 import websockets
@@ -25,7 +23,12 @@ from realtime import consumers, signals
 from realtime.connections import get_connection_manager
 from realtime.consumers import TaskConsumer
 from realtime.protocol import CloseCode
-from tests.conftest import ROOT, connect_user, open_websocket, server_database_url, token_for
+from tests.conftest import (
+    connect_user,
+    open_websocket,
+    run_manage,
+    token_for,
+)
 from tests.sse import InProcessStream
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -43,6 +46,25 @@ async def request(ws, message: dict) -> dict:
 async def assert_closed_4401(ws) -> None:
     output = await ws.receive_output(timeout=5)
     assert output == {"type": "websocket.close", "code": CloseCode.UNAUTHORIZED}
+
+
+async def still_open(ws) -> bool:
+    """Whether the connection is open a moment after a change: its ping is answered."""
+    await asyncio.sleep(0.3)
+    return (await request(ws, {"action": "ping"}))["type"] == "pong"
+
+
+def stays_connected(user, change) -> bool:
+    """Whether a token connection of ``user`` outlives ``change()``, run in a thread of its
+    own as a view or a command would run it."""
+
+    async def scenario():
+        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+            await connect_user(ws)
+            await database_sync_to_async(change)()
+            return await still_open(ws)
+
+    return run(scenario)
 
 
 def session_cookie(user) -> tuple[bytes, bytes]:
@@ -203,8 +225,7 @@ def test_a_password_change_ends_a_token_connection_only_where_it_revokes_tokens(
             if revoke:
                 await assert_closed_4401(ws)
             else:
-                await asyncio.sleep(0.3)
-                assert (await request(ws, {"action": "ping"}))["type"] == "pong"
+                assert await still_open(ws)
 
     with override_settings(SIMPLE_JWT={**settings.SIMPLE_JWT, "CHECK_REVOKE_TOKEN": revoke}):
         run(scenario)
@@ -220,14 +241,7 @@ def test_saves_that_leave_access_alone_check_nothing(user, checks, django_assert
         user.first_name = "Ada"
         user.save()
 
-    async def scenario():
-        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
-            await connect_user(ws)
-            await database_sync_to_async(edit)()
-            await asyncio.sleep(0.3)
-            assert (await request(ws, {"action": "ping"}))["type"] == "pong"
-
-    run(scenario)
+    assert stays_connected(user, edit)
     assert checks == []
 
 
@@ -241,8 +255,7 @@ def test_a_connection_authenticated_otherwise_is_left_as_it_is(user):
         try:
             await connect_user(communicator)
             await database_sync_to_async(set_staff)(user, True)
-            await asyncio.sleep(0.3)
-            assert (await request(communicator, {"action": "ping"}))["type"] == "pong"
+            assert await still_open(communicator)
         finally:
             await communicator.disconnect()
 
@@ -262,14 +275,7 @@ def test_a_failed_save_leaves_nothing_for_the_next_to_compare(user, other_user, 
         user.first_name = "Ada"
         user.save(update_fields=["first_name"])
 
-    async def scenario():
-        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
-            await connect_user(ws)
-            await database_sync_to_async(edit)()
-            await asyncio.sleep(0.3)
-            assert (await request(ws, {"action": "ping"}))["type"] == "pong"
-
-    run(scenario)
+    assert stays_connected(user, edit)
     assert checks == []
 
 
@@ -279,14 +285,7 @@ def test_a_deactivation_rolled_back_checks_nothing(user, checks):
             deactivate(user)
             raise RuntimeError("roll back")
 
-    async def scenario():
-        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
-            await connect_user(ws)
-            await database_sync_to_async(deactivate_then_fail)()
-            await asyncio.sleep(0.3)
-            assert (await request(ws, {"action": "ping"}))["type"] == "pong"
-
-    run(scenario)
+    assert stays_connected(user, deactivate_then_fail)
     assert checks == []
 
 
@@ -297,15 +296,11 @@ def test_a_check_the_database_fails_keeps_the_connection(user, monkeypatch, capl
     async def unreachable(user_claim, password_claim):
         raise OperationalError("the database is unreachable")
 
-    async def scenario():
-        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
-            await connect_user(ws)
-            monkeypatch.setattr(consumers, "token_user", unreachable)
-            await database_sync_to_async(deactivate)(user)
-            await asyncio.sleep(0.3)
-            assert (await request(ws, {"action": "ping"}))["type"] == "pong"
+    def fail_then_deactivate() -> None:
+        monkeypatch.setattr(consumers, "token_user", unreachable)  # connected: now it fails
+        deactivate(user)
 
-    run(scenario)
+    assert stays_connected(user, fail_then_deactivate)
     assert "Could not check a connection's credentials" in caplog.text
 
 
@@ -331,23 +326,7 @@ def test_a_deactivation_in_another_process_ends_the_connection_over_daphne(
     async def scenario():
         async with websockets.connect(f"{server.ws_url}/ws?token={token_for(user)}") as ws:
             assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "connected"
-            command = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "manage.py",
-                "shell",
-                "-c",
-                script,
-                cwd=ROOT,
-                env={
-                    **os.environ,
-                    "REDIS_URL": redis_server,
-                    "DATABASE_URL": server_database_url(),
-                },
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
-            _, stderr = await asyncio.wait_for(command.communicate(), 60)
-            assert command.returncode == 0, stderr.decode()
+            await run_manage(redis_server, "shell", "-c", script)
             with pytest.raises(websockets.ConnectionClosed) as caught:
                 await asyncio.wait_for(ws.recv(), 10)
             assert caught.value.rcvd.code == CloseCode.UNAUTHORIZED

@@ -3,10 +3,8 @@
 import asyncio
 import contextlib
 import json
-import os
 import ssl
 import subprocess
-import sys
 import uuid
 from datetime import timedelta
 
@@ -20,10 +18,9 @@ from django.test import Client
 from bench.procstat import rss_kib
 from mcp_platform.tasks import services
 from tests.conftest import (
-    ROOT,
     free_port,
     patch_task,
-    server_database_url,
+    run_manage,
     start_server,
     token_for,
 )
@@ -326,24 +323,7 @@ def test_management_command_in_another_process_reaches_websocket_client(
             await receive_type(ws, "connected")
             await ws.send(json.dumps({"action": "subscribe", "task_id": str(task.pk)}))
             await receive_type(ws, "subscribed")
-            command = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "manage.py",
-                "update_task",
-                str(task.pk),
-                "--progress",
-                "75",
-                cwd=ROOT,
-                env={
-                    **os.environ,
-                    "REDIS_URL": redis_server,
-                    "DATABASE_URL": server_database_url(),
-                },
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
-            _, stderr = await asyncio.wait_for(command.communicate(), 60)
-            assert command.returncode == 0, stderr.decode()
+            await run_manage(redis_server, "update_task", str(task.pk), "--progress", "75")
             update = await receive_type(ws, "task_update", timeout=20)
             assert (update["progress"], update["seq"]) == (75, 2)
 
