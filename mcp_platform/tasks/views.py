@@ -41,10 +41,10 @@ class TaskPages(CursorPagination):
             field = Task._meta.get_field(type(self).ordering[0].lstrip("-"))
             try:
                 position = field.to_python(cursor.position)
-                valid = timezone.is_aware(position) and bool(position.astimezone(UTC))
+                position.astimezone(UTC)  # OverflowError past the year 9999 in UTC
             except (ValidationError, OverflowError):
-                valid = False
-            if not valid:
+                position = None
+            if position is None or timezone.is_naive(position):
                 raise NotFound(self.invalid_cursor_message)
         return cursor
 
