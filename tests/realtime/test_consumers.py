@@ -18,7 +18,7 @@ from rest_framework_simplejwt.tokens import AccessToken, RefreshToken
 from mcp_platform.tasks import services
 from mcp_platform.tasks.models import Task
 from mcp_platform.tasks.realtime import TaskSource
-from realtime import api, connections, consumers
+from realtime import api, auth, connections, consumers
 from realtime.connections import get_connection_manager
 from realtime.consumers import TOKEN_EXPIRED, TaskConsumer
 from realtime.inbox import Inbox
@@ -93,6 +93,24 @@ def test_trailing_slash_route(user):
     async def scenario():
         async with open_websocket(f"/ws/?token={token_for(user)}") as ws:
             await connect_user(ws)
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("path", ["/", "/nope", "/ws/extra", "/wss", "/events", "/broadcast"])
+def test_a_handshake_on_another_path_is_refused_before_credentials_are_read(
+    user, path, monkeypatch
+):
+    def read(*args):
+        raise AssertionError("credentials read for a path with no endpoint")
+
+    monkeypatch.setattr(auth, "validated_token", read)
+    monkeypatch.setattr(auth, "session_user", read)
+
+    async def scenario():
+        async with open_websocket(f"{path}?token={token_for(user)}") as ws:
+            accepted, _ = await ws.connect(timeout=5)
+            assert not accepted
 
     run(scenario)
 

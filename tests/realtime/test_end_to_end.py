@@ -193,6 +193,19 @@ def test_foreign_origin_is_refused_403_and_no_origin_is_allowed(daphne_server, u
     async_to_sync(scenario)()
 
 
+def test_a_handshake_on_a_path_with_no_endpoint_is_refused_403_quietly(daphne_server, user):
+    logged = daphne_server.log_path.stat().st_size
+    origin = f"http://127.0.0.1:{daphne_server.port}"
+
+    async def scenario():
+        for path in ("/nope", "/events", "/ws/extra"):
+            url = f"{daphne_server.ws_url}{path}?token={token_for(user)}"
+            assert await handshake_status(url, origin, {}, open_timeout=3) == 403
+
+    async_to_sync(scenario)()
+    assert "Traceback" not in daphne_server.log_path.read_text(errors="replace")[logged:]
+
+
 def test_a_session_handshake_from_another_port_of_the_host_is_refused_403(daphne_server, user):
     url, port = f"{daphne_server.ws_url}/ws", daphne_server.port
     headers = session_headers(user)
