@@ -17,6 +17,7 @@ from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 from django.contrib.auth.base_user import AbstractBaseUser
+from django.db import DatabaseError
 
 from realtime import expiry, protocol
 from realtime.auth import Credentials, authenticate_token, session_user, token_user
@@ -439,6 +440,13 @@ class TaskConsumer(InboxConsumerMixin, AsyncWebsocketConsumer):
         except ValueError as exc:
             raise ProtocolError(
                 ErrorCode.AUTHENTICATION_FAILED, str(exc), message.request_id
+            ) from None
+        except DatabaseError:
+            # User reads are batched: raised, it ended every connection authenticating then.
+            raise ProtocolError(
+                ErrorCode.UNAVAILABLE,
+                "The token could not be checked just now; try again.",
+                message.request_id,
             ) from None
         if credentials.user.pk != self.user.pk:
             raise ProtocolError(

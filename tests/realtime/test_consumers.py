@@ -754,6 +754,30 @@ def test_a_refused_token_changes_nothing(user, other_user):
     run(scenario)
 
 
+def test_an_authenticate_the_database_fails_is_answered_unavailable_and_changes_nothing(
+    user, monkeypatch
+):
+    """User reads are batched: raised, the failure ended every connection authenticating
+    just then (1011 under Daphne)."""
+    token, _ = expiring_token(user)
+
+    async def unreachable(user_ids):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    async def scenario():
+        async with open_websocket(f"/ws?token={token}") as ws:
+            await connect_user(ws)
+            with monkeypatch.context() as patched:
+                patched.setattr(auth._user_batcher, "fetch_many", unreachable)
+                fresh = token_for(user)
+                reply = await request(ws, {"action": "authenticate", "token": fresh, "id": 1})
+            assert (reply["type"], reply["code"], reply["id"]) == ("error", "unavailable", 1)
+            assert (await request(ws, {"action": "ping"}))["type"] == "pong"
+            await assert_closed_with(ws, CloseCode.UNAUTHORIZED)  # at the first token's end
+
+    run(scenario)
+
+
 def test_lone_surrogate_in_an_echoed_id_is_escaped_not_fatal(user):
     async def scenario():
         async with open_websocket(f"/ws?token={token_for(user)}") as ws:
