@@ -11,6 +11,7 @@ import itertools
 import logging
 import sys
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,16 @@ TASK_HIDDEN = "realtime.task_hidden"  # realtime_task_hidden()
 BROADCAST = "realtime.broadcast"  # realtime_broadcast()
 PERSONAL = "realtime.message"  # realtime_message()
 ACCESS_CHANGED = "realtime.access_changed"  # realtime_access_changed()
+
+
+@contextlib.contextmanager
+def logged_failure(message: str, *args: Any) -> Iterator[None]:
+    """Log a failure of the block (the channel layer's or the registry's, Redis away) as a
+    warning, for a step whose failure should end neither the request nor the connection."""
+    try:
+        yield
+    except Exception:
+        logger.warning(message, *args, exc_info=True)
 
 
 def _visible_snapshots(
@@ -194,6 +205,8 @@ class Connection:
         """A followed task was deleted: none of its updates is delivered any more, not
         even one published before the deletion that arrives after it."""
         self.forget(task_id)
+        if len(self.last_seq) >= FOLLOWED_TASKS_KEPT:
+            self._forget_least_recent()  # as for updates: a deletion of every task adds up
         self.last_seq[task_id] = DELETED
 
     def _stop_holding(self, task_id: str) -> dict[int, str] | None:
@@ -353,7 +366,10 @@ class ConnectionManager:
             raise ProtocolError(ErrorCode.NOT_FOUND, "No such task.")
         connection.saw(key, snapshot.seq)
         if is_new:
-            await self.registry.add_subscription(connection.entry, task_id)
+            # The registry only counts: failing to write it (Redis away) spoils no
+            # delivery, and its next renewal writes what this process holds.
+            with logged_failure("Could not count the subscription to task %s", task_id):
+                await self.registry.add_subscription(connection.entry, task_id)
         return snapshot
 
     async def unsubscribe_from_task(self, connection: Connection, task_id: uuid.UUID) -> bool:
@@ -362,8 +378,13 @@ class ConnectionManager:
         if str(task_id) not in connection.last_seq:
             return False
         connection.forget(str(task_id))
-        await self._leave(connection, groups.task_group(task_id))
-        await self.registry.remove_subscription(connection.entry, task_id)
+        # Once forgotten, the task's updates are dropped here whatever the layer still
+        # sends, and its registry entry lapses with its lease: a failure of either step
+        # (Redis away) ends the subscription all the same, and not the connection.
+        with logged_failure("Could not leave the group of task %s", task_id):
+            await self._leave(connection, groups.task_group(task_id))
+        with logged_failure("Could not uncount the subscription to task %s", task_id):
+            await self.registry.remove_subscription(connection.entry, task_id)
         return True
 
     async def send_personal_message(self, user_id: int, payload: dict[str, Any]) -> None:

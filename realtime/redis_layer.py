@@ -148,6 +148,10 @@ async def _subscribe_confirmed(shard: RedisSingleShardConnection, channel: str) 
             except BaseException:
                 if confirmed in pending:
                     pending.remove(confirmed)
+                if not pending and shard._confirmations.get(channel) is pending:
+                    # Kept, one was left for each channel a failed SUBSCRIBE named: a
+                    # client subscribing to new tasks while Redis was away grew the server.
+                    del shard._confirmations[channel]
                 raise
             shard._subscribed_to.add(channel)
         pending = shard._confirmations.get(channel)

@@ -202,8 +202,9 @@ class RedisRegistry(ConnectionRegistry):
         await self._write([("remove", key, member) for key in keys])
 
     async def add_subscription(self, entry: Entry, task_id: uuid.UUID) -> None:
-        await self._write([("add", self._task_key(task_id), str(entry.connection_id))])
+        # Held first: should the write fail, the next renewal makes it.
         self._local_tasks[entry.connection_id].add(task_id)
+        await self._write([("add", self._task_key(task_id), str(entry.connection_id))])
 
     async def remove_subscription(self, entry: Entry, task_id: uuid.UUID) -> None:
         tasks = self._local_tasks.get(entry.connection_id)

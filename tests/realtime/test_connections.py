@@ -276,6 +276,18 @@ def test_a_connection_that_follows_every_task_keeps_the_last_seqs_of_the_latest_
     assert c.receive_update("a", 2, "again") == []  # still known: a repeat is dropped
 
 
+def test_deletions_seen_by_a_connection_that_follows_every_task_are_kept_within_the_bound(
+    monkeypatch,
+):
+    """A deletion of every task (a user's, with thousands) added an entry for each."""
+    monkeypatch.setattr(connections, "FOLLOWED_TASKS_KEPT", 3)
+    c = connection(follows_all=True)
+    for task_id in ("a", "b", "c", "d", "e"):
+        c.forget_deleted(task_id)
+    assert set(c.last_seq) == {"c", "d", "e"}
+    assert c.receive_update("e", 9, "published before the deletion, arrived after") == []
+
+
 def test_a_connection_that_follows_every_task_leaves_no_subscription_to_remove():
     removed = []
 

@@ -275,6 +275,64 @@ def test_a_subscribe_the_channel_layer_fails_is_answered_unavailable_and_nothing
     run(scenario)
 
 
+def test_a_subscription_the_registry_fails_to_count_is_served_and_ends_all_the_same(
+    user, task, monkeypatch
+):
+    """Raised, a failed registry write (Redis away) ended the connection. The registry
+    only counts; its next renewal writes what this process holds."""
+    manager = get_connection_manager()
+    failed = []
+
+    async def away(entry, task_id):
+        failed.append(task_id)
+        raise ConnectionError("Redis is away")
+
+    monkeypatch.setattr(manager.registry, "add_subscription", away)
+    monkeypatch.setattr(manager.registry, "remove_subscription", away)
+
+    async def scenario():
+        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+            await connect_user(ws)
+            reply = await request(ws, {"action": "subscribe", "task_id": str(task.pk)})
+            assert reply["type"] == "subscribed"
+            await database_sync_to_async(services.update_task)(task=task, progress=5)
+            assert (await ws.receive_json_from(timeout=5))["seq"] == 2
+            reply = await request(ws, {"action": "unsubscribe", "task_id": str(task.pk)})
+            assert reply["type"] == "unsubscribed"
+            assert (await request(ws, {"action": "ping"}))["type"] == "pong"
+
+    run(scenario)
+    assert failed == [task.pk, task.pk]
+
+
+def test_an_unsubscribe_the_channel_layer_fails_ends_the_subscription_not_the_connection(
+    user, task, monkeypatch
+):
+    """The connection may still be a member of the task's group: its updates are dropped
+    all the same."""
+    layer = type(get_connection_manager().layer)
+    leave = layer.group_discard
+
+    async def fails_for_tasks(self, group, channel):
+        if group.startswith("task."):
+            raise ConnectionError("Redis is away")
+        await leave(self, group, channel)
+
+    monkeypatch.setattr(layer, "group_discard", fails_for_tasks)
+
+    async def scenario():
+        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+            await connect_user(ws)
+            await request(ws, {"action": "subscribe", "task_id": str(task.pk)})
+            reply = await request(ws, {"action": "unsubscribe", "task_id": str(task.pk)})
+            assert reply["type"] == "unsubscribed"
+            await database_sync_to_async(services.update_task)(task=task, progress=5)
+            assert await ws.receive_nothing(timeout=0.3)
+            assert (await request(ws, {"action": "ping"}))["type"] == "pong"
+
+    run(scenario)
+
+
 @pytest.mark.parametrize("token", ["bad", ""])
 def test_bad_token_beside_a_valid_session_is_refused(session_cookie, token):
     async def scenario():

@@ -2,9 +2,11 @@
 
 import asyncio
 import contextlib
+import shutil
+import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -16,6 +18,7 @@ from channels_redis.pubsub import RedisPubSubChannelLayer as StockLayer
 from realtime import redis_layer
 from realtime.inbox import Inbox
 from realtime.redis_layer import OfferingQueue, RedisPubSubChannelLayer
+from tests.conftest import free_port, service_unavailable
 from tests.realtime.test_inbox import check_direct_handling
 
 pytestmark = pytest.mark.redis
@@ -640,6 +643,52 @@ def test_a_member_gets_what_another_process_publishes_once_it_has_joined(redis_s
             return await asyncio.wait_for(here.receive(mine), 2)
 
     assert async_to_sync(scenario)() == {"type": "published after the join"}
+
+
+@pytest.fixture
+def redis_of_our_own(tmp_path) -> Iterator[tuple[subprocess.Popen, str]]:
+    """A Redis server of this test's own, to be stopped, and its URL."""
+    if shutil.which("redis-server") is None:
+        service_unavailable("redis-server is not installed")
+    port = free_port()
+    command = ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"]
+    process = subprocess.Popen([*command, "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis.from_url(url).ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield process, url
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_joins_that_failed_leave_nothing_waiting_for_a_confirmation(redis_of_our_own):
+    """One was kept for each group named: a client subscribing to new tasks while Redis
+    was away grew the server for good."""
+    process, url = redis_of_our_own
+
+    async def scenario() -> dict:
+        prefix = f"test-{uuid.uuid4().hex[:8]}:"
+        layer = RedisPubSubChannelLayer(
+            hosts=[{"address": url, "socket_timeout": 0.5}], prefix=prefix
+        )
+        channel = await layer.new_channel()
+        process.kill()
+        process.wait()
+        for number in range(3):  # the first may be sent, and time out unconfirmed
+            with pytest.raises(redis.RedisError):
+                await layer.group_add(f"group-{number}", channel)
+        return layer._get_layer()._shards[0]._confirmations
+
+    assert async_to_sync(scenario)() == {}
 
 
 def test_members_joining_while_redis_confirms_the_first_wait_for_it(redis_server):

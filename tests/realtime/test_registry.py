@@ -293,6 +293,29 @@ def test_a_renewal_writes_back_the_live_connections_redis_lost(redis_server):
 
 
 @pytest.mark.redis
+def test_a_subscription_whose_write_failed_is_written_by_the_next_renewal(redis_server):
+    registry = redis_registry_factory(redis_server)()
+
+    async def scenario():
+        first = entry(1, "websocket")
+        await registry.add(first)
+        write = registry._write
+
+        async def away(writes):
+            raise ConnectionError("Redis is away")
+
+        registry._write = away
+        with pytest.raises(ConnectionError):
+            await registry.add_subscription(first, TASK_1)
+        registry._write = write
+        assert await registry.count_task(TASK_1) == 0
+        await registry.renew()
+        assert await registry.count_task(TASK_1) == 1
+
+    run(scenario, registry)
+
+
+@pytest.mark.redis
 def test_a_set_written_to_is_pruned_of_lapsed_members(redis_server):
     registry = redis_registry_factory(redis_server)()
 

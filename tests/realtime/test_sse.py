@@ -434,6 +434,25 @@ def test_a_task_the_database_could_not_read_is_503(user, task, disconnected, mon
 
 
 @transactional
+def test_a_stream_whose_subscription_the_registry_fails_to_count_is_served(user, task, monkeypatch):
+    """Raised, the failed write (Redis away) answered a 500 before the stream began."""
+
+    async def away(entry, task_id):
+        raise ConnectionError("Redis is away")
+
+    monkeypatch.setattr(get_connection_manager().registry, "add_subscription", away)
+
+    async def scenario():
+        async with InProcessStream({"token": token_for(user), "task_id": str(task.pk)}) as stream:
+            assert stream.status == 200
+            await stream.next_of("connected")
+            await database_sync_to_async(services.update_task)(task=task, progress=5)
+            assert (await stream.next_of("task_update")).json()["seq"] == 2
+
+    run(scenario)
+
+
+@transactional
 def test_unknown_task_and_another_users_task_are_the_same_404(user, other_user, task, disconnected):
     foreign = services.create_task(owner=other_user, name="not yours")
 
@@ -562,17 +581,17 @@ def test_a_deleted_task_is_announced_to_the_streams_that_followed_it(user, task)
 
 @transactional
 def test_a_stream_that_fails_ends_its_response(user, task, monkeypatch):
-    """Here its registry fails while it ends a subscription (Redis went away)."""
+    """Here it fails as it tells the client that its task was deleted."""
     logged = []
     monkeypatch.setattr(sse.logger, "exception", lambda message: logged.append(message))
 
     async def failing(*args):
-        raise ConnectionError("Redis went away")
+        raise RuntimeError("the notice could not be sent")
 
     async def scenario():
         async with InProcessStream({"token": token_for(user), "task_id": str(task.pk)}) as s:
             await s.next_of("connected")
-            monkeypatch.setattr(get_connection_manager().registry, "remove_subscription", failing)
+            monkeypatch.setattr(sse.EventStreamConsumer, "send_notice", failing)
             await database_sync_to_async(Task.objects.filter(pk=task.pk).delete)()
             assert await s.until_end(timeout=5) == []
         await assert_no_connections()
