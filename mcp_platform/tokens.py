@@ -1,8 +1,12 @@
-"""The project's JWT endpoints' parts that differ from simplejwt's."""
+"""The project's JWT parts that differ from simplejwt's and PyJWT's."""
 
+import functools
 from typing import Any
 
+import jwt
 from django.contrib.auth import get_user_model
+from jwt.algorithms import HMACAlgorithm
+from jwt.utils import force_bytes
 from rest_framework.exceptions import AuthenticationFailed
 from rest_framework_simplejwt import serializers
 
@@ -18,3 +22,35 @@ class TokenRefreshSerializer(serializers.TokenRefreshSerializer):
             raise AuthenticationFailed(
                 self.error_messages["no_active_account"], "no_active_account"
             ) from None
+
+
+class CheckedOnceHMAC(HMACAlgorithm):
+    """PyJWT's HMAC, which checks a secret once rather than at every signature.
+
+    PyJWT (2.15) makes sure that a secret is no asymmetric key, against algorithm
+    confusion, on every token it signs or verifies: a PEM and an SSH pattern, two attempts
+    to parse it as DER and one as JSON, ~3% of a WebSocket connect's instructions
+    (docs/performance.md). The answer is the same for the same secret, so it is kept for
+    the few secrets a process uses; one refused is refused every time.
+    """
+
+    def prepare_key(self, key: str | bytes) -> bytes:
+        if isinstance(key, str | bytes):
+            return _checked_hmac_secret(force_bytes(key))  # simplejwt passes both forms
+        return super().prepare_key(key)
+
+
+@functools.lru_cache(maxsize=8)
+def _checked_hmac_secret(key: bytes) -> bytes:
+    return HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(key)  # the same for any hash
+
+
+def check_hmac_secrets_once() -> None:
+    """Have PyJWT sign and verify HS256, HS384 and HS512 with ``CheckedOnceHMAC``."""
+    for name, hash_alg in (
+        ("HS256", HMACAlgorithm.SHA256),
+        ("HS384", HMACAlgorithm.SHA384),
+        ("HS512", HMACAlgorithm.SHA512),
+    ):
+        jwt.unregister_algorithm(name)
+        jwt.register_algorithm(name, CheckedOnceHMAC(hash_alg))

@@ -8,3 +8,6 @@ class TasksConfig(AppConfig):
 
     def ready(self) -> None:
         from mcp_platform.tasks import signals  # noqa: F401  (connects the publish hook)
+        from mcp_platform.tokens import check_hmac_secrets_once
+
+        check_hmac_secrets_once()
