@@ -5,21 +5,30 @@ have every event kept in the server's memory. ``BoundedWebRequest`` registers it
 its stream's producer and, past ``REALTIME_SLOW_CLIENT_BUFFER_BYTES`` unread
 (``realtime.slow_clients``), drops the connection: Daphne then tells the application
 (``http.disconnect``), which cleans up, and an ``EventSource`` reconnects after ``retry``.
+It also refuses a body larger than any application takes (Django's
+``DATA_UPLOAD_MAX_MEMORY_SIZE``) as it arrives: Daphne keeps a whole body, then queues it in
+memory, before the application can say it is too large, and one anonymous upload of 1 GB
+held ~1 GB of the server's memory after its 413.
 ``python -m mcp_platform.serve`` installs it, and ``QuietHTTPFactory``, which keeps
 Twisted from writing an access log line of its own.
 """
 
 import functools
+import json
+import logging
 from typing import Any
 from urllib.parse import unquote_plus
 
 import daphne.http_protocol
 import daphne.server
 from daphne.http_protocol import HTTPFactory, WebRequest
+from django.conf import settings
 
 from realtime.protocol import FRAMINGS_KEPT
 from realtime.reactor import write_now
 from realtime.slow_clients import UnreadBytesProducer
+
+logger = logging.getLogger(__name__)
 
 
 def redact(path: str) -> str:
@@ -54,11 +63,59 @@ def is_event_stream(headers: Any) -> bool:
     )
 
 
+def payload_too_large(limit: int) -> bytes:
+    """The whole answer to a request whose body is over ``limit`` bytes, as the API's
+    errors are: JSON ``{"code", "detail"}``. The connection is closed after it."""
+    body = json.dumps(
+        {"code": "payload_too_large", "detail": f"The body must be at most {limit} bytes."}
+    ).encode()
+    head = (
+        b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+    )
+    return head + body
+
+
 class BoundedWebRequest(UnreadBytesProducer, WebRequest):
     #: Whether the response is an event stream, the only kind the bound applies to: any
     #: other has a size its application chose, which Django sends in one go, in 64 KiB
     #: chunks that no client could read as fast.
     bounded = False
+    #: Bytes of the body received so far, and whether it was refused as too large.
+    body_received = 0
+    too_large = False
+
+    def gotLength(self, length: int | None) -> None:  # noqa: N802 (Twisted's names)
+        super().gotLength(length)
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        if limit is not None and length is not None and length > limit:
+            self.requestHeaders.removeHeader(b"Expect")  # no "100 Continue" after the 413
+            self.refuse_too_large(limit)
+
+    def handleContentChunk(self, data: bytes) -> None:  # noqa: N802
+        if self.too_large:
+            return  # what arrived with the headers: nothing more is read
+        self.body_received += len(data)
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        if limit is not None and self.body_received > limit:  # a chunked body
+            self.refuse_too_large(limit)
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:  # noqa: N802
+        if not self.too_large:
+            super().requestReceived(command, path, version)
+
+    def refuse_too_large(self, limit: int) -> None:
+        """Answer 413, read nothing more and close: the application never sees the request."""
+        self.too_large = True
+        self.content.close()
+        transport = self.channel.transport
+        transport.pauseProducing()
+        transport.write(payload_too_large(limit))
+        transport.loseConnection()
+        peer = transport.getPeer()
+        logger.warning("Refused a request body over %d bytes from %s", limit, peer.host)
 
     def __repr__(self) -> str:
         # Twisted's, with the token redacted: Daphne logs it, URI and all, of an

@@ -193,6 +193,69 @@ def test_foreign_origin_is_refused_403_and_no_origin_is_allowed(daphne_server, u
     async_to_sync(scenario)()
 
 
+async def upload_head(port: int, path: str, headers: dict[str, str], first: bytes):
+    """A POST's head and the first bytes of its body, sent on a connection of its own."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    lines = [f"POST {path} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + first)
+    await writer.drain()
+    return reader, writer
+
+
+def answer_of(raw: bytes) -> tuple[str, dict]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0].decode(), json.loads(body)
+
+
+@pytest.mark.parametrize("coding", ["length", "chunked"])
+def test_a_body_over_the_limit_is_refused_413_as_it_arrives(daphne_server, settings, coding):
+    """Daphne kept a whole body, then queued it in memory, before Django could refuse it:
+    one anonymous upload of 1 GB held ~1 GB of the server after its 413."""
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE  # the server's too: the suite's settings
+    piece = b"x" * 65536
+    if coding == "length":
+        headers = {"Content-Type": "application/json", "Content-Length": str(100 * limit)}
+        headers["Expect"] = "100-continue"
+        first = piece
+    else:
+        headers = {"Content-Type": "application/json", "Transfer-Encoding": "chunked"}
+        first = b"%x\r\n%b\r\n" % (len(piece), piece)
+
+    async def scenario() -> bytes:
+        reader, writer = await upload_head(daphne_server.port, "/api/token/", headers, first)
+        try:
+            # The rest of a body over the limit, never ended: only a refusal as it arrives
+            # is answered.
+            for _ in range(limit // len(piece) + 1 if coding == "chunked" else 0):
+                writer.write(first)
+                await writer.drain()
+            return await asyncio.wait_for(reader.read(), 10)  # answered, then closed
+        finally:
+            writer.close()
+
+    status, body = answer_of(async_to_sync(scenario)())
+    assert status == "HTTP/1.1 413 Request Entity Too Large"
+    assert body == {
+        "code": "payload_too_large",
+        "detail": f"The body must be at most {limit} bytes.",
+    }
+
+
+def test_a_body_within_the_limit_still_reaches_the_api(daphne_server, user):
+    body = json.dumps({"username": user.username, "password": "x" * 100_000}).encode()
+    headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
+
+    async def scenario() -> bytes:
+        reader, writer = await upload_head(daphne_server.port, "/api/token/", headers, body)
+        try:
+            return await asyncio.wait_for(reader.readuntil(b"\r\n"), 10)
+        finally:
+            writer.close()
+
+    assert async_to_sync(scenario)().startswith(b"HTTP/1.1 401")  # read, and refused
+
+
 def test_a_handshake_on_a_path_with_no_endpoint_is_refused_403_quietly(daphne_server, user):
     logged = daphne_server.log_path.stat().st_size
     origin = f"http://127.0.0.1:{daphne_server.port}"
