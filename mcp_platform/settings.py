@@ -159,6 +159,10 @@ SIMPLE_JWT = {
     "SIGNING_KEY": JWT_SIGNING_KEY if JWT_SIGNING_KEY.strip() else SECRET_KEY,
     "ALGORITHM": "HS256",
     "UPDATE_LAST_LOGIN": False,
+    # A token carries a hash of its user's password hash, so a new password revokes every
+    # token issued before it: after a reset for a stolen password, a stolen refresh token
+    # minted working access tokens for the rest of its day.
+    "CHECK_REVOKE_TOKEN": True,
     "TOKEN_REFRESH_SERIALIZER": "mcp_platform.tokens.TokenRefreshSerializer",
 }
 

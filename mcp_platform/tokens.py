@@ -9,15 +9,31 @@ from jwt.algorithms import HMACAlgorithm
 from jwt.utils import force_bytes
 from rest_framework.exceptions import AuthenticationFailed
 from rest_framework_simplejwt import serializers
+from rest_framework_simplejwt.settings import api_settings as jwt_settings
+from rest_framework_simplejwt.utils import get_md5_hash_password
 
 
 class TokenRefreshSerializer(serializers.TokenRefreshSerializer):
-    """simplejwt's, except that a refresh token whose user was deleted is a 401, not a 500:
-    simplejwt (5.5.1) looks the user up and lets ``DoesNotExist`` through."""
+    """simplejwt's, except that a refresh token is refused (401) when its user was deleted
+    (simplejwt 5.5.1 let ``DoesNotExist`` through, a 500) or, with ``CHECK_REVOKE_TOKEN``,
+    has changed password since: simplejwt checks that only of access tokens, and minted
+    new ones from the revoked token, each refused in turn."""
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, str]:
         try:
-            return super().validate(attrs)
+            data = super().validate(attrs)
+            if jwt_settings.CHECK_REVOKE_TOKEN:
+                refresh = self.token_class(attrs["refresh"])  # read by super() already
+                user = get_user_model().objects.get(
+                    **{jwt_settings.USER_ID_FIELD: refresh[jwt_settings.USER_ID_CLAIM]}
+                )
+                if refresh.get(jwt_settings.REVOKE_TOKEN_CLAIM) != get_md5_hash_password(
+                    user.password
+                ):
+                    raise AuthenticationFailed(
+                        "The user's password has been changed.", "password_changed"
+                    )
+            return data
         except get_user_model().DoesNotExist:
             raise AuthenticationFailed(
                 self.error_messages["no_active_account"], "no_active_account"

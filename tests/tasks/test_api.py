@@ -59,6 +59,28 @@ def test_refreshing_the_token_of_a_user_gone_since_is_401_json(user, gone):
     assert_error(response, 401, "no_active_account")
 
 
+def test_a_new_password_revokes_the_tokens_issued_before_it(user):
+    """Access and refresh tokens alike: after a reset for a stolen password, a stolen
+    refresh token minted working access tokens for the rest of its day."""
+    client = api_client()
+    pair = client.post(
+        "/api/token/", {"username": user.username, "password": PASSWORD}, format="json"
+    ).json()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {pair['access']}")
+    assert client.get("/api/tasks/").status_code == 200
+    user.set_password("another-secret-9")
+    user.save()
+    assert_error(client.get("/api/tasks/"), 401, "password_changed")
+    client.credentials()
+    response = client.post("/api/token/refresh/", {"refresh": pair["refresh"]}, format="json")
+    assert_error(response, 401, "password_changed")
+    pair = client.post(
+        "/api/token/", {"username": user.username, "password": "another-secret-9"}, format="json"
+    ).json()
+    response = client.post("/api/token/refresh/", {"refresh": pair["refresh"]}, format="json")
+    assert response.status_code == 200
+
+
 def test_wrong_password_is_401_json(user):
     response = api_client().post(
         "/api/token/", {"username": user.username, "password": "nope"}, format="json"
