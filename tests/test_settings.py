@@ -43,6 +43,18 @@ def test_refuses_to_start_with_debug_off_and_no_secret_key(key):
     assert "DJANGO_SECRET_KEY must be set" in result.stderr
 
 
+@pytest.mark.parametrize("name", ["DJANGO_SECRET_KEY", "JWT_SIGNING_KEY"])
+def test_refuses_to_start_with_debug_off_and_a_short_key(name):
+    """A review found a 3-character key from one token in no time, and signed a
+    superuser's token with it."""
+    env = {"DJANGO_DEBUG": "0", "DJANGO_SECRET_KEY": "s" * 40, name: "k" * 31}
+    result = settings_of(env, "1")
+    assert result.returncode != 0
+    assert f"{name} must be at least 32 characters" in result.stderr
+    assert settings_of({**env, name: "k" * 32}, "1").returncode == 0
+    assert settings_of({**env, "DJANGO_DEBUG": "1"}, "1").returncode == 0  # development
+
+
 def test_debug_is_off_by_default():
     assert value_of({"DJANGO_SECRET_KEY": "k" * 40}, "settings.DEBUG") is False
 
