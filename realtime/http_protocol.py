@@ -16,6 +16,7 @@ Twisted from writing an access log line of its own.
 import functools
 import json
 import logging
+import re
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -34,14 +35,15 @@ logger = logging.getLogger(__name__)
 def redact(path: str) -> str:
     """``path`` with the value of each ``token`` query parameter replaced, its name read
     as the server reads it (``%74oken`` is ``token`` too), and as a client might have
-    mistyped it (``token+=``, ``Token=``, ``token%3D…``): those are no token to the server,
-    but what follows them may well be one."""
+    mistyped it (``token+=``, ``Token=``, ``token%3D…``, ``x=1;token=…``, ``x=1%26token=…``):
+    those are no token to the server, but what follows them may well be one."""
     base, mark, query = path.partition("?")
     if not mark:
         return path
     parameters = []
     for parameter in query.split("&"):
-        if unquote_plus(parameter).partition("=")[0].strip().lower() == "token":
+        pieces = re.split("[&;]", unquote_plus(parameter))
+        if any(piece.partition("=")[0].strip().lower() == "token" for piece in pieces):
             name, equals, _ = parameter.partition("=")
             parameter = f"{name}=[redacted]" if equals else "[redacted]"
         parameters.append(parameter)

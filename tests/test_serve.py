@@ -35,6 +35,9 @@ from tests.conftest import ROOT, LiveServer, start_server, token_for
         ("/ws?token=", "/ws?token=[redacted]"),
         ("/events?token+=abc&Token=def", "/events?token+=[redacted]&Token=[redacted]"),
         ("/events?token%3Dabc&x=1", "/events?[redacted]&x=1"),
+        ("/events?x=1;token=abc&y=2", "/events?x=[redacted]&y=2"),
+        ("/events?x=1%26token=abc", "/events?x=[redacted]"),
+        ("/events?x=1%3Btoken%3Dabc", "/events?x=[redacted]"),
         ("/api/tasks/", "/api/tasks/"),
     ],
 )
