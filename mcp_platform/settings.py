@@ -26,6 +26,13 @@ if not SECRET_KEY.strip():  # blanks sign sessions and tokens that anyone can fo
     SECRET_KEY = "insecure-development-key-only-used-with-debug-on"
 
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
+# Served over HTTPS in production (TLS at the server, or at a proxy that says so in
+# X-Forwarded-Proto to a server run with --proxy-headers): the session and CSRF cookies
+# are not sent over plain http, where anyone on the way could read an admin's session.
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env_bool("DJANGO_SECURE_COOKIES", not DEBUG)
+SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", False)
+# Off unless asked for: once a browser has seen it, the site is https-only to it for as long.
+SECURE_HSTS_SECONDS = env_int("DJANGO_SECURE_HSTS_SECONDS", 0, minimum=0)
 # Origins other than the server's own that may post forms and open WebSockets with a
 # session (https://app.example.com, https://*.example.com).
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])

@@ -55,6 +55,18 @@ def test_refuses_to_start_with_debug_off_and_a_short_key(name):
     assert settings_of({**env, "DJANGO_DEBUG": "1"}, "1").returncode == 0  # development
 
 
+def test_production_cookies_are_secure_and_https_is_asked_for_only_when_said():
+    production = {"DJANGO_SECRET_KEY": "s" * 40}
+    names = "[settings.SESSION_COOKIE_SECURE, settings.CSRF_COOKIE_SECURE, "
+    names += "settings.SECURE_SSL_REDIRECT, settings.SECURE_HSTS_SECONDS]"
+    assert value_of(production, names) == [True, True, False, 0]
+    assert value_of({**production, "DJANGO_DEBUG": "1"}, names) == [False, False, False, 0]
+    said = {"DJANGO_SECURE_SSL_REDIRECT": "1", "DJANGO_SECURE_HSTS_SECONDS": "31536000"}
+    assert value_of({**production, **said}, names) == [True, True, True, 31536000]
+    plain_http = {**production, "DJANGO_SECURE_COOKIES": "0"}
+    assert value_of(plain_http, names) == [False, False, False, 0]
+
+
 def test_debug_is_off_by_default():
     assert value_of({"DJANGO_SECRET_KEY": "k" * 40}, "settings.DEBUG") is False
 
