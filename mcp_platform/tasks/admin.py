@@ -1,3 +1,4 @@
+import json
 from typing import Any
 
 from django import forms
@@ -6,6 +7,32 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 
 from mcp_platform.tasks.models import Task
+
+
+class ResultField(forms.JSONField):
+    """Django's, except that JSON Python will not read (an integer of over 4,300 digits,
+    nesting deeper than its recursion limit) is invalid rather than a 500, and that a
+    value is shown with what is not ASCII escaped: a string with a lone surrogate, which
+    the model refuses, could not be shown again with its error, a 500 too."""
+
+    def to_python(self, value: Any) -> Any:
+        try:
+            return super().to_python(value)
+        except (ValueError, RecursionError):
+            raise ValidationError(
+                self.error_messages["invalid"], code="invalid", params={"value": value}
+            ) from None
+
+    def bound_data(self, data: Any, initial: Any) -> Any:
+        try:
+            return super().bound_data(data, initial)
+        except (ValueError, RecursionError):
+            return forms.fields.InvalidJSONInput(data)
+
+    def prepare_value(self, value: Any) -> Any:
+        if isinstance(value, forms.fields.InvalidJSONInput):
+            return value
+        return json.dumps(value, cls=self.encoder)
 
 
 class TaskAdminForm(forms.ModelForm):
@@ -22,6 +49,7 @@ class TaskAdminForm(forms.ModelForm):
     class Meta:
         model = Task
         fields = "__all__"
+        field_classes = {"result": ResultField}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

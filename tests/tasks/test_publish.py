@@ -287,6 +287,22 @@ def test_admin_rejects_leaving_a_finished_state(admin_client, user):
     assert Task.objects.get(pk=done.pk).status == "completed"
 
 
+@pytest.mark.parametrize(
+    "result",
+    ['"\\ud800"', "1" * 5001, "[" * 3000 + "]" * 3000],
+    ids=["lone surrogate", "5001 digits", "3000 deep"],
+)
+def test_a_result_the_admin_cannot_store_is_shown_as_an_error_not_a_500(
+    admin_client, user, task, result
+):
+    response = admin_client.post(
+        f"/admin/tasks/task/{task.pk}/change/", admin_form(task, result=result)
+    )
+    assert response.status_code == 200
+    assert b"errornote" in response.content
+    assert Task.objects.get(pk=task.pk).result is None
+
+
 def test_an_admin_form_opened_before_another_change_is_refused_not_saved_over_it(
     admin_client, user, task
 ):
