@@ -6,7 +6,6 @@ from typing import Any
 
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.core.exceptions import ValidationError
-from django.db import transaction
 from redis.exceptions import RedisError
 
 from realtime import api
@@ -103,24 +102,28 @@ def send(*, payload: Any, sent_by: AbstractBaseUser | None = None) -> Broadcast:
     """Validate ``payload``, send it to every live connection of every process, and
     record it with the number of connections it reached.
 
-    The record is written first, in a transaction that a failed send rolls back: what was
-    sent is recorded, and what could not be recorded is not sent. Raises
-    ``ValidationError`` for a bad payload, ``BroadcastUnavailable`` when the channel layer
-    or registry is unreachable, and ``DatabaseError`` when the database is.
+    The record is written first, and deleted if the send fails: what was sent is
+    recorded, and what could not be recorded is not sent. No transaction is held over the
+    send: one was, and on SQLite it held the database's one write lock, every task's
+    change in every process waiting behind it for as long as Redis did not answer (5 s
+    and more). Raises ``ValidationError`` for a bad payload, ``BroadcastUnavailable`` when
+    the channel layer or registry is unreachable, and ``DatabaseError`` when the database is.
     """
     payload = validate_payload(payload)
-    with transaction.atomic():
-        broadcast = Broadcast.objects.create(
-            sent_by=sent_by, payload=payload, recipients=0, websocket=0, sse=0
-        )
-        try:
-            recipients = api.send_broadcast(payload)
-        except (RedisError, OSError) as exc:
+    broadcast = Broadcast.objects.create(
+        sent_by=sent_by, payload=payload, recipients=0, websocket=0, sse=0
+    )
+    try:
+        recipients = api.send_broadcast(payload)
+    except BaseException as exc:
+        broadcast.delete()
+        if isinstance(exc, RedisError | OSError):
             raise BroadcastUnavailable(
                 f"Could not reach the channel layer or connection registry: {exc}"
             ) from exc
-        broadcast.recipients = recipients.total
-        broadcast.websocket = recipients.websocket
-        broadcast.sse = recipients.sse
-        broadcast.save(update_fields=["recipients", "websocket", "sse"])
+        raise
+    broadcast.recipients = recipients.total
+    broadcast.websocket = recipients.websocket
+    broadcast.sse = recipients.sse
+    broadcast.save(update_fields=["recipients", "websocket", "sse"])
     return broadcast

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from rest_framework.test import APIClient
 
-from realtime import broadcasts, protocol
+from realtime import api, broadcasts, protocol
 from realtime.connections import Transport, get_connection_manager
 from realtime.models import Broadcast
 from tests.conftest import api_client, connect_user, free_port, open_websocket, token_for
@@ -348,6 +348,35 @@ def test_unreachable_redis_is_503_and_nothing_recorded(staff_user, settings):
     response = post(api_client(staff_user), {"message": "m"})
     assert response.status_code == 503
     assert response.json()["code"] == "service_unavailable"
+    assert not Broadcast.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_no_transaction_is_held_while_a_broadcast_is_sent(staff_user, monkeypatch):
+    """On SQLite a transaction holds the database's one write lock: held over a send that
+    waited for a stalled Redis, every task's change in every process waited behind it."""
+    seen = []
+    send = api.send_broadcast
+
+    def watching(payload):
+        seen.append((transaction.get_connection().in_atomic_block, Broadcast.objects.count()))
+        return send(payload)
+
+    monkeypatch.setattr(api, "send_broadcast", watching)
+    broadcasts.send(payload={"message": "m"}, sent_by=staff_user)
+    assert seen == [(False, 1)]  # recorded and committed, then sent
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("failure", [ConnectionError("Redis is away"), RuntimeError("a bug")])
+def test_a_broadcast_whose_send_fails_is_not_recorded(staff_user, monkeypatch, failure):
+    def failing(payload):
+        raise failure
+
+    monkeypatch.setattr(api, "send_broadcast", failing)
+    expected = broadcasts.BroadcastUnavailable if isinstance(failure, OSError) else RuntimeError
+    with pytest.raises(expected):
+        broadcasts.send(payload={"message": "m"}, sent_by=staff_user)
     assert not Broadcast.objects.exists()
 
 
