@@ -47,8 +47,8 @@ def logged_failure(message: str, *args: Any) -> Iterator[None]:
     warning, for a step whose failure should end neither the request nor the connection."""
     try:
         yield
-    except Exception:
-        logger.warning(message, *args, exc_info=True)
+    except Exception as exc:
+        logger.warning(f"{message}: %r", *args, exc)
 
 
 def _visible_snapshots(
@@ -337,10 +337,11 @@ class ConnectionManager:
         group = groups.task_group(task_id)
         try:
             await self._join(connection, group)
-        except Exception:
+        except Exception as exc:
             # The channel layer failed (Redis away, or not confirming the subscription):
-            # raised, it ended the connection.
-            logger.warning("Could not join the group of task %s", task_id, exc_info=True)
+            # raised, it ended the connection. Logged in one line, not with a traceback:
+            # during an outage one client can ask thousands of times a second.
+            logger.warning("Could not join the group of task %s: %r", task_id, exc)
             if is_new:
                 with contextlib.suppress(Exception):
                     await self._leave(connection, group)

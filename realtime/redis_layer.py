@@ -63,6 +63,8 @@ logger = logging.getLogger(__name__)
 #: Seconds a subscribe waits for Redis to confirm it, unless the host sets its own
 #: ``socket_timeout``: as long as redis-py's default wait for an answer.
 CONFIRMATION_TIMEOUT = 5.0
+#: Seconds between the receiver's attempts to reach Redis again.
+RECEIVE_RETRY_SECONDS = 0.1
 
 # Channel queues are unbounded (``UNBOUNDED``), as the stock layer's are: the receiver that
 # fills them cannot wait. A connection drains its queue as fast as it writes to its socket,
@@ -181,13 +183,21 @@ def _confirm(shard: RedisSingleShardConnection, channel: str) -> None:
 
 async def _receive_confirming(shard: RedisSingleShardConnection) -> None:
     """The shard's receiver: channels-redis's, except that it also reads Redis's
-    confirmations of SUBSCRIBE, which ``_subscribe_confirmed()`` waits for."""
+    confirmations of SUBSCRIBE, which ``_subscribe_confirmed()`` waits for, and that it
+    says once that Redis cannot be reached, and once that it can again, trying every
+    ``RECEIVE_RETRY_SECONDS``. channels-redis logged a traceback every second of an outage
+    and tried again a second after each failure, while other processes' messages, published
+    once Redis was back, were lost."""
+    failing = False
     while True:
         try:
             if shard._pubsub is None or not shard._pubsub.subscribed:
                 await asyncio.sleep(0.1)
                 continue
             message = await shard._pubsub.get_message(timeout=0.1)
+            if failing:
+                failing = False
+                logger.warning("Receiving from Redis again")
             if message is None:
                 continue
             if message["type"] in ("message", "pmessage"):
@@ -197,8 +207,13 @@ async def _receive_confirming(shard: RedisSingleShardConnection) -> None:
         except (asyncio.CancelledError, TimeoutError, GeneratorExit):
             raise
         except Exception:
-            logger.exception("Unexpected exception in receive task")
-            await asyncio.sleep(1)
+            if not failing:
+                failing = True
+                logger.exception(
+                    "Could not receive from Redis; trying again every %s s",
+                    RECEIVE_RETRY_SECONDS,
+                )
+            await asyncio.sleep(RECEIVE_RETRY_SECONDS)
 
 
 async def _listen(shard: RedisSingleShardConnection, pattern: str) -> None:

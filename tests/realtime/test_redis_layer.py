@@ -2,11 +2,13 @@
 
 import asyncio
 import contextlib
+import logging
 import shutil
 import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -645,50 +647,104 @@ def test_a_member_gets_what_another_process_publishes_once_it_has_joined(redis_s
     assert async_to_sync(scenario)() == {"type": "published after the join"}
 
 
-@pytest.fixture
-def redis_of_our_own(tmp_path) -> Iterator[tuple[subprocess.Popen, str]]:
-    """A Redis server of this test's own, to be stopped, and its URL."""
-    if shutil.which("redis-server") is None:
-        service_unavailable("redis-server is not installed")
-    port = free_port()
-    command = ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"]
-    process = subprocess.Popen([*command, "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
+class OwnRedis:
+    """A Redis server of a test's own, to stop and start again on its port."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        command = ["redis-server", "--port", str(self.port), "--save", "", "--appendonly", "no"]
+        self.process = subprocess.Popen(
+            [*command, "--dir", str(self.directory)], stdout=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + 10
         while True:
             try:
-                redis.Redis.from_url(url).ping()
-                break
+                redis.Redis.from_url(self.url).ping()
+                return
             except redis.ConnectionError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
-        yield process, url
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+
+@pytest.fixture
+def redis_of_our_own(tmp_path) -> Iterator[OwnRedis]:
+    if shutil.which("redis-server") is None:
+        service_unavailable("redis-server is not installed")
+    server = OwnRedis(tmp_path)
+    server.start()
+    try:
+        yield server
     finally:
-        process.kill()
-        process.wait()
+        server.stop()
 
 
 def test_joins_that_failed_leave_nothing_waiting_for_a_confirmation(redis_of_our_own):
     """One was kept for each group named: a client subscribing to new tasks while Redis
     was away grew the server for good."""
-    process, url = redis_of_our_own
 
     async def scenario() -> dict:
         prefix = f"test-{uuid.uuid4().hex[:8]}:"
         layer = RedisPubSubChannelLayer(
-            hosts=[{"address": url, "socket_timeout": 0.5}], prefix=prefix
+            hosts=[{"address": redis_of_our_own.url, "socket_timeout": 0.5}], prefix=prefix
         )
         channel = await layer.new_channel()
-        process.kill()
-        process.wait()
+        redis_of_our_own.stop()
         for number in range(3):  # the first may be sent, and time out unconfirmed
             with pytest.raises(redis.RedisError):
                 await layer.group_add(f"group-{number}", channel)
         return layer._get_layer()._shards[0]._confirmations
 
     assert async_to_sync(scenario)() == {}
+
+
+def test_a_receiver_that_lost_redis_says_so_once_and_hears_again_soon_after_it_returns(
+    redis_of_our_own, caplog
+):
+    """It logged a traceback every second of an outage, and tried again only a second
+    after each failure: messages published meanwhile, once Redis was back, were lost."""
+    layer = make_layer(redis_of_our_own.url)
+
+    async def scenario() -> float:
+        channel = await layer.new_channel()
+        await layer.group_add("watchers", channel)
+        redis_of_our_own.stop()
+        await asyncio.sleep(1)  # tried again, and failed, every tenth of a second
+        redis_of_our_own.start()
+        back = time.monotonic()
+        other = RedisPubSubChannelLayer(
+            hosts=[redis_of_our_own.url], prefix=layer._get_layer().prefix
+        )
+
+        async def publish_often() -> None:
+            while True:
+                await other.group_send("watchers", {"type": "hello"})
+                await asyncio.sleep(0.02)
+
+        publishing = asyncio.ensure_future(publish_often())
+        try:  # what is published reaches the group once it listens again
+            assert await asyncio.wait_for(layer.receive(channel), 5) == {"type": "hello"}
+            return time.monotonic() - back
+        finally:
+            publishing.cancel()
+
+    with caplog.at_level(logging.WARNING, logger="realtime.redis_layer"):
+        heard_after = async_to_sync(scenario)()
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages[0].startswith("Could not receive from Redis")
+    assert messages[1:] == ["Receiving from Redis again"]
+    assert heard_after < 0.5
 
 
 def test_members_joining_while_redis_confirms_the_first_wait_for_it(redis_server):
