@@ -360,8 +360,8 @@ class RedisPubSubChannelLayer(StockLayer):
         Delivered by the shard receiver instead, a fan-out to 1,000 event streams took
         ~13 ms longer than in-process; delivered before the publish, it held the other
         processes' fan-out back by its own length (docs/performance.md). If the publish
-        fails, no member gets the message, in this process or another: the error that the
-        sender gets means it was not sent (a broadcast's 503 says so)."""
+        fails, no member of this process gets the message, nor of another unless Redis ran
+        the PUBLISH before the failure was known (a timeout: sent, never answered)."""
         layer = self._get_layer()
         _, origin = self._layer_id(layer)
         data = origin + self.serialize(message)
