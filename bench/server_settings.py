@@ -13,10 +13,11 @@ import os
 
 from mcp_platform.settings import *  # noqa: F403
 from mcp_platform.settings import CHANNEL_LAYERS as PROJECT_CHANNEL_LAYERS
+from mcp_platform.settings import REDIS_URL
 
 CHANNEL_LAYERS = copy.deepcopy(PROJECT_CHANNEL_LAYERS)
 _layer = CHANNEL_LAYERS["default"]
-if _layer["BACKEND"].startswith("channels_redis."):
+if REDIS_URL:  # the project's layer is Redis's (realtime.redis_layer)
     _layer.setdefault("CONFIG", {})["prefix"] = "bench"
     if os.environ.get("BENCH_CHANNEL_LAYER") == "core":
         _layer["BACKEND"] = "channels_redis.core.RedisChannelLayer"

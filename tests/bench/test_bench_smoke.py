@@ -4,9 +4,12 @@ Nothing here is timed: the run must produce every figure, and every message must
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENTS, STREAMS, UPDATES = 50, 20, 2
@@ -36,3 +39,33 @@ def test_quick_reference_run_produces_complete_figures(tmp_path):
     assert (sustained["lost"], sustained["out_of_order"], sustained["duplicates"]) == (0, 0, 0)
     # From the saved change to arrival is part of from the trigger's send to arrival.
     assert 0 < sustained["change_p50_ms"] <= sustained["change_max_ms"] <= sustained["max_ms"]
+
+
+@pytest.mark.parametrize(
+    ("chosen", "backend"),
+    [
+        ("core", "channels_redis.core.RedisChannelLayer"),
+        ("pubsub", "realtime.redis_layer.RedisPubSubChannelLayer"),
+    ],
+)
+def test_a_redis_run_chooses_its_layer_and_a_prefix_of_its_own(chosen, backend):
+    """The choice never applied once the project's Redis layer was its own class: every
+    ``--layer redis`` run measured the pub/sub layer, under the project's prefix."""
+    code = "from django.conf import settings; print(json.dumps(settings.CHANNEL_LAYERS))"
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "DJANGO_SETTINGS_MODULE": "bench.server_settings",
+        "DJANGO_SECRET_KEY": "s" * 40,
+        "REDIS_URL": "redis://127.0.0.1:6379/13",
+        "BENCH_CHANNEL_LAYER": chosen,
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", f"import json, django; django.setup(); {code}"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    layer = json.loads(result.stdout)["default"]
+    assert (layer["BACKEND"], layer["CONFIG"]["prefix"]) == (backend, "bench")
