@@ -1,1 +1,1 @@
-"""The benchmark suite of the real-time layer (issue 4): ``python -m bench --help``."""
+"""The benchmark suite of the real-time layer: ``python -m bench --help``."""

@@ -16,6 +16,7 @@ from rest_framework.response import Response
 from rest_framework.settings import api_settings
 from rest_framework.views import exception_handler as drf_exception_handler
 
+from realtime.protocol import body_too_large
 from realtime.views import PayloadTooLarge
 
 
@@ -43,7 +44,7 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     elif isinstance(exc, RequestDataTooBig):
         # Django's 400 (and an ERROR log line) for a body over its memory limit.
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
-        exc = PayloadTooLarge(f"The body must be at most {limit} bytes.")
+        exc = PayloadTooLarge(body_too_large(limit))
     elif isinstance(exc, Http404):
         exc = exceptions.NotFound()
     elif isinstance(exc, DjangoPermissionDenied):

@@ -47,7 +47,7 @@ import gc
 import os
 import pprint
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 from realtime.reactor import install, new_event_loop
 
@@ -156,12 +156,12 @@ def prepare() -> None:
         def __init__(self, stream: TextIO) -> None:
             super().__init__(LinesPerTurn(stream))
 
-        def __call__(self, protocol, action, details):
+        def __call__(self, protocol: str, action: str, details: dict[str, Any]) -> None:
             if protocol == "websocket" and action == "connecting":
                 return  # WSCONNECT or WSREJECT follows at once
             if "path" in details:
                 details = {**details, "path": http_protocol.redact(details["path"])}
-            return super().__call__(protocol, action, details)
+            super().__call__(protocol, action, details)
 
     cli.AccessLogGenerator = RedactingAccessLog
 

@@ -16,8 +16,8 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 
 DEBUG = env_bool("DJANGO_DEBUG", False)
 #: The shortest secret that signs in production. The keys sign JWTs with HS256, whose key
-#: RFC 7518 wants of 256 bits at least: a review found a 3-character key in 0.0 s from one
-#: token, and signed a superuser's with it.
+#: RFC 7518 wants of 256 bits at least: a 3-character key was found from one token in
+#: 0.0 s, and a superuser's token signed with it.
 MIN_SECRET_LENGTH = 32
 SECRET_KEY = env_str("DJANGO_SECRET_KEY")
 if not SECRET_KEY.strip():  # blanks sign sessions and tokens that anyone can forge

@@ -43,9 +43,8 @@ async def apublish_task_update(snapshot: TaskSnapshot) -> None:
 
 
 def publish_task_update(snapshot: TaskSnapshot) -> None:
-    """Synchronous form of ``apublish_task_update()``, which waits for the publish at most
-    ``REALTIME_PUBLISH_WAIT_SECONDS`` in a server (``within_the_wait()``)."""
-    async_to_sync(within_the_wait)(apublish_task_update(snapshot), f"task {snapshot.task_id}")
+    """Synchronous form of ``apublish_task_update()`` (``_publish_sync()``)."""
+    _publish_sync(apublish_task_update(snapshot), f"task {snapshot.task_id}")
 
 
 async def apublish_task_deleted(task_id: uuid.UUID, owner_id: int) -> None:
@@ -55,10 +54,8 @@ async def apublish_task_deleted(task_id: uuid.UUID, owner_id: int) -> None:
 
 
 def publish_task_deleted(task_id: uuid.UUID, owner_id: int) -> None:
-    """Synchronous form of ``apublish_task_deleted()``, which waits for the publish at most
-    ``REALTIME_PUBLISH_WAIT_SECONDS`` in a server (``within_the_wait()``)."""
-    coroutine = apublish_task_deleted(task_id, owner_id)
-    async_to_sync(within_the_wait)(coroutine, f"the deletion of task {task_id}")
+    """Synchronous form of ``apublish_task_deleted()`` (``_publish_sync()``)."""
+    _publish_sync(apublish_task_deleted(task_id, owner_id), f"the deletion of task {task_id}")
 
 
 async def apublish_access_change(user_id: int) -> None:
@@ -69,10 +66,15 @@ async def apublish_access_change(user_id: int) -> None:
 
 
 def publish_access_change(user_id: int) -> None:
-    """Synchronous form of ``apublish_access_change()``, which waits for the publish at most
-    ``REALTIME_PUBLISH_WAIT_SECONDS`` in a server (``within_the_wait()``)."""
-    coroutine = apublish_access_change(user_id)
-    async_to_sync(within_the_wait)(coroutine, f"an access change of user {user_id}")
+    """Synchronous form of ``apublish_access_change()`` (``_publish_sync()``)."""
+    _publish_sync(apublish_access_change(user_id), f"an access change of user {user_id}")
+
+
+def _publish_sync(publish: Coroutine[Any, Any, None], what: str) -> None:
+    """Run an asynchronous publish from synchronous code, waiting for it at most
+    ``REALTIME_PUBLISH_WAIT_SECONDS`` in a server (``within_the_wait()``); ``what`` names
+    the change in the log if the publish fails or outlasts the wait."""
+    async_to_sync(within_the_wait)(publish, what)
 
 
 def publish_after_commit(using: str, what: str, publish: Callable[..., None], *args: Any) -> None:

@@ -36,7 +36,7 @@ class Batcher(Generic[K, V]):
 
     def __init__(
         self, fetch_many: Callable[[list[K]], Awaitable[Sequence[V]]], *, max_size: int = 500
-    ):
+    ) -> None:
         self.fetch_many = fetch_many
         self.max_size = max_size
         # One queue per event loop: tests and management commands run several.

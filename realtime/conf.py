@@ -9,7 +9,6 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
-from django.utils.module_loading import import_string
 
 DEFAULTS: dict[str, Any] = {
     # Dotted path of the project's realtime.sources.TaskSource subclass (required).
@@ -71,9 +70,6 @@ class RealtimeSettings:
         if name not in self._cache:
             self._cache[name] = _coerce(name, self.user_settings.get(name, DEFAULTS[name]))
         return self._cache[name]
-
-    def import_from(self, name: str) -> Any:
-        return import_string(getattr(self, name))
 
     def reload(self) -> None:
         self._cache.clear()

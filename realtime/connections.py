@@ -1,6 +1,6 @@
 """The service layer of the real-time app: who is connected, to what, and sending to them.
 
-Consumers and the SSE view call ``ConnectionManager``; so does the one publish path
+The WebSocket and SSE consumers call ``ConnectionManager``; so does the one publish path
 (``realtime.api``). The manager sits on the channel layer and the registry. It keeps no
 consumer objects: a ``Connection`` is plain state that its consumer owns and passes in.
 """
@@ -29,15 +29,17 @@ from realtime.sources import TaskSnapshot, get_task_source
 
 logger = logging.getLogger(__name__)
 
-#: Channel-layer message types, and the consumer handler each one calls.
-TASK_UPDATE = "task.update"  # task_update()
-TASK_DELETED = "task.deleted"  # task_deleted()
+#: Channel-layer message types. These only send, so each transport says what in its
+#: consumer's ``reply_builders`` (``InboxConsumerMixin.replies()``):
+TASK_UPDATE = "task.update"
 #: A transport's own reminder to stop waiting for a missing update (``release_held()``).
-RELEASE_HELD = "realtime.release_held"  # realtime_release_held()
+RELEASE_HELD = "realtime.release_held"
+BROADCAST = "realtime.broadcast"
+PERSONAL = "realtime.message"
+#: ...and these call the consumer's handler of the name given.
+TASK_DELETED = "task.deleted"  # task_deleted()
 #: A transport's own note that a subscribed task changed hands (``ready_updates()``).
 TASK_HIDDEN = "realtime.task_hidden"  # realtime_task_hidden()
-BROADCAST = "realtime.broadcast"  # realtime_broadcast()
-PERSONAL = "realtime.message"  # realtime_message()
 ACCESS_CHANGED = "realtime.access_changed"  # realtime_access_changed()
 
 
@@ -224,9 +226,6 @@ class Recipients:
     @property
     def total(self) -> int:
         return self.websocket + self.sse
-
-    def as_dict(self) -> dict[str, int]:
-        return {"recipients": self.total, "websocket": self.websocket, "sse": self.sse}
 
 
 class ConnectionManager:

@@ -33,7 +33,7 @@ from realtime.connections import (
     get_connection_manager,
 )
 from realtime.inbox import Inbox
-from realtime.protocol import Action, ClientMessage, CloseCode, ErrorCode, ProtocolError
+from realtime.protocol import Action, ClientMessage, CloseCode, ErrorCode, ProtocolError, SseEvent
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class InboxConsumerMixin:
             connection, uuid.UUID(event["task_id"])
         ):
             return  # not subscribed (any more): nothing to tell
-        await self.send_notice("task_deleted", event["text"])
+        await self.send_notice(SseEvent.TASK_DELETED, event["text"])
 
     async def realtime_task_hidden(self, event: dict[str, Any]) -> None:
         """A subscribed task is no longer the user's to see (as of update ``seq``): its
@@ -189,14 +189,16 @@ class InboxConsumerMixin:
         unasked."""
         assert self.connection is not None
         if await get_connection_manager().unsubscribe_from_task(self.connection, task_id):
-            await self.send_notice("unsubscribed", protocol.encode(protocol.unsubscribed(task_id)))
+            await self.send_notice(
+                SseEvent.UNSUBSCRIBED, protocol.encode(protocol.unsubscribed(task_id))
+            )
 
-    async def send_notice(self, kind: str, text: str) -> None:
+    async def send_notice(self, kind: SseEvent, text: str) -> None:
         """Send a server message the client did not ask for: ``text``, of type ``kind``."""
         for payload in self.notice_payloads(kind, text):
             await self.base_send(self.payload_message(payload))
 
-    def notice_payloads(self, kind: str, text: str) -> list[Any]:
+    def notice_payloads(self, kind: SseEvent, text: str) -> list[Any]:
         """The payloads of ``send_notice()``. The consumer says them, as it says
         ``payload_message()``: a WebSocket sends the text, an event stream an event."""
         raise NotImplementedError("a consumer with subscriptions says how notices are sent")
@@ -479,7 +481,7 @@ class TaskConsumer(InboxConsumerMixin, AsyncWebsocketConsumer):
         released = self.connection.release_held(event["task_id"], event["wait"])
         return [text for _, text in released]
 
-    def notice_payloads(self, kind: str, text: str) -> list[str]:
+    def notice_payloads(self, kind: SseEvent, text: str) -> list[str]:
         return [text]
 
     def text_replies(self, event: dict[str, Any]) -> list[str]:

@@ -25,7 +25,7 @@ import daphne.server
 from daphne.http_protocol import HTTPFactory, WebRequest
 from django.conf import settings
 
-from realtime.protocol import FRAMINGS_KEPT
+from realtime.protocol import FRAMINGS_KEPT, body_too_large
 from realtime.reactor import write_now
 from realtime.slow_clients import UnreadBytesProducer
 
@@ -68,9 +68,7 @@ def is_event_stream(headers: Any) -> bool:
 def payload_too_large(limit: int) -> bytes:
     """The whole answer to a request whose body is over ``limit`` bytes, as the API's
     errors are: JSON ``{"code", "detail"}``. The connection is closed after it."""
-    body = json.dumps(
-        {"code": "payload_too_large", "detail": f"The body must be at most {limit} bytes."}
-    ).encode()
+    body = json.dumps({"code": "payload_too_large", "detail": body_too_large(limit)}).encode()
     head = (
         b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)

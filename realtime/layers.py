@@ -59,9 +59,6 @@ class ChannelQueue:
     def empty(self) -> bool:
         return not self.items
 
-    def full(self) -> bool:
-        return len(self.items) >= self.maxsize
-
     def offer(self, message: dict[str, Any]) -> bool:
         """Give ``message`` to the handler if the reader waits with nothing queued, so
         that it is handled now, in order, without waking the reader; whether it was.
@@ -154,16 +151,15 @@ class InMemoryChannelLayer(BaseChannelLayer):
             self.require_valid_channel_name(channel)
             queue = self._queue(channel)
         try:
-            while True:
-                if channel in self._overflowed:
-                    self._overflowed.discard(channel)
-                    return {"type": OVERFLOW}
-                expires, message = await queue.get()
-                if expires >= time.monotonic():
-                    return message
-                # A message that waited past the expiry is lost to this reader, which is
-                # told so, as of an overflow: dropped silently, it was never missed.
+            if channel in self._overflowed:
+                self._overflowed.discard(channel)
                 return {"type": OVERFLOW}
+            expires, message = await queue.get()
+            if expires >= time.monotonic():
+                return message
+            # A message that waited past the expiry is lost to this reader, which is told
+            # so, as of an overflow: dropped silently, it was never missed.
+            return {"type": OVERFLOW}
         except asyncio.CancelledError:
             self._forget(channel)
             raise

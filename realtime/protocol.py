@@ -119,6 +119,12 @@ def parse_client_message(text: str) -> ClientMessage:
     return ClientMessage(action, request_id, task_id)
 
 
+def body_too_large(limit: int) -> str:
+    """What every endpoint says of a request body over ``limit`` bytes (413
+    ``payload_too_large``), whether the server or the application refuses it."""
+    return f"The body must be at most {limit} bytes."
+
+
 def now_iso() -> str:
     return datetime.now(UTC).isoformat()
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from twisted.internet import tcp
 from twisted.internet.asyncioreactor import AsyncioSelectorReactor
+from twisted.internet.interfaces import IWriteDescriptor
 
 
 def write_now(transport: Any, data: bytes) -> None:
@@ -60,7 +61,7 @@ class CoalescingWriteReactor(AsyncioSelectorReactor):
         self._flushing = None
         self._flushing_stopped = False
 
-    def addWriter(self, writer) -> None:  # noqa: N802 (Twisted's name)
+    def addWriter(self, writer: IWriteDescriptor) -> None:  # noqa: N802 (Twisted's name)
         if writer in self._pending_writers or writer in self._writers:
             return
         if writer in self._continuousPolling._writers:
@@ -70,7 +71,7 @@ class CoalescingWriteReactor(AsyncioSelectorReactor):
             self._flush_scheduled = True
             self._asyncioEventloop.call_soon(self._flush_writers)
 
-    def removeWriter(self, writer) -> None:  # noqa: N802
+    def removeWriter(self, writer: IWriteDescriptor) -> None:  # noqa: N802
         if writer is self._flushing:
             self._flushing_stopped = True
         if self._pending_writers.pop(writer, False) is None:

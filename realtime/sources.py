@@ -11,6 +11,7 @@ from functools import cache
 from typing import Any
 
 from django.contrib.auth.base_user import AbstractBaseUser
+from django.utils.module_loading import import_string
 
 from realtime.conf import realtime_settings
 
@@ -49,7 +50,7 @@ class TaskSource:
 
 @cache
 def _load(path: str) -> TaskSource:
-    return realtime_settings.import_from("TASK_SOURCE")()
+    return import_string(path)()
 
 
 def get_task_source() -> TaskSource:

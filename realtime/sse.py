@@ -285,8 +285,8 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
             return self.chunk(protocol.sse_task_update(task_id, seq, text))
         return self.chunk(*(protocol.sse_task_update(task_id, seq, text) for seq, text in ready))
 
-    def notice_payloads(self, kind: str, text: str) -> list[bytes]:
-        return self.chunk(protocol.sse_event(SseEvent(kind), text))
+    def notice_payloads(self, kind: SseEvent, text: str) -> list[bytes]:
+        return self.chunk(protocol.sse_event(kind, text))
 
     def broadcast_replies(self, event: dict[str, Any]) -> list[bytes]:
         return self.chunk(protocol.sse_event(SseEvent.BROADCAST, event["text"]))

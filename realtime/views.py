@@ -12,6 +12,7 @@ from rest_framework.views import APIView
 from realtime import broadcasts
 from realtime.conf import realtime_settings
 from realtime.parsers import JSONParser
+from realtime.protocol import body_too_large
 
 
 class PayloadTooLarge(exceptions.APIException):
@@ -65,7 +66,7 @@ class BroadcastView(APIView):
     def post(self, request: Request) -> Response:
         limit = realtime_settings.BROADCAST_MAX_BYTES
         if body_exceeds(request, limit):
-            raise PayloadTooLarge(f"The body must be at most {limit} bytes.")
+            raise PayloadTooLarge(body_too_large(limit))
         try:
             broadcast = broadcasts.send(payload=request.data, sent_by=request.user)
         except broadcasts.BroadcastUnavailable:

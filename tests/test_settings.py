@@ -45,8 +45,8 @@ def test_refuses_to_start_with_debug_off_and_no_secret_key(key):
 
 @pytest.mark.parametrize("name", ["DJANGO_SECRET_KEY", "JWT_SIGNING_KEY"])
 def test_refuses_to_start_with_debug_off_and_a_short_key(name):
-    """A review found a 3-character key from one token in no time, and signed a
-    superuser's token with it."""
+    """A 3-character key was found from one token at once, and a superuser's token
+    signed with it."""
     env = {"DJANGO_DEBUG": "0", "DJANGO_SECRET_KEY": "s" * 40, name: "k" * 31}
     result = settings_of(env, "1")
     assert result.returncode != 0

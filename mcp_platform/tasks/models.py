@@ -64,10 +64,6 @@ class Task(models.Model):
     def __str__(self) -> str:
         return f"{self.name} ({self.status})"
 
-    @property
-    def is_finished(self) -> bool:
-        return self.status in FINISHED
-
     def clean(self) -> None:
         """Reject leaving a finished status, for forms; ``save()`` checks it again under
         the row lock, against the status the save replaces."""
