@@ -16,6 +16,7 @@ from django.contrib.auth.base_user import AbstractBaseUser
 from django.contrib.auth.models import AnonymousUser
 from django.core.exceptions import DisallowedHost, ValidationError
 from django.core.handlers.asgi import ASGIRequest
+from django.db import DatabaseError
 from django.utils.http import is_same_domain
 from rest_framework.exceptions import APIException
 from rest_framework_simplejwt import settings as simplejwt_settings
@@ -196,6 +197,7 @@ class TokenAuthMiddleware:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
         failure = credentials = None
+        unavailable = False
         try:
             token = self.token_of(scope)
             if token is not None:
@@ -203,9 +205,19 @@ class TokenAuthMiddleware:
                 user = credentials.user
         except ValueError as exc:
             token, user, failure = "", AnonymousUser(), str(exc)
+        except DatabaseError:
+            # The token's user could not be read: the endpoint says so (503, or 4503)
+            # rather than fail with a 500 and a traceback.
+            token, user, unavailable = "", AnonymousUser(), True
         if token is None:
             return await self.session_inner(scope, receive, send)
-        scope = dict(scope, user=user, auth_failure=failure, auth_credentials=credentials)
+        scope = dict(
+            scope,
+            user=user,
+            auth_failure=failure,
+            auth_credentials=credentials,
+            auth_unavailable=unavailable,
+        )
         return await self.inner(scope, receive, send)
 
 

@@ -362,13 +362,15 @@ class TaskConsumer(InboxConsumerMixin, AsyncWebsocketConsumer):
 
     async def refused_without_channel(self, receive: Any, send: Any) -> bool:
         """Without credentials that hold, the handshake completes and the connection is
-        closed with 4401 at once (docs/protocol.md)."""
+        closed at once: 4401, or 4503 if they could not be checked (docs/protocol.md)."""
         user = self.scope.get("user")
         if user is not None and user.is_authenticated:
             return False
+        unavailable = self.scope.get("auth_unavailable", False)
+        code = CloseCode.UNAVAILABLE if unavailable else CloseCode.UNAUTHORIZED
         if (await receive())["type"] == "websocket.connect":
             await send({"type": "websocket.accept"})
-            await send({"type": "websocket.close", "code": CloseCode.UNAUTHORIZED.value})
+            await send({"type": "websocket.close", "code": code.value})
         return True
 
     async def connect(self) -> None:

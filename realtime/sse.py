@@ -100,6 +100,10 @@ def authenticated_user(scope: dict[str, Any]) -> AbstractBaseUser:
     """The user ``realtime.auth.http_auth_stack`` found: of a bearer token (header, else
     ``?token=``), else of the session. A token that fails is refused even beside a valid
     session, as on ``/ws``."""
+    if scope.get("auth_unavailable"):
+        raise Refused(
+            503, "unavailable", "The credentials could not be checked just now; try again."
+        )
     failure = scope.get("auth_failure")
     if failure is not None:
         raise Refused(401, "authentication_failed", failure)

@@ -336,6 +336,25 @@ def test_an_unsubscribe_the_channel_layer_fails_ends_the_subscription_not_the_co
     run(scenario)
 
 
+def test_a_token_whose_user_the_database_cannot_read_is_closed_4503(user, monkeypatch, caplog):
+    """Raised, the failure was a 500 with a traceback logged, for every handshake while the
+    database was away."""
+
+    async def unreachable(user_ids):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(auth._user_batcher, "fetch_many", unreachable)
+
+    async def scenario():
+        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+            accepted, _ = await ws.connect(timeout=5)
+            assert accepted
+            await assert_closed_with(ws, CloseCode.UNAVAILABLE)
+
+    run(scenario)
+    assert not [record for record in caplog.records if record.levelname == "ERROR"]
+
+
 @pytest.mark.parametrize("token", ["bad", ""])
 def test_bad_token_beside_a_valid_session_is_refused(session_cookie, token):
     async def scenario():

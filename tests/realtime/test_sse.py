@@ -21,7 +21,7 @@ from rest_framework_simplejwt.tokens import AccessToken
 from mcp_platform.tasks import services
 from mcp_platform.tasks.models import Task
 from mcp_platform.tasks.realtime import TaskSource
-from realtime import api, protocol, sse
+from realtime import api, auth, protocol, sse
 from realtime.checks import check_settings
 from realtime.connections import ConnectionManager, Transport, get_connection_manager
 from realtime.sources import TaskSnapshot
@@ -448,6 +448,21 @@ def test_a_stream_whose_subscription_the_registry_fails_to_count_is_served(user,
             await stream.next_of("connected")
             await database_sync_to_async(services.update_task)(task=task, progress=5)
             assert (await stream.next_of("task_update")).json()["seq"] == 2
+
+    run(scenario)
+
+
+@transactional
+def test_a_token_whose_user_the_database_cannot_read_is_503(user, monkeypatch):
+    async def unreachable(user_ids):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(auth._user_batcher, "fetch_many", unreachable)
+
+    async def scenario():
+        async with InProcessStream({"token": token_for(user)}) as stream:
+            assert stream.status == 503
+            assert stream.json()["code"] == "unavailable"
 
     run(scenario)
 
