@@ -6,10 +6,11 @@ from importlib import import_module
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, urlparse, urlsplit
 
-from channels.auth import AuthMiddlewareStack
+from channels.auth import AuthMiddleware
 from channels.auth import get_user as get_session_user
 from channels.db import database_sync_to_async
 from channels.security.websocket import OriginValidator, WebsocketDenier
+from channels.sessions import CookieMiddleware, SessionMiddleware
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.base_user import AbstractBaseUser
@@ -126,6 +127,19 @@ async def session_user(session_key: str | None) -> AbstractBaseUser | None:
     return user if user.is_authenticated else None
 
 
+class SessionAuthMiddleware(AuthMiddleware):
+    """Channels' session authentication, except that a session or user the database cannot
+    read leaves an anonymous user and ``scope["auth_unavailable"]``, as a token's does: the
+    failure escaped, a 500 and a logged traceback for every request while it was away."""
+
+    async def resolve_scope(self, scope: dict[str, Any]) -> None:
+        try:
+            await super().resolve_scope(scope)
+        except DatabaseError:
+            scope["user"]._wrapped = AnonymousUser()
+            scope["auth_unavailable"] = True
+
+
 def the_token(tokens: list[str]) -> str | None:
     """The token given, however many times; ``None`` if none was. Different tokens are
     refused (``ValueError``): one bad beside a good one would otherwise be dropped
@@ -191,7 +205,7 @@ class TokenAuthMiddleware:
     ) -> None:
         self.inner = inner
         self.token_of = token_of
-        self.session_inner = AuthMiddlewareStack(inner)
+        self.session_inner = CookieMiddleware(SessionMiddleware(SessionAuthMiddleware(inner)))
         if session_guard is not None:  # checks what a session would authenticate
             self.session_inner = session_guard(self.session_inner)
 

@@ -6,6 +6,7 @@ import json
 import uuid
 from datetime import timedelta
 
+import channels.auth
 import pytest
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
@@ -336,17 +337,25 @@ def test_an_unsubscribe_the_channel_layer_fails_ends_the_subscription_not_the_co
     run(scenario)
 
 
-def test_a_token_whose_user_the_database_cannot_read_is_closed_4503(user, monkeypatch, caplog):
+@pytest.mark.parametrize("how", ["token", "session"])
+def test_credentials_the_database_cannot_check_are_closed_4503(
+    user, monkeypatch, caplog, session_cookie, how
+):
     """Raised, the failure was a 500 with a traceback logged, for every handshake while the
     database was away."""
 
-    async def unreachable(user_ids):
+    async def unreachable(*args):
         raise OperationalError("server closed the connection unexpectedly")
 
-    monkeypatch.setattr(auth._user_batcher, "fetch_many", unreachable)
+    if how == "token":
+        path, headers = f"/ws?token={token_for(user)}", []
+        monkeypatch.setattr(auth._user_batcher, "fetch_many", unreachable)
+    else:
+        path, headers = "/ws", [session_cookie]
+        monkeypatch.setattr(channels.auth, "get_user", unreachable)
 
     async def scenario():
-        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+        async with open_websocket(path, headers=headers) as ws:
             accepted, _ = await ws.connect(timeout=5)
             assert accepted
             await assert_closed_with(ws, CloseCode.UNAVAILABLE)

@@ -6,6 +6,7 @@ import json
 import uuid
 from datetime import datetime, timedelta
 
+import channels.auth
 import pytest
 from asgiref.sync import async_to_sync
 from asgiref.testing import ApplicationCommunicator
@@ -453,14 +454,24 @@ def test_a_stream_whose_subscription_the_registry_fails_to_count_is_served(user,
 
 
 @transactional
-def test_a_token_whose_user_the_database_cannot_read_is_503(user, monkeypatch):
-    async def unreachable(user_ids):
+@pytest.mark.parametrize("how", ["token", "session"])
+def test_credentials_the_database_cannot_check_are_503(user, monkeypatch, how):
+    async def unreachable(*args):
         raise OperationalError("server closed the connection unexpectedly")
 
-    monkeypatch.setattr(auth._user_batcher, "fetch_many", unreachable)
+    query, headers = {}, []
+    if how == "token":
+        query = {"token": token_for(user)}
+        monkeypatch.setattr(auth._user_batcher, "fetch_many", unreachable)
+    else:
+        client = Client()
+        client.force_login(user)
+        cookie = client.cookies[settings.SESSION_COOKIE_NAME]
+        headers = [(b"cookie", f"{cookie.key}={cookie.value}".encode())]
+        monkeypatch.setattr(channels.auth, "get_user", unreachable)
 
     async def scenario():
-        async with InProcessStream({"token": token_for(user)}) as stream:
+        async with InProcessStream(query, headers=headers) as stream:
             assert stream.status == 503
             assert stream.json()["code"] == "unavailable"
 
