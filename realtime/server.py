@@ -5,7 +5,7 @@ a future, a task step, five coroutine frames resumed and a coroutine built per m
 about 30% of the server's CPU per delivery (docs/performance.md). Nothing in Daphne's
 own ``send`` ever waits: it hands the message to the connection's Twisted protocol, which
 writes. ``Send.write()`` does the same from plain code, so a channel layer can give a
-message to an idle consumer's handler directly (``realtime.consumers.InboxConsumerMixin``),
+message to an idle consumer's handler directly (``realtime.inbox_consumer.InboxConsumerMixin``),
 which then writes it without being woken; it takes the payload itself (a WebSocket text,
 an event-stream chunk) rather than an ASGI message to be built and read back.
 It also stops reading a WebSocket whose client sends faster than its messages are handled

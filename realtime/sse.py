@@ -35,7 +35,7 @@ from realtime.connections import (
     Transport,
     get_connection_manager,
 )
-from realtime.consumers import InboxConsumerMixin
+from realtime.inbox_consumer import InboxConsumerMixin
 from realtime.protocol import ErrorCode, ProtocolError, SseEvent
 
 logger = logging.getLogger(__name__)

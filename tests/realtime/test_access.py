@@ -19,7 +19,7 @@ from rest_framework_simplejwt.tokens import AccessToken
 from rest_framework_simplejwt.utils import get_md5_hash_password
 
 from mcp_platform.tasks import services
-from realtime import consumers, signals
+from realtime import inbox_consumer, signals
 from realtime.connections import get_connection_manager
 from realtime.consumers import TaskConsumer
 from realtime.protocol import CloseCode
@@ -88,13 +88,13 @@ def set_staff(user, is_staff: bool) -> None:
 def checks(monkeypatch) -> list[int]:
     """The users whose connections checked their tokens again, in order."""
     checked = []
-    check = consumers.token_user
+    check = inbox_consumer.token_user
 
     async def counted(user_claim, password_claim):
         checked.append(int(user_claim))
         return await check(user_claim, password_claim)
 
-    monkeypatch.setattr(consumers, "token_user", counted)
+    monkeypatch.setattr(inbox_consumer, "token_user", counted)
     return checked
 
 
@@ -297,7 +297,7 @@ def test_a_check_the_database_fails_keeps_the_connection(user, monkeypatch, capl
         raise OperationalError("the database is unreachable")
 
     def fail_then_deactivate() -> None:
-        monkeypatch.setattr(consumers, "token_user", unreachable)  # connected: now it fails
+        monkeypatch.setattr(inbox_consumer, "token_user", unreachable)  # connected: now it fails
         deactivate(user)
 
     assert stays_connected(user, fail_then_deactivate)

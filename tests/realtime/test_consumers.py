@@ -19,10 +19,11 @@ from rest_framework_simplejwt.tokens import AccessToken, RefreshToken
 from mcp_platform.tasks import services
 from mcp_platform.tasks.models import Task
 from mcp_platform.tasks.realtime import TaskSource
-from realtime import api, auth, connections, consumers
+from realtime import api, auth, connections, inbox_consumer
 from realtime.connections import get_connection_manager
-from realtime.consumers import TOKEN_EXPIRED, TaskConsumer
+from realtime.consumers import TaskConsumer
 from realtime.inbox import Inbox
+from realtime.inbox_consumer import TOKEN_EXPIRED
 from realtime.protocol import CloseCode, expiry_iso
 from tests.conftest import connect_user, make_communicator, open_websocket, token_for
 
@@ -191,7 +192,7 @@ def test_a_session_check_that_fails_leaves_the_connection_to_the_next(
         async with open_websocket("/ws", headers=[session_cookie]) as ws:
             await connect_user(ws)
             with monkeypatch.context() as patched:
-                patched.setattr(consumers, "session_user", unreachable)
+                patched.setattr(inbox_consumer, "session_user", unreachable)
                 await asyncio.sleep(2.2)  # checks that failed (timers keep whole seconds)
                 assert (await request(ws, {"action": "ping"}))["type"] == "pong"
             await database_sync_to_async(client.logout)()
@@ -763,7 +764,7 @@ def first_expiry_refused(monkeypatch) -> list:
 def test_an_expiry_that_finds_the_inbox_full_is_tried_again(
     user, monkeypatch, first_expiry_refused
 ):
-    monkeypatch.setattr(consumers, "EXPIRY_RETRY_SECONDS", 0.2)
+    monkeypatch.setattr(inbox_consumer, "EXPIRY_RETRY_SECONDS", 0.2)
     token, _ = expiring_token(user)
 
     async def scenario():
@@ -780,7 +781,7 @@ def test_an_expiry_tried_again_after_a_new_token_came_is_dropped(
 ):
     """Tried again, it read the deadline of the token given since, and took it for its
     own: the connection was closed with a valid token."""
-    monkeypatch.setattr(consumers, "EXPIRY_RETRY_SECONDS", 1.0)
+    monkeypatch.setattr(inbox_consumer, "EXPIRY_RETRY_SECONDS", 1.0)
     token, _ = expiring_token(user)
 
     async def scenario():
