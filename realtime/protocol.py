@@ -47,6 +47,15 @@ class ErrorCode(enum.StrEnum):
     UNAVAILABLE = "unavailable"
 
 
+class HttpErrorCode(enum.StrEnum):
+    """The ``code`` of a refusal of ``/events`` that no WebSocket error shares (its JSON
+    answer before any stream; the others are ``ErrorCode``'s)."""
+
+    NOT_AUTHENTICATED = "not_authenticated"
+    BAD_REQUEST = "bad_request"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+
+
 class ProtocolError(Exception):
     """A client message that cannot be served; becomes an ``error`` message."""
 

@@ -36,7 +36,7 @@ from realtime.connections import (
     get_connection_manager,
 )
 from realtime.inbox_consumer import InboxConsumerMixin
-from realtime.protocol import ErrorCode, ProtocolError, SseEvent
+from realtime.protocol import ErrorCode, HttpErrorCode, ProtocolError, SseEvent
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ STREAM_HEADERS = [
 class Refused(Exception):
     """A request answered with a JSON error instead of a stream."""
 
-    def __init__(self, status: int, code: str, detail: str) -> None:
+    def __init__(self, status: int, code: ErrorCode | HttpErrorCode, detail: str) -> None:
         super().__init__(detail)
         self.status = status
         self.code = code
@@ -72,7 +72,7 @@ class Refused(Exception):
 
     @classmethod
     def from_protocol_error(cls, exc: ProtocolError) -> "Refused":
-        return cls(PROTOCOL_ERROR_STATUS[exc.code], str(exc.code), exc.message)
+        return cls(PROTOCOL_ERROR_STATUS[exc.code], exc.code, exc.message)
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         headers = [
@@ -102,14 +102,18 @@ def authenticated_user(scope: dict[str, Any]) -> AbstractBaseUser:
     session, as on ``/ws``."""
     if scope.get("auth_unavailable"):
         raise Refused(
-            503, "unavailable", "The credentials could not be checked just now; try again."
+            503,
+            ErrorCode.UNAVAILABLE,
+            "The credentials could not be checked just now; try again.",
         )
     failure = scope.get("auth_failure")
     if failure is not None:
-        raise Refused(401, "authentication_failed", failure)
+        raise Refused(401, ErrorCode.AUTHENTICATION_FAILED, failure)
     user = scope.get("user")
     if user is None or not user.is_authenticated:
-        raise Refused(401, "not_authenticated", "Authentication credentials were not provided.")
+        raise Refused(
+            401, HttpErrorCode.NOT_AUTHENTICATED, "Authentication credentials were not provided."
+        )
     return user
 
 
@@ -119,7 +123,9 @@ def requested_task_ids(request: HttpRequest) -> list[uuid.UUID]:
         values = request.GET.getlist("task_id")
     except TooManyFieldsSent:
         limit = settings.DATA_UPLOAD_MAX_NUMBER_FIELDS
-        raise Refused(400, "bad_request", f"More than {limit} query parameters.") from None
+        raise Refused(
+            400, HttpErrorCode.BAD_REQUEST, f"More than {limit} query parameters."
+        ) from None
     try:
         task_ids = [protocol.parse_task_id(value) for value in values]
     except ValueError:
@@ -185,12 +191,12 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
         ``Refused`` or ``ProtocolError`` for a request refused."""
         if self.scope["method"] != "GET":
             method = self.scope["method"]
-            raise Refused(405, "method_not_allowed", f'Method "{method}" not allowed.')
+            raise Refused(405, HttpErrorCode.METHOD_NOT_ALLOWED, f'Method "{method}" not allowed.')
         request = ASGIRequest(self.scope, io.BytesIO())
         try:
             request.get_host()
         except DisallowedHost:
-            raise Refused(400, "bad_request", "Invalid Host header.") from None
+            raise Refused(400, HttpErrorCode.BAD_REQUEST, "Invalid Host header.") from None
         user = authenticated_user(self.scope)
         task_ids = requested_task_ids(request)
         limit = realtime_settings.SUBSCRIPTION_LIMIT
