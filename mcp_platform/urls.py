@@ -1,5 +1,6 @@
 from django.contrib import admin
 from django.urls import include, path, re_path
+from django_prometheus.exports import ExportToDjangoView
 from rest_framework_simplejwt.views import TokenObtainPairView, TokenRefreshView
 
 urlpatterns = [
@@ -9,7 +10,8 @@ urlpatterns = [
     re_path(r"^api/token/refresh/?$", TokenRefreshView.as_view(), name="token_refresh"),
     path("api/", include("mcp_platform.tasks.urls")),
     path("", include("realtime.urls")),
-    path("", include("django_prometheus.urls")),
+    # django-prometheus's view, at /metrics with or without its last slash like the API.
+    re_path(r"^metrics/?$", ExportToDjangoView, name="prometheus-django-metrics"),
 ]
 
 handler400 = "mcp_platform.api.bad_request"

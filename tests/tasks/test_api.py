@@ -490,3 +490,12 @@ def test_no_save_leaves_a_finished_status_and_the_callers_transaction_goes_on(us
             "completed",
             1,
         )
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/metrics/"])
+def test_prometheus_scrapes_the_request_counters_with_or_without_the_last_slash(user, path):
+    api_client(user).get("/api/tasks/")
+    response = APIClient().get(path)
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith("text/plain")
+    assert b"django_http_requests_total_by_method_total" in response.content
