@@ -7,4 +7,6 @@ class RealtimeConfig(AppConfig):
 
     def ready(self) -> None:
         # Registers the system checks, and connects the receivers.
-        from realtime import checks, signals  # noqa: F401
+        from realtime import checks, metrics, signals  # noqa: F401
+
+        metrics.register()

@@ -188,6 +188,10 @@ class RedisRegistry(ConnectionRegistry):
             self._write_script = client.register_script(WRITE_SCRIPT)
         await self._write_script(keys=[*added, *removed], args=args, client=client)
 
+    def served_here(self) -> tuple[list[Entry], int]:
+        # list() copies in one step, which the event loop's thread cannot interleave.
+        return list(self._local.values()), sum(map(len, list(self._local_tasks.values())))
+
     async def add(self, entry: Entry) -> None:
         member = str(entry.connection_id)
         await self._write([("add", key, member) for key in self._entry_keys(entry)])

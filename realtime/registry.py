@@ -64,6 +64,11 @@ class ConnectionRegistry:
     async def close(self) -> None:
         """Release whatever the registry holds open."""
 
+    def served_here(self) -> tuple[list[Entry], int]:
+        """This process's live connections, and their task subscriptions in all, read
+        without I/O from any thread (for ``realtime.metrics``)."""
+        raise NotImplementedError("subclasses of ConnectionRegistry must provide served_here()")
+
 
 class LocalRegistry(ConnectionRegistry):
     """The registry of one process, in dicts; exact and free of I/O."""
@@ -71,6 +76,10 @@ class LocalRegistry(ConnectionRegistry):
     def __init__(self) -> None:
         self.entries: dict[uuid.UUID, Entry] = {}
         self.subscribers: defaultdict[uuid.UUID, set[uuid.UUID]] = defaultdict(set)
+
+    def served_here(self) -> tuple[list[Entry], int]:
+        # list() copies in one step, which the event loop's thread cannot interleave.
+        return list(self.entries.values()), sum(map(len, list(self.subscribers.values())))
 
     async def add(self, entry: Entry) -> None:
         self.entries[entry.connection_id] = entry

@@ -256,6 +256,48 @@ def test_a_body_within_the_limit_still_reaches_the_api(daphne_server, user):
     assert async_to_sync(scenario)().startswith(b"HTTP/1.1 401")  # read, and refused
 
 
+async def served_here(session: aiohttp.ClientSession, base: str) -> dict[str, float]:
+    """The real-time gauges a server's ``/metrics`` reports."""
+    async with session.get(f"{base}/metrics") as response:
+        assert response.status == 200
+        text = await response.text()
+    return {
+        name: float(value)
+        for name, _, value in (line.rpartition(" ") for line in text.splitlines())
+        if name.startswith("realtime_")
+    }
+
+
+def test_the_servers_metrics_count_its_connections_and_subscriptions(daphne_server, user):
+    task = services.create_task(owner=user, name="counted")
+    token = token_for(user)
+    websocket = 'realtime_connections{transport="websocket"}'
+    sse = 'realtime_connections{transport="sse"}'
+
+    async def scenario() -> tuple[dict, dict, dict]:
+        async with aiohttp.ClientSession() as session:
+            before = await served_here(session, daphne_server.http_url)
+            stream_url = f"{daphne_server.http_url}/events?token={token}&task_id={task.pk}"
+            async with (
+                subscribed(daphne_server.ws_url, token, str(task.pk)),
+                websockets.connect(f"{daphne_server.ws_url}/ws?token={token}") as idle,
+                session.get(stream_url) as stream,
+            ):
+                await receive_type(idle, "connected")
+                assert (await stream.content.readuntil(b"event: connected")).endswith(b"connected")
+                during = await served_here(session, daphne_server.http_url)
+            deadline = asyncio.get_running_loop().time() + 5
+            while (after := await served_here(session, daphne_server.http_url)) != before:
+                assert asyncio.get_running_loop().time() < deadline, after
+                await asyncio.sleep(0.05)
+            return before, during, after
+
+    before, during, after = async_to_sync(scenario)()
+    assert during[websocket] - before[websocket] == 2
+    assert during[sse] - before[sse] == 1
+    assert during["realtime_subscriptions"] - before["realtime_subscriptions"] == 2
+
+
 def test_a_handshake_on_a_path_with_no_endpoint_is_refused_403_quietly(daphne_server, user):
     logged = daphne_server.log_path.stat().st_size
     origin = f"http://127.0.0.1:{daphne_server.port}"

@@ -91,6 +91,18 @@ def test_counts_by_transport_user_and_task(registry):
     run(scenario, registry)
 
 
+def test_what_this_process_serves_is_read_without_io(registry):
+    async def scenario():
+        first, second, third = await populate(registry)
+        entries, subscriptions = registry.served_here()
+        assert (set(entries), subscriptions) == ({first, second, third}, 3)
+        await registry.remove_subscription(first, TASK_1)
+        await registry.remove(third, frozenset({TASK_2}))
+        assert (set(registry.served_here()[0]), registry.served_here()[1]) == ({first, second}, 1)
+
+    run(scenario, registry)
+
+
 def test_unsubscribe_and_disconnect_remove_everything(registry):
     async def scenario():
         first, second, third = await populate(registry)
