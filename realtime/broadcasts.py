@@ -102,12 +102,15 @@ def send(*, payload: Any, sent_by: AbstractBaseUser | None = None) -> Broadcast:
     """Validate ``payload``, send it to every live connection of every process, and
     record it with the number of connections it reached.
 
-    The record is written first, and deleted if the send fails: what was sent is
-    recorded, and what could not be recorded is not sent. No transaction is held over the
-    send: one was, and on SQLite it held the database's one write lock, every task's
-    change in every process waiting behind it for as long as Redis did not answer (5 s
-    and more). Raises ``ValidationError`` for a bad payload, ``BroadcastUnavailable`` when
-    the channel layer or registry is unreachable, and ``DatabaseError`` when the database is.
+    The record is written first, with no recipients until the send answers, and deleted
+    if the send fails: what could not be recorded is not sent. A process that dies during
+    the send leaves the record with none, whether or not Redis went on to deliver it. No
+    transaction is held over the send: one was, and on SQLite it held the database's one
+    write lock, every task's change in every process waiting behind it for as long as
+    Redis did not answer (5 s and more); it lost, in such a death, the record of a
+    broadcast Redis delivered after it. Raises ``ValidationError`` for a bad payload,
+    ``BroadcastUnavailable`` when the channel layer or registry is unreachable, and
+    ``DatabaseError`` when the database is.
     """
     payload = validate_payload(payload)
     broadcast = Broadcast.objects.create(

@@ -114,8 +114,10 @@ class BoundedWebRequest(UnreadBytesProducer, WebRequest):
         transport.pauseProducing()
         transport.write(payload_too_large(limit))
         transport.loseConnection()
-        peer = transport.getPeer()
-        logger.warning("Refused a request body over %d bytes from %s", limit, peer.host)
+        peer = transport.getPeer()  # no host on a Unix socket (Daphne's -u)
+        logger.warning(
+            "Refused a request body over %d bytes from %s", limit, getattr(peer, "host", peer)
+        )
 
     def __repr__(self) -> str:
         # Twisted's, with the token redacted: Daphne logs it, URI and all, of an

@@ -242,6 +242,32 @@ def test_a_body_over_the_limit_is_refused_413_as_it_arrives(daphne_server, setti
     }
 
 
+def test_a_body_over_the_limit_is_refused_413_on_a_unix_socket_too(
+    django_db_setup, tmp_path, settings
+):
+    """The refusal's log line read the peer's host, which a Unix socket's address has not:
+    the connection was dropped without its 413."""
+    socket_path = tmp_path / "server.sock"
+    server = start_server(tmp_path, args=["-u", str(socket_path)])
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    head = f"POST /api/token/ HTTP/1.1\r\nHost: localhost\r\nContent-Length: {limit + 1}\r\n"
+
+    async def scenario() -> bytes:
+        reader, writer = await asyncio.open_unix_connection(str(socket_path))
+        try:
+            writer.write(head.encode() + b"Content-Type: application/json\r\n\r\n")
+            await writer.drain()
+            return await asyncio.wait_for(reader.read(), 10)
+        finally:
+            writer.close()
+
+    try:
+        status, body = answer_of(async_to_sync(scenario)())
+    finally:
+        server.stop()
+    assert (status, body["code"]) == ("HTTP/1.1 413 Request Entity Too Large", "payload_too_large")
+
+
 def test_a_body_within_the_limit_still_reaches_the_api(daphne_server, user):
     body = json.dumps({"username": user.username, "password": "x" * 100_000}).encode()
     headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
