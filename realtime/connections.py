@@ -10,6 +10,7 @@ import enum
 import itertools
 import logging
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -449,6 +450,7 @@ class ConnectionManager:
 
 
 _manager: ConnectionManager | None = None
+_manager_lock = threading.Lock()
 
 
 def make_registry() -> ConnectionRegistry:
@@ -465,11 +467,17 @@ def make_registry() -> ConnectionRegistry:
 
 
 def get_connection_manager() -> ConnectionManager:
-    """The process's manager, made on first use from the settings."""
+    """The process's manager, made on first use from the settings. Made under a lock: the
+    first use may come from a request thread (a scrape of ``/metrics``) while the event loop
+    makes it too, and a connection recorded in a manager then replaced was counted nowhere."""
     global _manager
-    if _manager is None:
-        _manager = ConnectionManager(make_registry())
-    return _manager
+    manager = _manager
+    if manager is None:
+        with _manager_lock:
+            if _manager is None:
+                _manager = ConnectionManager(make_registry())
+            manager = _manager
+    return manager
 
 
 def reset_connection_manager() -> None:

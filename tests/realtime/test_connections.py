@@ -1,6 +1,7 @@
 """Per-connection delivery rules: each seq once, in order, a late one waited for briefly."""
 
 import asyncio
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -355,3 +356,26 @@ def test_a_publish_outside_a_server_is_waited_for_to_its_end(stalled_publish):
 
     asyncio.run(script())
     assert time.monotonic() - started >= 1.0
+
+
+def test_threads_that_first_ask_for_the_manager_together_get_the_same_one(monkeypatch):
+    """A scrape of /metrics in a request thread may ask first, while the event loop does."""
+    make = connections.make_registry
+
+    def slow_make():
+        time.sleep(0.05)  # both threads find no manager before either has made one
+        return make()
+
+    connections.reset_connection_manager()
+    monkeypatch.setattr(connections, "make_registry", slow_make)
+    managers = []
+    threads = [
+        threading.Thread(target=lambda: managers.append(connections.get_connection_manager()))
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert managers[0] is managers[1]
+    connections.reset_connection_manager()
