@@ -1,10 +1,12 @@
-# `make run` serves http://127.0.0.1:8000 on the embedded defaults (SQLite, in-process
-# channel layer); `make test` runs the whole suite. Both install what is missing first.
+# `make run` serves http://127.0.0.1:8000 (`make run PORT=8001` for another port) on the
+# embedded defaults (SQLite, in-process channel layer); `make test` runs the whole suite.
+# Both install what is missing first.
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEV_ENV := DJANGO_DEBUG=$${DJANGO_DEBUG:-1}
+PORT ?= 8000
 
 .PHONY: install run test lint format bench clean
 
@@ -18,8 +20,8 @@ $(VENV)/.installed: requirements.txt
 
 run: install
 	$(DEV_ENV) $(BIN)/python manage.py migrate --noinput
-	$(DEV_ENV) $(BIN)/python manage.py demo_setup
-	$(DEV_ENV) $(BIN)/python -m mcp_platform.serve -b 127.0.0.1 -p 8000 mcp_platform.asgi:application
+	$(DEV_ENV) $(BIN)/python manage.py demo_setup --url http://127.0.0.1:$(PORT)
+	$(DEV_ENV) $(BIN)/python -m mcp_platform.serve -b 127.0.0.1 -p $(PORT) mcp_platform.asgi:application
 
 test: install
 	$(BIN)/pytest

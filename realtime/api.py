@@ -6,10 +6,12 @@ processes) publishes through ``publish_task_update()``, and of deletions through
 """
 
 import asyncio
+import contextlib
 import functools
 import logging
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -23,6 +25,9 @@ logger = logging.getLogger(__name__)
 
 #: The event loop that serves this process's requests, if it is a server's (``set_server_loop()``).
 _server_loop: asyncio.AbstractEventLoop | None = None
+
+#: Where ``publish_after_commit()`` lists its failures for ``publish_failures()``, if asked.
+_failures: ContextVar[list[str] | None] = ContextVar("publish_failures", default=None)
 
 
 def set_server_loop(loop: asyncio.AbstractEventLoop | None) -> None:
@@ -79,17 +84,34 @@ def _publish_sync(publish: Coroutine[Any, Any, None], what: str) -> None:
 
 def publish_after_commit(using: str, what: str, publish: Callable[..., None], *args: Any) -> None:
     """Run ``publish(*args)`` once the transaction on ``using`` commits: a rolled-back change
-    publishes nothing. A failure is logged, naming ``what`` changed, and not raised: the
-    change is committed and its caller succeeded, which a channel layer that is down must
-    not turn into an error."""
+    publishes nothing. A failure is logged, naming ``what`` changed (or listed for
+    ``publish_failures()``), and not raised: the change is committed and its caller
+    succeeded, which a channel layer that is down must not turn into an error."""
 
     def run() -> None:
         try:
             publish(*args)
-        except Exception:
-            logger.exception("Could not publish %s (%s)", what, publish.__name__)
+        except Exception as exc:
+            failures = _failures.get()
+            if failures is None:
+                logger.exception("Could not publish %s (%s)", what, publish.__name__)
+            else:
+                failures.append(f"{what}: {' '.join(str(exc).split()) or type(exc).__name__}")
 
     transaction.on_commit(run, using=using)
+
+
+@contextlib.contextmanager
+def publish_failures() -> Iterator[list[str]]:
+    """Within the block, each publish after a commit that fails is listed (what changed,
+    and why, on one line) instead of logged: the caller, such as a management command,
+    tells its user that the change was saved but reached no subscriber."""
+    failures: list[str] = []
+    token = _failures.set(failures)
+    try:
+        yield failures
+    finally:
+        _failures.reset(token)
 
 
 async def within_the_wait(publish: Coroutine[Any, Any, None], what: str) -> None:

@@ -27,3 +27,20 @@ def test_it_makes_the_demo_user_and_one_task_once_with_debug_on():
     user = get_user_model().objects.get(username=USERNAME)
     assert user.is_superuser and user.check_password("demo-password")
     assert Task.objects.filter(owner=user).count() == 1
+
+
+@override_settings(DEBUG=True)
+def test_what_it_prints_names_the_servers_address_and_the_password_that_works():
+    out = io.StringIO()
+    call_command("demo_setup", "--url", "http://127.0.0.1:8123/", stdout=out)
+    assert "password 'demo-password' (admin at http://127.0.0.1:8123/admin/)" in out.getvalue()
+    assert out.getvalue().rstrip().endswith("http://127.0.0.1:8123/api/token/")
+
+    user = get_user_model().objects.get(username=USERNAME)
+    user.set_password("another-password")
+    user.save()
+    out = io.StringIO()
+    call_command("demo_setup", stdout=out)
+    assert "Demo user 'demo', whose password was changed since it was made" in out.getvalue()
+    assert "demo-password' (admin" not in out.getvalue()
+    assert "http://127.0.0.1:8000/admin/" in out.getvalue()

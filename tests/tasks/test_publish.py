@@ -2,6 +2,9 @@
 
 import io
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -12,8 +15,17 @@ from django.db import IntegrityError, OperationalError, transaction
 
 from mcp_platform.tasks import services, signals
 from mcp_platform.tasks.models import Task
+from realtime import api
 from realtime.protocol import CloseCode
-from tests.conftest import api_client, connect_user, open_websocket, token_for
+from tests.conftest import (
+    ROOT,
+    api_client,
+    connect_user,
+    free_port,
+    open_websocket,
+    server_database_url,
+    token_for,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -393,6 +405,67 @@ def test_management_command_reports_a_database_failure_on_one_line(task, monkeyp
     monkeypatch.setattr(services, "update_task", fails)
     with pytest.raises(CommandError, match="^Could not change the task: connection refused Is"):
         call_command("update_task", str(task.pk), "--progress", "1")
+
+
+def test_management_command_whose_publish_fails_says_the_change_is_saved_and_exits_1(
+    task, monkeypatch, capsys, caplog
+):
+    def unreachable(*args):
+        raise ConnectionError("layer is down\n\tfor now")
+
+    monkeypatch.setattr(signals, "publish_task_update", unreachable)
+    with pytest.raises(CommandError) as raised:
+        call_command("update_task", str(task.pk), "--progress", "5")
+    assert str(raised.value) == (
+        f"The change is saved, but its subscribers were not told (task {task.pk}: layer is"
+        " down for now): they see it with the task's next change, or when they subscribe again."
+    )
+    assert capsys.readouterr().out == f"{task.pk} pending 5% seq 2\n"
+    assert Task.objects.get(pk=task.pk).seq == 2
+    assert "Could not publish" not in caplog.text  # the command says it, once
+
+
+def test_publish_failures_outside_the_block_are_logged_as_before(task, monkeypatch, caplog):
+    def unreachable(*args):
+        raise ConnectionError("layer is down")
+
+    monkeypatch.setattr(signals, "publish_task_update", unreachable)
+    with api.publish_failures() as failures:
+        pass
+    services.update_task(task=task, progress=6)
+    assert failures == []
+    assert f"Could not publish task {task.pk} (unreachable)" in caplog.text
+
+
+# The command is another process: it must be able to write to the database.
+def test_management_command_with_redis_unreachable_exits_1_on_one_line(task):
+    closed = f"redis://127.0.0.1:{free_port()}/0"
+    result = subprocess.run(
+        [sys.executable, "manage.py", "update_task", str(task.pk), "--progress", "9"],
+        cwd=ROOT,
+        env={**os.environ, "DATABASE_URL": server_database_url(), "REDIS_URL": closed},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith(
+        f"CommandError: The change is saved, but its subscribers were not told (task {task.pk}:"
+    ), result.stderr
+    assert result.stdout == f"{task.pk} pending 9% seq 2\n"
+    assert Task.objects.get(pk=task.pk).progress == 9
+
+
+def test_management_command_without_redis_says_it_reaches_no_server(task, settings, capsys):
+    settings.REALTIME = {**settings.REALTIME, "REDIS_URL": ""}
+    call_command("update_task", str(task.pk), "--progress", "3")
+    captured = capsys.readouterr()
+    assert captured.out == f"{task.pk} pending 3% seq 2\n"
+    assert captured.err == (
+        "REDIS_URL is not set: the change reaches the clients of no server process.\n"
+    )
 
 
 def test_management_command_unknown_task():

@@ -1,6 +1,6 @@
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from mcp_platform.tasks import services
 from mcp_platform.tasks.models import Task
@@ -12,7 +12,14 @@ PASSWORD = "demo-password"
 class Command(BaseCommand):
     help = "Create the demo user (staff, so it can also use the admin) and a task, once."
 
-    def handle(self, *args, **options) -> None:
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--url",
+            default="http://127.0.0.1:8000",
+            help="where the server is, for the commands it prints (make run passes its PORT)",
+        )
+
+    def handle(self, *args, url: str, **options) -> None:
         if not settings.DEBUG:
             # A superuser whose password is in the README is a way into any server.
             raise CommandError(
@@ -29,10 +36,16 @@ class Command(BaseCommand):
         if not Task.objects.filter(owner=user).exists():
             services.create_task(owner=user, name="Demo task")
         task = Task.objects.filter(owner=user).first()
+        url = url.rstrip("/")
+        password = (
+            f"password {PASSWORD!r}"
+            if user.check_password(PASSWORD)
+            else "whose password was changed since it was made"
+        )
         self.stdout.write(
-            f"Demo user {USERNAME!r}, password {PASSWORD!r} (admin at http://127.0.0.1:8000/admin/).\n"
+            f"Demo user {USERNAME!r}, {password} (admin at {url}/admin/).\n"
             f"Demo task {task.pk}.\n"
             "Get a token:  curl -s -X POST -H 'Content-Type: application/json' "
             f'-d \'{{"username": "{USERNAME}", "password": "{PASSWORD}"}}\' '
-            "http://127.0.0.1:8000/api/token/"
+            f"{url}/api/token/"
         )

@@ -8,6 +8,8 @@ from django.db import DatabaseError
 
 from mcp_platform.tasks import services
 from mcp_platform.tasks.models import Status, Task
+from realtime.api import publish_failures
+from realtime.conf import realtime_settings
 
 CHANGES = ("status", "progress", "result", "error")
 
@@ -22,7 +24,10 @@ def json_value(text: str) -> Any:
 
 
 class Command(BaseCommand):
-    help = "Change a task; the change is published to its live subscribers (through Redis)."
+    help = (
+        "Change a task; the change is published to its live subscribers (through Redis). "
+        "Exits 1 if it is saved but its publish fails."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("task_id")
@@ -41,7 +46,8 @@ class Command(BaseCommand):
             raise CommandError("Nothing to change: give --status, --progress, --result or --error.")
         try:
             task = Task.objects.get(pk=task_id)
-            services.update_task(task=task, **changes)
+            with publish_failures() as failures:
+                services.update_task(task=task, **changes)
         except (Task.DoesNotExist, ValidationError) as exc:
             message = (
                 "No such task." if isinstance(exc, Task.DoesNotExist) else "; ".join(exc.messages)
@@ -50,3 +56,12 @@ class Command(BaseCommand):
         except DatabaseError as exc:
             raise CommandError(f"Could not change the task: {' '.join(str(exc).split())}") from None
         self.stdout.write(f"{task.pk} {task.status} {task.progress}% seq {task.seq}")
+        if failures:
+            raise CommandError(
+                f"The change is saved, but its subscribers were not told ({'; '.join(failures)}):"
+                " they see it with the task's next change, or when they subscribe again."
+            )
+        if not realtime_settings.REDIS_URL:
+            self.stderr.write(
+                "REDIS_URL is not set: the change reaches the clients of no server process."
+            )
