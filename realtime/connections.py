@@ -44,6 +44,13 @@ TASK_HIDDEN = "realtime.task_hidden"  # realtime_task_hidden()
 ACCESS_CHANGED = "realtime.access_changed"  # realtime_access_changed()
 
 
+def failure_text(exc: BaseException) -> str:
+    """An exception on one line, with its reason: redis-py's ``repr()`` of one is only its
+    kind (``network:ConnectionError``), which told an operator nothing of why."""
+    reason = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
+
+
 @contextlib.contextmanager
 def logged_failure(message: str, *args: Any) -> Iterator[None]:
     """Log a failure of the block (the channel layer's or the registry's, Redis away) as a
@@ -51,7 +58,7 @@ def logged_failure(message: str, *args: Any) -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        logger.warning(f"{message}: %r", *args, exc)
+        logger.warning(f"{message}: %s", *args, failure_text(exc))
 
 
 def _visible_snapshots(
@@ -341,7 +348,7 @@ class ConnectionManager:
             # The channel layer failed (Redis away, or not confirming the subscription):
             # raised, it ended the connection. Logged in one line, not with a traceback:
             # during an outage one client can ask thousands of times a second.
-            logger.warning("Could not join the group of task %s: %r", task_id, exc)
+            logger.warning("Could not join the group of task %s: %s", task_id, failure_text(exc))
             if is_new:
                 with contextlib.suppress(Exception):
                     await self._leave(connection, group)

@@ -21,6 +21,7 @@ from realtime.connections import (
     RELEASE_HELD,
     TASK_UPDATE,
     Transport,
+    failure_text,
     get_connection_manager,
 )
 from realtime.inbox_consumer import InboxConsumerMixin
@@ -38,6 +39,14 @@ def utf8_length_exceeds(text: str, limit: int) -> bool:
     return len(text.encode("utf-8", "surrogatepass")) > limit
 
 
+async def close_handshake(receive: Any, send: Any, code: CloseCode) -> None:
+    """Complete the handshake and close with ``code`` at once: a close before it would be
+    an HTTP 403, which says nothing of why."""
+    if (await receive())["type"] == "websocket.connect":
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.close", "code": code.value})
+
+
 class TaskConsumer(InboxConsumerMixin, AsyncWebsocketConsumer):
     """One client connection: authenticate, then serve subscribe/unsubscribe/ping."""
 
@@ -48,17 +57,25 @@ class TaskConsumer(InboxConsumerMixin, AsyncWebsocketConsumer):
         if user is not None and user.is_authenticated:
             return False
         unavailable = self.scope.get("auth_unavailable", False)
-        code = CloseCode.UNAVAILABLE if unavailable else CloseCode.UNAUTHORIZED
-        if (await receive())["type"] == "websocket.connect":
-            await send({"type": "websocket.accept"})
-            await send({"type": "websocket.close", "code": code.value})
+        await close_handshake(
+            receive, send, CloseCode.UNAVAILABLE if unavailable else CloseCode.UNAUTHORIZED
+        )
         return True
+
+    async def refuse_unavailable(self, receive: Any, send: Any) -> None:
+        await close_handshake(receive, send, CloseCode.UNAVAILABLE)
 
     async def connect(self) -> None:
         user = self.user = self.scope["user"]  # authenticated: refused_without_channel()
-        self.connection = await get_connection_manager().connect(
-            channel_name=self.channel_name, user=user, transport=Transport.WEBSOCKET
-        )
+        try:
+            self.connection = await get_connection_manager().connect(
+                channel_name=self.channel_name, user=user, transport=Transport.WEBSOCKET
+            )
+        except Exception as exc:  # Redis away: it was a 500, and a traceback logged
+            logger.warning("Could not record a connection; closed it 4503: %s", failure_text(exc))
+            await self.accept()
+            await self.close(CloseCode.UNAVAILABLE.value)
+            return
         # Accepted only now, so that the handshake's answer and ``connected`` leave in one
         # write: accepted first, they took a socket send each whenever recording the
         # connection waited (on Redis; docs/performance.md). Messages that arrive

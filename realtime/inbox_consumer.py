@@ -18,7 +18,13 @@ from django.contrib.auth.base_user import AbstractBaseUser
 from realtime import expiry, protocol
 from realtime.auth import Credentials, session_user, token_user
 from realtime.conf import realtime_settings
-from realtime.connections import RELEASE_HELD, TASK_HIDDEN, Connection, get_connection_manager
+from realtime.connections import (
+    RELEASE_HELD,
+    TASK_HIDDEN,
+    Connection,
+    failure_text,
+    get_connection_manager,
+)
 from realtime.inbox import Inbox
 from realtime.protocol import SseEvent
 
@@ -64,7 +70,14 @@ class InboxConsumerMixin:
         if await self.refused_without_channel(receive, send):
             return
         self.channel_layer = get_channel_layer(self.channel_layer_alias)
-        self.channel_name = await self.channel_layer.new_channel()
+        try:
+            self.channel_name = await self.channel_layer.new_channel()
+        except Exception as exc:  # Redis away: each was a 500, and a traceback logged
+            logger.warning(
+                "Could not open a channel for a connection; refused it: %s", failure_text(exc)
+            )
+            await self.refuse_unavailable(receive, send)
+            return
         self.base_send = send
         self.inbox = Inbox(self.channel_layer, self.channel_name)
         if getattr(send, "write", None) is not None:
@@ -87,6 +100,11 @@ class InboxConsumerMixin:
         layer nothing and does not depend on it: with Redis away, every refusal was a 500
         and an error logged with its traceback, an anonymous client's included."""
         return False
+
+    async def refuse_unavailable(self, receive: Any, send: Any) -> None:
+        """Answer a connection that cannot be served just now (its channel or its record
+        could not be made: Redis away) as the transport says to try again later."""
+        raise NotImplementedError("each transport says how it refuses")
 
     def payload_message(self, payload: Any) -> dict[str, Any]:
         """The ASGI message that sends one payload of ``reply_builders``. The transport's
@@ -274,7 +292,8 @@ class InboxConsumerMixin:
         except Exception as exc:
             # One line each: a database's failover fails the checks of thousands.
             logger.warning(
-                "Could not check a connection's credentials; checking again later: %r", exc
+                "Could not check a connection's credentials; checking again later: %s",
+                failure_text(exc),
             )
             return True
         if user is None or user.pk != connection.entry.user_id:

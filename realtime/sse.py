@@ -33,6 +33,7 @@ from realtime.connections import (
     RELEASE_HELD,
     TASK_UPDATE,
     Transport,
+    failure_text,
     get_connection_manager,
 )
 from realtime.inbox_consumer import InboxConsumerMixin
@@ -94,6 +95,11 @@ class Refused(Exception):
             {"type": "http.response.start", "status": self.status, "headers": self.headers()},
             {"type": "http.response.body", "body": self.body()},
         ]
+
+
+#: The answer to a stream that cannot be served just now: its channel or its record could
+#: not be made (Redis away).
+UNAVAILABLE = Refused(503, ErrorCode.UNAVAILABLE, "Updates cannot be followed just now; try again.")
 
 
 def authenticated_user(scope: dict[str, Any]) -> AbstractBaseUser:
@@ -186,6 +192,10 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
             await send(message)
         return True
 
+    async def refuse_unavailable(self, receive: Any, send: Any) -> None:
+        for message in UNAVAILABLE.messages():
+            await send(message)
+
     def check_request(self) -> tuple[AbstractBaseUser, list[uuid.UUID], bool]:
         """The request's user, task ids and whether its connection is kept alive; raises
         ``Refused`` or ``ProtocolError`` for a request refused."""
@@ -218,12 +228,18 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
         The stream counts as a live connection from before ``connected`` is sent."""
         user, task_ids, keep_alive = self.checked
         manager = get_connection_manager()
-        self.connection = await manager.connect(
-            channel_name=self.channel_name,
-            user=user,
-            transport=Transport.SSE,
-            follow_all=not task_ids,
-        )
+        try:
+            self.connection = await manager.connect(
+                channel_name=self.channel_name,
+                user=user,
+                transport=Transport.SSE,
+                follow_all=not task_ids,
+            )
+        except Exception as exc:  # Redis away: it was a 500 page, and a traceback logged
+            logger.warning(
+                "Could not record an event stream; refused it 503: %s", failure_text(exc)
+            )
+            await self.refuse(UNAVAILABLE)
         for task_id in task_ids:
             await manager.subscribe_to_task(self.connection, user, task_id)
         headers = list(STREAM_HEADERS)

@@ -24,6 +24,9 @@ from django.db import connection
 from rest_framework.test import APIClient
 from rest_framework_simplejwt.tokens import AccessToken
 
+# The ASGI application sets Django up again, which configures logging anew and drops the
+# handlers of pytest's caplog: imported here, it does that once, before any test.
+import mcp_platform.asgi  # noqa: F401
 from realtime.conf import realtime_settings
 from realtime.connections import make_registry, reset_connection_manager
 from realtime.redis_registry import RedisRegistry

@@ -911,6 +911,47 @@ def test_credentials_that_fail_are_refused_4401_without_the_channel_layer(settin
     run(scenario)
 
 
+def test_a_connection_the_channel_layer_cannot_serve_is_closed_4503(user, caplog, settings):
+    """Redis away: a valid handshake was a 500, with a traceback logged each time."""
+    settings.CHANNEL_LAYERS = {
+        "default": {"BACKEND": "tests.realtime.broken_layer.UnreachableLayer"}
+    }
+
+    async def scenario():
+        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+            await ws.connect(timeout=5)
+            await assert_closed_with(ws, CloseCode.UNAVAILABLE)
+
+    run(scenario)
+    assert (
+        "Could not open a channel for a connection; refused it: ConnectionError: layer is down"
+        in (caplog.text)
+    )
+
+
+def test_a_connection_the_registry_cannot_record_is_closed_4503_and_leaves_nothing(
+    user, monkeypatch, caplog
+):
+    manager = get_connection_manager()
+
+    async def away(entry):
+        raise ConnectionError("Redis is away")
+
+    monkeypatch.setattr(manager.registry, "add", away)
+
+    async def scenario():
+        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+            await ws.connect(timeout=5)
+            await assert_closed_with(ws, CloseCode.UNAVAILABLE)
+        assert await manager.count_connections() == 0
+        assert not any(manager.layer.groups.values())  # joined, then left again
+
+    run(scenario)
+    assert "Could not record a connection; closed it 4503: ConnectionError: Redis is away" in (
+        caplog.text
+    )
+
+
 class NowaitSend:
     """A server's ``send`` that can also send without waiting, as Daphne's under
     ``python -m mcp_platform.serve`` (``realtime.server.Send``)."""

@@ -605,3 +605,35 @@ def test_changes_are_answered_while_redis_does_not_answer(tmp_path, user):
             server.stop()
     assert max(took) < 3.5, took
     assert "Publishing task" in server.log() and "goes on without the request" in server.log()
+
+
+def test_connections_a_server_cannot_serve_with_redis_away_are_refused_in_one_logged_line(
+    tmp_path, user
+):
+    """Redis unreachable: a WebSocket closes 4503 and a stream is a 503 JSON ``unavailable``,
+    as when the database cannot check the credentials. Each was a 500 (an HTML page on
+    ``/events``) and a traceback of ~40 lines in the log, per connection."""
+    server = start_server(tmp_path, {"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    token = token_for(user)
+
+    async def scenario():
+        for _ in range(2):  # the second finds the layer as the first left it
+            async with websockets.connect(f"{server.ws_url}/ws?token={token}") as ws:
+                with pytest.raises(websockets.ConnectionClosed):
+                    await asyncio.wait_for(ws.recv(), 10)
+                assert ws.close_code == 4503
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"{server.http_url}/events?token={token}") as response:
+                    assert response.status == 503
+                    assert response.content_type == "application/json"
+                    assert (await response.json())["code"] == "unavailable"
+
+    try:
+        async_to_sync(scenario)()
+    finally:
+        server.stop()
+    log = server.log_path.read_text(errors="replace")
+    assert "Traceback" not in log
+    refusals = [line for line in log.splitlines() if "refused it" in line]
+    assert len(refusals) == 4, log
+    assert all("ConnectionError: Error 111 connecting to 127.0.0.1:" in line for line in refusals)

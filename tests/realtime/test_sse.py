@@ -365,6 +365,44 @@ def test_a_refusal_is_answered_without_the_channel_layer(user, settings, query, 
 
 
 @transactional
+def test_a_stream_the_channel_layer_cannot_serve_is_503_json(user, settings, caplog):
+    """Redis away: it was Daphne's 500 page, with a traceback logged each time."""
+    settings.CHANNEL_LAYERS = {
+        "default": {"BACKEND": "tests.realtime.broken_layer.UnreachableLayer"}
+    }
+
+    async def scenario():
+        async with InProcessStream({"token": token_for(user)}) as stream:
+            assert (stream.status, stream.json()["code"]) == (503, "unavailable")
+
+    run(scenario)
+    assert "refused it: ConnectionError: layer is down" in caplog.text
+
+
+@transactional
+def test_a_stream_the_registry_cannot_record_is_503_json_and_leaves_nothing(
+    user, task, monkeypatch, caplog
+):
+    manager = get_connection_manager()
+
+    async def away(entry):
+        raise ConnectionError("Redis is away")
+
+    monkeypatch.setattr(manager.registry, "add", away)
+
+    async def scenario():
+        async with InProcessStream({"token": token_for(user), "task_id": str(task.pk)}) as stream:
+            assert (stream.status, stream.json()["code"]) == (503, "unavailable")
+        await assert_no_connections([task.pk])
+        assert not any(manager.layer.groups.values())
+
+    run(scenario)
+    assert "Could not record an event stream; refused it 503: ConnectionError: Redis is" in (
+        caplog.text
+    )
+
+
+@transactional
 def test_a_host_not_in_allowed_hosts_is_400_json(user):
     async def scenario():
         async with InProcessStream(
