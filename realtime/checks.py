@@ -28,37 +28,72 @@ MUST_BE_POSITIVE = {
 }
 
 
-@register()
-def check_settings(app_configs: Any = None, **kwargs: Any) -> list:
-    messages = []
+#: Tag of every check here: ``manage.py check --tag realtime`` runs them alone.
+TAG = "realtime"
+
+
+@register(TAG)
+def check_known_settings(app_configs: Any = None, **kwargs: Any) -> list[Error]:
+    """A misspelt name in ``REALTIME`` would leave its setting at the default, quietly."""
     unknown = sorted(set(getattr(settings, "REALTIME", {})) - set(DEFAULTS))
-    if unknown:
-        messages.append(
-            Error(
-                f"Unknown realtime settings: {', '.join(unknown)}.",
-                hint=f"Known settings: {', '.join(sorted(DEFAULTS))}.",
-                id="realtime.E001",
-            )
+    if not unknown:
+        return []
+    return [
+        Error(
+            f"Unknown realtime settings: {', '.join(unknown)}.",
+            hint=f"Known settings: {', '.join(sorted(DEFAULTS))}.",
+            id="realtime.E001",
         )
-    for name, harm in MUST_BE_POSITIVE.items():
-        if not 0 < getattr(realtime_settings, name) < math.inf:  # NaN is refused too
-            messages.append(
-                Error(
-                    f"{name} must be a finite number greater than 0.",
-                    hint=f"At 0 or below, {harm}; infinite or NaN, timers fail.",
-                    id="realtime.E002",
-                )
-            )
-    if not realtime_settings.TASK_SOURCE:
-        messages.append(
+    ]
+
+
+@register(TAG)
+def check_positive_settings(app_configs: Any = None, **kwargs: Any) -> list[Error]:
+    return [
+        Error(
+            f"{name} must be a finite number greater than 0.",
+            hint=f"At 0 or below, {harm}; infinite or NaN, timers fail.",
+            id="realtime.E002",
+        )
+        for name, harm in MUST_BE_POSITIVE.items()
+        if not 0 < getattr(realtime_settings, name) < math.inf  # NaN is refused too
+    ]
+
+
+@register(TAG)
+def check_task_source(app_configs: Any = None, **kwargs: Any) -> list[Error]:
+    """A ``TASK_SOURCE`` that names no ``TaskSource`` failed every subscribe, not start-up."""
+    path = realtime_settings.TASK_SOURCE
+    if not path:
+        return [
             Error(
                 "REALTIME['TASK_SOURCE'] is not set.",
                 hint="Name the project's subclass of realtime.sources.TaskSource.",
                 id="realtime.E003",
             )
-        )
+        ]
+    try:
+        source = import_string(path)
+    except ImportError as exc:
+        reason = f"cannot be imported: {exc}"
     else:
-        messages.extend(check_task_source(realtime_settings.TASK_SOURCE))
+        if isinstance(source, type) and issubclass(source, TaskSource):
+            return []
+        reason = "is not a subclass of realtime.sources.TaskSource"
+    return [
+        Error(
+            f"REALTIME['TASK_SOURCE'] {path!r} {reason}.",
+            hint="Name the project's subclass of realtime.sources.TaskSource.",
+            id="realtime.E005",
+        )
+    ]
+
+
+@register(TAG)
+def check_redis_settings(app_configs: Any = None, **kwargs: Any) -> list[Error | Warning]:
+    """The channel layer and the registry must agree on Redis, and its URL must be one
+    redis-py reads; without Redis, a production server reaches its own clients only."""
+    messages: list[Error | Warning] = []
     if realtime_settings.REDIS_URL:
         try:
             parse_url(realtime_settings.REDIS_URL)
@@ -90,22 +125,3 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list:
             )
         )
     return messages
-
-
-def check_task_source(path: str) -> list[Error]:
-    """A ``TASK_SOURCE`` that names no ``TaskSource`` failed every subscribe, not start-up."""
-    try:
-        source = import_string(path)
-    except ImportError as exc:
-        reason = f"cannot be imported: {exc}"
-    else:
-        if isinstance(source, type) and issubclass(source, TaskSource):
-            return []
-        reason = "is not a subclass of realtime.sources.TaskSource"
-    return [
-        Error(
-            f"REALTIME['TASK_SOURCE'] {path!r} {reason}.",
-            hint="Name the project's subclass of realtime.sources.TaskSource.",
-            id="realtime.E005",
-        )
-    ]

@@ -12,6 +12,7 @@ from asgiref.sync import async_to_sync
 from asgiref.testing import ApplicationCommunicator
 from channels.db import database_sync_to_async
 from django.conf import settings
+from django.core.checks import run_checks
 from django.db import OperationalError
 from django.test import Client, override_settings
 from hypothesis import HealthCheck, given
@@ -22,8 +23,7 @@ from rest_framework_simplejwt.tokens import AccessToken
 from mcp_platform.tasks import services
 from mcp_platform.tasks.models import Task
 from mcp_platform.tasks.realtime import TaskSource
-from realtime import api, auth, protocol, sse
-from realtime.checks import check_settings
+from realtime import api, auth, checks, protocol, sse
 from realtime.connections import ConnectionManager, Transport, get_connection_manager
 from realtime.sources import TaskSnapshot
 from tests.conftest import token_for
@@ -779,7 +779,7 @@ def test_heartbeat_when_idle(user):
 @pytest.mark.parametrize("seconds, refused", [(0.0, True), (-1.0, True), (0.5, False)])
 def test_a_heartbeat_that_is_not_positive_fails_the_system_check(seconds, refused):
     with realtime_override(SSE_HEARTBEAT_SECONDS=seconds):
-        ids = [message.id for message in check_settings()]
+        ids = [message.id for message in run_checks(tags=[checks.TAG])]
     assert ("realtime.E002" in ids) is refused
 
 
