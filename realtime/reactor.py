@@ -88,7 +88,14 @@ class CoalescingWriteReactor(AsyncioSelectorReactor):
             self._flushing, self._flushing_stopped = writer, False
             # The same call the loop would make when the socket is writable: it handles
             # errors and disconnects.
-            self._readOrWrite(writer, False)
+            try:
+                self._readOrWrite(writer, False)
+            except Exception:
+                # A protocol's connectionLost() raised; the loop's own call is wrapped
+                # to log it, and so is this one. Raised, it ended the flush: every later
+                # writer's data stayed unsent, and their clients hung.
+                self._log.failure("Writing to {writer} failed", writer=writer)
+                continue
             if not self._flushing_stopped and not getattr(writer, "disconnected", False):
                 # Data is left over (a full socket buffer): wait until it drains.
                 super().addWriter(writer)

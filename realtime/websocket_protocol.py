@@ -106,6 +106,12 @@ class FrameWritingWebSocketProtocol(UnreadBytesProducer, WebSocketProtocol):
         self.__dict__ = {k: v for k, v in vars(self).items() if k not in HANDSHAKE_ONLY}
         self.request.headers = self.request.params = {}
 
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:  # noqa: N802
+        # A handshake refused before Daphne's onConnect() (no Sec-WebSocket-Key, say)
+        # has nothing of Daphne's to end; its onClose() raised AttributeError for it.
+        if hasattr(self, "server"):
+            super().onClose(wasClean, code, reason)
+
     def write_payload(self, text: str) -> None:
         """``websocket.send`` of ``text``, as Daphne's ``handle_reply()`` sends it, without
         the message (``realtime.server.Send.write()``)."""

@@ -332,6 +332,69 @@ reactor.run()
 """
 
 
+FAILING_WRITER_SCRIPT = r"""
+import sys
+from realtime.reactor import install
+reactor = install()
+from twisted.internet import protocol
+
+connected = []
+
+class Client(protocol.Protocol):
+    def connectionMade(self):
+        connected.append(self)
+        if len(connected) == 2:
+            reactor.callLater(0.1, write_both)
+
+    def connectionLost(self, reason):
+        if self is connected[0]:
+            raise RuntimeError("this protocol fails as it ends")
+
+def write_both():
+    breaking, sending = connected
+    breaking.transport.write(b"never")
+    breaking.transport.socket.close()  # its flush finds no socket, and ends it
+    sending.transport.write(b"hello")  # flushed after it, in the same loop turn
+    reactor.callLater(1, reactor.stop)
+
+class Factory(protocol.ClientFactory):
+    protocol = Client
+
+port = int(sys.argv[1])
+reactor.connectTCP("127.0.0.1", port, Factory())
+reactor.connectTCP("127.0.0.1", port, Factory())
+reactor.run()
+"""
+
+
+def test_a_writer_that_fails_as_it_ends_leaves_the_others_written():
+    """A protocol whose connectionLost() raised (Daphne's, for a handshake refused before
+    it began) ended the flush: the writes of the connections after it were never sent."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(2)
+        sender = subprocess.Popen(
+            [sys.executable, "-c", FAILING_WRITER_SCRIPT, str(server.getsockname()[1])],
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        server.settimeout(30)
+        first, _ = server.accept()
+        second, _ = server.accept()
+        received = []
+        with first, second:
+            for connection in (first, second):  # whichever the sender made first
+                connection.settimeout(3)
+                try:
+                    received.append(connection.recv(100))
+                except (TimeoutError, ConnectionResetError):
+                    received.append(b"")
+        _, errors = sender.communicate(timeout=30)
+    assert b"hello" in received
+    assert "this protocol fails as it ends" in errors  # logged, as Twisted's loop logs it
+
+
 def test_the_reactor_runs_on_uvloop():
     loop = new_event_loop()
     try:

@@ -5,6 +5,7 @@ import contextlib
 import json
 import ssl
 import subprocess
+import time
 import uuid
 from datetime import timedelta
 
@@ -616,3 +617,37 @@ def test_connections_a_server_cannot_serve_with_redis_away_are_refused_in_one_lo
     refusals = [line for line in log.splitlines() if "refused it" in line]
     assert len(refusals) == 4, log
     assert all("ConnectionError: Error 111 connecting to 127.0.0.1:" in line for line in refusals)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        "Sec-WebSocket-Version: 13",  # no key
+        "Sec-WebSocket-Version: 99\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Origin: http://[::1",
+    ],
+    ids=["no-key", "bad-version", "bad-origin"],
+)
+def test_a_handshake_refused_before_it_began_is_answered_400_without_an_error(
+    daphne_server, headers
+):
+    """Daphne's onClose() raised for it, which ended the flush of every connection written
+    in the same loop turn: their answers were never sent."""
+    logged = daphne_server.log_path.stat().st_size
+    request = (
+        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"{headers}\r\n\r\n"
+    ).encode()
+
+    async def scenario() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", daphne_server.port)
+        writer.write(request)
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        return answer
+
+    assert async_to_sync(scenario)().startswith(b"HTTP/1.1 400 ")
+    time.sleep(0.2)  # for the log line of an error, had there been one
+    log = daphne_server.log_path.read_text(errors="replace")[logged:]
+    assert "Traceback" not in log and "Exception in callback" not in log
