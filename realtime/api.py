@@ -6,6 +6,7 @@ processes) publishes through ``publish_task_update()``, and of deletions through
 """
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -33,7 +34,7 @@ _failures: ContextVar[list[str] | None] = ContextVar("publish_failures", default
 def set_server_loop(loop: asyncio.AbstractEventLoop | None) -> None:
     """Say which event loop serves this process's requests, for as long as the process
     lives (``python -m mcp_platform.serve`` does): a publish made for a request then waits
-    at most ``REALTIME_PUBLISH_WAIT_SECONDS`` (``within_the_wait()``)."""
+    at most ``REALTIME_PUBLISH_WAIT_SECONDS`` (``_publish_sync()``)."""
     global _server_loop
     _server_loop = loop
 
@@ -76,10 +77,47 @@ def publish_access_change(user_id: int) -> None:
 
 
 def _publish_sync(publish: Coroutine[Any, Any, None], what: str) -> None:
-    """Run an asynchronous publish from synchronous code, waiting for it at most
-    ``REALTIME_PUBLISH_WAIT_SECONDS`` in a server (``within_the_wait()``); ``what`` names
-    the change in the log if the publish fails or outlasts the wait."""
-    async_to_sync(within_the_wait)(publish, what)
+    """Run an asynchronous publish from synchronous code; ``what`` names the change in the
+    log if it fails or outlasts the wait.
+
+    In a server (``set_server_loop()``) the caller is a request thread, and the publish
+    runs on the server's loop while the thread waits for it at most
+    ``REALTIME_PUBLISH_WAIT_SECONDS``; past that it goes on without the request, and a
+    failure of it is logged. Without the bound, a Redis that accepted connections but did
+    not answer held each request for 5 s, the REST API with them; and a change committed
+    while the server stopped waited for a loop that no longer ran, its thread for ever,
+    and the process with it. Elsewhere (a management command, a script's
+    ``asyncio.run()``) it is awaited to its end, since the loop it runs on may end with
+    the call."""
+    loop = _server_loop
+    if loop is None or _running_loop() is not None:
+        async_to_sync(_awaited)(publish)  # on a loop's own thread, this raises
+        return
+    try:
+        future = asyncio.run_coroutine_threadsafe(publish, loop)
+    except RuntimeError:  # the loop is closed: the server has stopped
+        publish.close()
+        raise
+    try:
+        future.result(timeout=realtime_settings.PUBLISH_WAIT_SECONDS)
+    except concurrent.futures.TimeoutError:
+        logger.warning(
+            "Publishing %s takes over %s s; it goes on without the request",
+            what,
+            realtime_settings.PUBLISH_WAIT_SECONDS,
+        )
+        future.add_done_callback(functools.partial(_log_failure, what=what))
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+async def _awaited(publish: Coroutine[Any, Any, None]) -> None:
+    await publish
 
 
 def publish_after_commit(using: str, what: str, publish: Callable[..., None], *args: Any) -> None:
@@ -114,35 +152,11 @@ def publish_failures() -> Iterator[list[str]]:
         _failures.reset(token)
 
 
-async def within_the_wait(publish: Coroutine[Any, Any, None], what: str) -> None:
-    """Await ``publish``, on a server's loop (``set_server_loop()``) at most
-    ``REALTIME_PUBLISH_WAIT_SECONDS``: past that it goes on without its caller, and a
-    failure of it is logged. The caller is then a request thread, waiting with its client
-    and every request queued for the thread: a Redis that accepted connections but did not
-    answer held each for 5 s, and the REST API with them. Any other loop, such as the one a
-    management command's call or a script's ``asyncio.run()`` runs, may end with the call,
-    and the publish with it: there it is awaited to its end."""
-    if asyncio.get_running_loop() is not _server_loop:
-        await publish
-        return
-    task = asyncio.ensure_future(publish)
-    await asyncio.wait([task], timeout=realtime_settings.PUBLISH_WAIT_SECONDS)
-    if task.done():
-        task.result()
-        return
-    logger.warning(
-        "Publishing %s takes over %s s; it goes on without the request",
-        what,
-        realtime_settings.PUBLISH_WAIT_SECONDS,
-    )
-    task.add_done_callback(functools.partial(_log_failure, what=what))
-
-
-def _log_failure(task: "asyncio.Task[None]", what: str) -> None:
-    if task.cancelled():
+def _log_failure(future: "concurrent.futures.Future[None]", what: str) -> None:
+    if future.cancelled():
         logger.error("Could not publish %s: cancelled", what)
-    elif task.exception() is not None:
-        logger.error("Could not publish %s", what, exc_info=task.exception())
+    elif future.exception() is not None:
+        logger.error("Could not publish %s", what, exc_info=future.exception())
 
 
 async def asend_broadcast(payload: dict) -> Recipients:

@@ -3,8 +3,10 @@
 import asyncio
 import contextlib
 import json
+import signal
 import ssl
 import subprocess
+import threading
 import time
 import uuid
 from datetime import timedelta
@@ -14,10 +16,13 @@ import pytest
 import websockets
 from asgiref.sync import async_to_sync
 from django.conf import settings
+from django.db import connection as db_connection
+from django.db import transaction
 from django.test import Client
 
 from bench.procstat import rss_kib
 from mcp_platform.tasks import services
+from mcp_platform.tasks.models import Task
 from tests.conftest import (
     free_port,
     patch_task,
@@ -651,3 +656,49 @@ def test_a_handshake_refused_before_it_began_is_answered_400_without_an_error(
     time.sleep(0.2)  # for the log line of an error, had there been one
     log = daphne_server.log_path.read_text(errors="replace")[logged:]
     assert "Traceback" not in log and "Exception in callback" not in log
+
+
+def test_a_server_told_to_stop_while_a_change_waits_for_its_lock_stops(tmp_path, user):
+    """The change commits once the lock is released, and its publish waited for a loop
+    that had stopped: the request's thread waited for ever, and the process with it."""
+    task = services.create_task(owner=user, name="locked")
+    server = start_server(tmp_path)
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_the_lock() -> None:
+        # PostgreSQL: the row's lock; SQLite: the database's write lock (IMMEDIATE).
+        with transaction.atomic():
+            Task.objects.select_for_update().get(pk=task.pk)
+            locked.set()
+            release.wait(30)
+        db_connection.close()
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    patched = []
+    try:
+        assert locked.wait(10)
+        patcher = threading.Thread(
+            target=lambda: patched.append(
+                subprocess.run(
+                    ["curl", "-s", "-m", "30", "-X", "PATCH", "-o", "/dev/null"]
+                    + ["-w", "%{http_code}", "-H", f"Authorization: Bearer {token_for(user)}"]
+                    + ["-H", "Content-Type: application/json", "-d", '{"progress": 14}']
+                    + [f"{server.http_url}/api/tasks/{task.pk}/"],
+                    capture_output=True,
+                    text=True,
+                ).stdout
+            )
+        )
+        patcher.start()
+        time.sleep(1)  # the PATCH waits for the lock
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        release.set()
+        holder.join(10)
+        server.process.wait(timeout=20)
+        patcher.join(30)
+    finally:
+        release.set()
+        server.stop()
+    assert Task.objects.get(pk=task.pk).progress == 14  # committed, then published or not
