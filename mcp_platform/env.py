@@ -1,19 +1,31 @@
-"""Typed reads of the process environment; the settings module is their only caller."""
+"""Typed reads of the process environment; the settings module is their only caller.
+
+A variable set to an empty (or blank) value means its default, as if unset: a deployment
+template's ``DJANGO_SECURE_COOKIES=${SECURE}`` with nothing in ``SECURE`` turned the
+cookies' Secure flag off, and an empty ``DJANGO_ALLOWED_HOSTS`` refused every request.
+"""
 
 import os
 
 from django.core.exceptions import ImproperlyConfigured
 
 TRUE = {"1", "true", "yes", "on"}
-FALSE = {"0", "false", "no", "off", ""}
+FALSE = {"0", "false", "no", "off"}
+
+
+def _raw(name: str) -> str | None:
+    """The variable's value, or ``None`` if it is unset or blank."""
+    raw = os.environ.get(name)
+    return raw if raw is not None and raw.strip() else None
 
 
 def env_str(name: str, default: str = "") -> str:
-    return os.environ.get(name, default)
+    raw = _raw(name)
+    return default if raw is None else raw
 
 
 def env_bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
+    raw = _raw(name)
     if raw is None:
         return default
     value = raw.strip().lower()
@@ -25,8 +37,8 @@ def env_bool(name: str, default: bool) -> bool:
 
 
 def env_int(name: str, default: int, minimum: int | None = None, maximum: int | None = None) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
+    raw = _raw(name)
+    if raw is None:
         return default
     try:
         value = int(raw)
@@ -41,8 +53,8 @@ def env_int(name: str, default: int, minimum: int | None = None, maximum: int | 
 
 def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     """One of ``choices``, given in any case."""
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
+    raw = _raw(name)
+    if raw is None:
         return default
     by_upper = {choice.upper(): choice for choice in choices}
     try:
@@ -54,7 +66,7 @@ def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
 
 
 def env_list(name: str, default: list[str]) -> list[str]:
-    raw = os.environ.get(name)
+    raw = _raw(name)
     if raw is None:
         return default
     return [item.strip() for item in raw.split(",") if item.strip()]
@@ -66,5 +78,5 @@ def env_prefixed(prefix: str) -> dict[str, str]:
     return {
         name[len(prefix) :]: value
         for name, value in os.environ.items()
-        if name.startswith(prefix) and value.strip()
+        if name.startswith(prefix) and _raw(name) is not None
     }

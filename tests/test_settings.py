@@ -173,6 +173,41 @@ def test_an_empty_realtime_variable_is_the_default():
     assert value_of(env, expression) == [100, 15.0, "mcp_platform.tasks.realtime.TaskSource"]
 
 
+def test_every_empty_variable_is_its_default():
+    """Not only some: an empty DJANGO_SECURE_COOKIES turned the Secure flag off, an empty
+    DJANGO_ALLOWED_HOSTS refused every request, and an empty REDIS_PREFIX wrote keys
+    under ':'."""
+    empty = {
+        name: " "
+        for name in (
+            "DJANGO_ALLOWED_HOSTS",
+            "DJANGO_SECURE_COOKIES",
+            "DJANGO_CSRF_TRUSTED_ORIGINS",
+            "DATABASE_CONN_HEALTH_CHECKS",
+            "REDIS_URL",
+            "REDIS_PREFIX",
+            "JWT_SIGNING_KEY",
+        )
+    }
+    env = {**empty, "DJANGO_SECRET_KEY": "s" * 50}
+    expression = (
+        "[settings.ALLOWED_HOSTS, settings.SESSION_COOKIE_SECURE, settings.CSRF_COOKIE_SECURE,"
+        " settings.CSRF_TRUSTED_ORIGINS, settings.DATABASES['default']['CONN_HEALTH_CHECKS'],"
+        " realtime_settings.REDIS_URL, realtime_settings.REDIS_PREFIX,"
+        " settings.SIMPLE_JWT['SIGNING_KEY'] == settings.SECRET_KEY]"
+    )
+    assert value_of(env, expression) == [
+        ["localhost", "127.0.0.1", "[::1]"],
+        True,
+        True,
+        [],
+        True,
+        "",
+        "mcp",
+        True,
+    ]
+
+
 @pytest.mark.parametrize("debug", ["0", "1"])
 def test_each_log_line_is_written_once(debug):
     code = (
