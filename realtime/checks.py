@@ -2,6 +2,7 @@
 
 import math
 from typing import Any
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.checks import Error, Warning, register
@@ -95,12 +96,11 @@ def check_redis_settings(app_configs: Any = None, **kwargs: Any) -> list[Error |
     redis-py reads; without Redis, a production server reaches its own clients only."""
     messages: list[Error | Warning] = []
     if realtime_settings.REDIS_URL:
-        try:
-            parse_url(realtime_settings.REDIS_URL)
-        except ValueError as exc:
+        problem = redis_url_problem(realtime_settings.REDIS_URL)
+        if problem:
             messages.append(
                 Error(
-                    f"The Redis URL is not one redis-py reads: {exc}",
+                    f"The Redis URL is not one redis-py reads: {problem}",
                     hint="For example redis://127.0.0.1:6379/0 (REDIS_URL).",
                     id="realtime.E006",
                 )
@@ -125,3 +125,17 @@ def check_redis_settings(app_configs: Any = None, **kwargs: Any) -> list[Error |
             )
         )
     return messages
+
+
+def redis_url_problem(url: str) -> str:
+    """What is wrong with a Redis URL; empty if nothing. redis-py ignores a database path
+    it cannot read as a number: ``/nine`` or ``/9x`` used database 0, which others may
+    share."""
+    try:
+        parse_url(url)
+    except ValueError as exc:
+        return str(exc)
+    database = urlsplit(url).path.strip("/")
+    if urlsplit(url).scheme != "unix" and database and not database.isdigit():
+        return f"its database {database!r} is not a number."
+    return ""

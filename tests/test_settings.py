@@ -270,6 +270,7 @@ def test_a_project_that_names_no_task_source_fails_the_checks(settings):
         ("REALTIME_TASK_SOURCE", "mcp_platform.tasks.realtime.TaskSourc", "realtime.E005"),
         ("REALTIME_TASK_SOURCE", "realtime.layers.ChannelQueue", "realtime.E005"),
         ("REDIS_URL", "127.0.0.1:6379", "realtime.E006"),
+        ("REDIS_URL", "redis://127.0.0.1:6379/nine", "realtime.E006"),
     ],
     ids=[
         "unknown-name",
@@ -279,6 +280,7 @@ def test_a_project_that_names_no_task_source_fails_the_checks(settings):
         "task-source-misspelt",
         "task-source-not-one",
         "redis-url-without-scheme",
+        "redis-url-database-not-a-number",
     ],
 )
 @pytest.mark.parametrize("command", ["check", "serve"])
