@@ -1,6 +1,7 @@
 """Authentication and origin checks for the WebSocket and SSE transports."""
 
 import io
+import logging
 from collections.abc import Callable
 from importlib import import_module
 from typing import Any, NamedTuple
@@ -26,6 +27,9 @@ from rest_framework_simplejwt.tokens import Token
 from rest_framework_simplejwt.utils import get_md5_hash_password
 
 from realtime.batching import Batcher
+from realtime.failures import failure_text
+
+logger = logging.getLogger(__name__)
 
 
 def validated_token(raw_token: Any) -> Token:
@@ -135,7 +139,8 @@ class SessionAuthMiddleware(AuthMiddleware):
     async def resolve_scope(self, scope: dict[str, Any]) -> None:
         try:
             await super().resolve_scope(scope)
-        except DatabaseError:
+        except DatabaseError as exc:
+            logger.warning("Could not read a connection's session: %s", failure_text(exc))
             scope["user"]._wrapped = AnonymousUser()
             scope["auth_unavailable"] = True
 
@@ -219,9 +224,10 @@ class TokenAuthMiddleware:
                 user = credentials.user
         except ValueError as exc:
             token, user, failure = "", AnonymousUser(), str(exc)
-        except DatabaseError:
+        except DatabaseError as exc:
             # The token's user could not be read: the endpoint says so (503, or 4503)
             # rather than fail with a 500 and a traceback.
+            logger.warning("Could not read a connection's user: %s", failure_text(exc))
             token, user, unavailable = "", AnonymousUser(), True
         if token is None:
             return await self.session_inner(scope, receive, send)

@@ -24,6 +24,7 @@ from django.db import DatabaseError
 from realtime import groups, protocol
 from realtime.batching import Batcher
 from realtime.conf import realtime_settings
+from realtime.failures import failure_text
 from realtime.protocol import ErrorCode, ProtocolError
 from realtime.registry import ConnectionRegistry, Entry, LocalRegistry, Overview
 from realtime.sources import TaskSnapshot, get_task_source
@@ -42,13 +43,6 @@ TASK_DELETED = "task.deleted"  # task_deleted()
 #: A transport's own note that a subscribed task changed hands (``ready_updates()``).
 TASK_HIDDEN = "realtime.task_hidden"  # realtime_task_hidden()
 ACCESS_CHANGED = "realtime.access_changed"  # realtime_access_changed()
-
-
-def failure_text(exc: BaseException) -> str:
-    """An exception on one line, with its reason: redis-py's ``repr()`` of one is only its
-    kind (``network:ConnectionError``), which told an operator nothing of why."""
-    reason = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
 
 
 @contextlib.contextmanager

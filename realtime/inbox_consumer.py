@@ -22,9 +22,9 @@ from realtime.connections import (
     RELEASE_HELD,
     TASK_HIDDEN,
     Connection,
-    failure_text,
     get_connection_manager,
 )
+from realtime.failures import failure_text
 from realtime.inbox import Inbox
 from realtime.protocol import SseEvent
 

@@ -33,9 +33,9 @@ from realtime.connections import (
     RELEASE_HELD,
     TASK_UPDATE,
     Transport,
-    failure_text,
     get_connection_manager,
 )
+from realtime.failures import failure_text
 from realtime.inbox_consumer import InboxConsumerMixin
 from realtime.protocol import ErrorCode, HttpErrorCode, ProtocolError, SseEvent
 

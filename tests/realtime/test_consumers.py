@@ -363,6 +363,13 @@ def test_credentials_the_database_cannot_check_are_closed_4503(
 
     run(scenario)
     assert not [record for record in caplog.records if record.levelname == "ERROR"]
+    # Said, in one line: an operator whose clients only connect saw no sign of the outage.
+    [warning] = [record for record in caplog.records if record.name == "realtime.auth"]
+    what = "user" if how == "token" else "session"
+    assert warning.getMessage() == (
+        f"Could not read a connection's {what}: OperationalError: server closed the connection"
+        " unexpectedly"
+    )
 
 
 @pytest.mark.parametrize("token", ["bad", ""])
