@@ -10,11 +10,14 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
+from redis.exceptions import RedisError
 
 from realtime import broadcasts
 from realtime.conf import realtime_settings
 from realtime.connections import get_connection_manager
+from realtime.failures import failure_text
 from realtime.models import Broadcast, LiveConnections
+from realtime.registry import Overview
 
 
 class BroadcastForm(forms.Form):
@@ -137,7 +140,15 @@ class LiveConnectionsAdmin(admin.ModelAdmin):
     ) -> TemplateResponse:
         if not self.has_view_permission(request):
             raise PermissionDenied
-        overview = async_to_sync(get_connection_manager().overview)()
+        try:
+            overview = async_to_sync(get_connection_manager().overview)()
+        except (RedisError, OSError) as exc:  # a 500, with a traceback logged
+            self.message_user(
+                request,
+                f"The connections could not be counted just now: {failure_text(exc)}",
+                messages.ERROR,
+            )
+            overview = Overview(by_transport={}, by_user={}, by_task={})
         users = get_user_model()._default_manager.in_bulk(list(overview.by_user))
         context = {
             **self.admin_site.each_context(request),

@@ -17,9 +17,11 @@ from typing import Any
 
 from asgiref.sync import async_to_sync
 from django.db import transaction
+from redis.exceptions import RedisError
 
 from realtime.conf import realtime_settings
 from realtime.connections import Recipients, get_connection_manager
+from realtime.failures import failure_text
 from realtime.sources import TaskSnapshot
 
 logger = logging.getLogger(__name__)
@@ -132,9 +134,9 @@ def publish_after_commit(using: str, what: str, publish: Callable[..., None], *a
         except Exception as exc:
             failures = _failures.get()
             if failures is None:
-                logger.exception("Could not publish %s (%s)", what, publish.__name__)
+                _log_publish_failure(f"{what} ({publish.__name__})", exc)
             else:
-                failures.append(f"{what}: {' '.join(str(exc).split()) or type(exc).__name__}")
+                failures.append(f"{what}: {failure_text(exc)}")
 
     transaction.on_commit(run, using=using)
 
@@ -155,8 +157,16 @@ def publish_failures() -> Iterator[list[str]]:
 def _log_failure(future: "concurrent.futures.Future[None]", what: str) -> None:
     if future.cancelled():
         logger.error("Could not publish %s: cancelled", what)
-    elif future.exception() is not None:
-        logger.error("Could not publish %s", what, exc_info=future.exception())
+    elif (exc := future.exception()) is not None:
+        _log_publish_failure(what, exc)
+
+
+def _log_publish_failure(what: str, exc: BaseException) -> None:
+    """One line for Redis away (every change fails then), a traceback for anything else."""
+    if isinstance(exc, RedisError | OSError):
+        logger.error("Could not publish %s: %s", what, failure_text(exc))
+    else:
+        logger.error("Could not publish %s", what, exc_info=exc)
 
 
 async def asend_broadcast(payload: dict) -> Recipients:

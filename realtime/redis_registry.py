@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from realtime.batching import Batcher
+from realtime.failures import failure_text
 from realtime.redis_layer import names_starting_with, retry_once
 from realtime.registry import ConnectionRegistry, Entry, Overview
 
@@ -123,8 +124,8 @@ class RedisRegistry(ConnectionRegistry):
             await asyncio.sleep(self.lease_seconds / 3)
             try:
                 await self.renew()
-            except aioredis.RedisError:
-                logger.warning("Could not renew connection leases; retrying", exc_info=True)
+            except aioredis.RedisError as exc:
+                logger.warning("Could not renew connection leases; retrying: %s", failure_text(exc))
 
     async def renew(self) -> None:
         """Lease every connection of this process and its subscriptions again, and prune

@@ -4,8 +4,10 @@ import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 from django.contrib.auth.models import Permission
 from django.contrib.messages import get_messages
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from mcp_platform.tasks import services
+from realtime.connections import get_connection_manager
 from realtime.models import Broadcast
 from tests.conftest import connect_user, free_port, open_websocket, token_for
 from tests.sse import InProcessStream
@@ -164,6 +166,24 @@ def test_live_connections_page_when_nobody_is_connected(client, staff_user):
     assert response.status_code == 200
     assert response.context["total"] == 0
     assert b"No connections." in response.content
+
+
+def test_live_connections_page_says_when_the_registry_cannot_be_read(
+    client, staff_user, monkeypatch
+):
+    """Redis away: it was a 500, with a traceback logged."""
+
+    async def away():
+        raise RedisConnectionError("Error 111 connecting to 127.0.0.1:6391. Connection refused.")
+
+    monkeypatch.setattr(get_connection_manager(), "overview", away)
+    client.force_login(staff_user)
+    response = client.get(LIVE_URL)
+    assert response.status_code == 200
+    assert [str(message) for message in response.context["messages"]] == [
+        "The connections could not be counted just now: ConnectionError: Error 111 connecting"
+        " to 127.0.0.1:6391. Connection refused."
+    ]
 
 
 def test_live_connections_page_is_for_staff_only(client, user):
