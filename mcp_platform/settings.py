@@ -202,8 +202,10 @@ LOGGING = {
         # Django's own handlers for it (its console one under DEBUG) wrote every line of
         # django.* a second time, beside the root's; it now has the root's level.
         "django": {"handlers": [], "level": "NOTSET"},
-        # Not the SQL of every query (under DEBUG), parameters, password hashes and all.
+        # Not the SQL of every query (under DEBUG), parameters, password hashes and all;
+        # nor each template variable not found, with the page's context (its CSRF token).
         "django.db.backends": {"level": "INFO"},
+        "django.template": {"level": "INFO"},
         "django.channels.server": {"level": "WARNING"},
     },
 }

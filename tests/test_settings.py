@@ -305,3 +305,17 @@ def test_bad_realtime_variables_fail_the_system_checks(variable, value, check, c
         timeout=60,
     )
     assert result.returncode != 0 and check in result.stderr
+
+
+def test_debug_logging_leaves_out_what_holds_secrets():
+    """At DEBUG, Django logs every query's SQL and parameters (password hashes among them)
+    and each template variable not found with the page's whole context (its CSRF token)."""
+    expression = (
+        "[__import__('logging').getLogger(name).isEnabledFor(10)"
+        " for name in ('django.db.backends', 'django.template', 'django.request')]"
+    )
+    assert value_of({"DJANGO_DEBUG": "1", "DJANGO_LOG_LEVEL": "debug"}, expression) == [
+        False,
+        False,
+        True,
+    ]
