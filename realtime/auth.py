@@ -169,8 +169,10 @@ def query_token(scope: dict[str, Any]) -> str | None:
 def bearer_tokens(scope: dict[str, Any]) -> list[str]:
     """The tokens of the request's ``Authorization`` headers of simplejwt's type
     (``Bearer``), read as the REST API reads one: split on whitespace, and a header without
-    exactly one token is a token that will fail. Other schemes are ignored, as the REST API
-    ignores them. Every such header counts: one bad after a good one was dropped unseen."""
+    exactly one token is refused (``ValueError``) with the REST API's reason. (Taken for an
+    empty token, it was refused as "No token given.", or beside a ``?token=`` as "More than
+    one token given.") Other schemes are ignored, as the REST API ignores them. Every such
+    header counts: one bad after a good one was dropped unseen."""
     types = simplejwt_settings.api_settings.AUTH_HEADER_TYPES
     if isinstance(types, str):  # simplejwt takes one type or several
         types = (types,)
@@ -179,7 +181,11 @@ def bearer_tokens(scope: dict[str, Any]) -> list[str]:
         if name.lower() == b"authorization":
             parts = value.decode("latin-1").split()
             if parts and parts[0] in types:
-                tokens.append(parts[1] if len(parts) == 2 else "")
+                if len(parts) != 2:
+                    raise ValueError(
+                        "Authorization header must contain two space-delimited values"
+                    )
+                tokens.append(parts[1])
     return tokens
 
 

@@ -313,6 +313,25 @@ def test_missing_or_bad_credentials_are_401_json_without_a_stream(
 
 
 @transactional
+@pytest.mark.parametrize("header", [b"Bearer", b"Bearer a b"])
+@pytest.mark.parametrize("with_query_token", [False, True])
+def test_a_malformed_bearer_header_is_refused_with_the_rest_apis_reason(
+    user, header, with_query_token
+):
+    """It was "No token given.", and beside a valid ?token= "More than one token given."."""
+    query = {"token": token_for(user)} if with_query_token else {}
+
+    async def scenario():
+        async with InProcessStream(query, headers=[(b"authorization", header)]) as stream:
+            assert stream.status == 401
+            return stream.json()["detail"]
+
+    detail = run(scenario)
+    rest = Client().get("/api/tasks/", HTTP_AUTHORIZATION=header.decode()).json()["detail"]
+    assert detail == rest == "Authorization header must contain two space-delimited values"
+
+
+@transactional
 @pytest.mark.parametrize("method", ["POST", "HEAD", "OPTIONS", "DELETE"])
 def test_other_methods_are_405_json(user, method, disconnected):
     async def scenario():
