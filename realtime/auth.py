@@ -182,9 +182,7 @@ def bearer_tokens(scope: dict[str, Any]) -> list[str]:
             parts = value.decode("latin-1").split()
             if parts and parts[0] in types:
                 if len(parts) != 2:
-                    raise ValueError(
-                        "Authorization header must contain two space-delimited values"
-                    )
+                    raise ValueError("Authorization header must contain two space-delimited values")
                 tokens.append(parts[1])
     return tokens
 

@@ -65,6 +65,10 @@ class TaskConsumer(InboxConsumerMixin, AsyncWebsocketConsumer):
     async def refuse_unavailable(self, receive: Any, send: Any) -> None:
         await close_handshake(receive, send, CloseCode.UNAVAILABLE)
 
+    async def end_as_cancelled(self) -> None:
+        if self.connection is not None:  # accepted
+            await self.close(CloseCode.UNAVAILABLE.value)
+
     async def connect(self) -> None:
         user = self.user = self.scope["user"]  # authenticated: refused_without_channel()
         try:

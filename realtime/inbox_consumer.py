@@ -3,6 +3,7 @@
 """
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -88,6 +89,12 @@ class InboxConsumerMixin:
                 await self.dispatch(await self.inbox.get())
         except StopConsumer:
             pass
+        except asyncio.CancelledError:
+            # The server is stopping (Daphne cancels every application): the client is
+            # told so, and reconnects, rather than finding its connection dropped.
+            with contextlib.suppress(Exception):
+                await self.end_as_cancelled()
+            raise
         finally:
             try:
                 await self.leave()
@@ -100,6 +107,10 @@ class InboxConsumerMixin:
         layer nothing and does not depend on it: with Redis away, every refusal was a 500
         and an error logged with its traceback, an anonymous client's included."""
         return False
+
+    async def end_as_cancelled(self) -> None:
+        """End the connection, if it was answered, as one the server gives up on."""
+        raise NotImplementedError("each transport says how it ends")
 
     async def refuse_unavailable(self, receive: Any, send: Any) -> None:
         """Answer a connection that cannot be served just now (its channel or its record

@@ -28,8 +28,10 @@ class CloseCode(enum.IntEnum):
     MESSAGE_TOO_BIG = 4009
     #: The client read too slowly and its queue of unsent messages overflowed.
     SLOW_CLIENT = 4008
-    #: The credentials could not be checked (the database unreachable): try again later.
-    #: Daphne drops 1013 (try again later) as it drops every code below 3000.
+    #: The connection cannot be served just now: its credentials could not be checked (the
+    #: database unreachable), its channel or record could not be made (Redis unreachable),
+    #: or the server is stopping. Try again later; Daphne drops 1013 (try again later) as
+    #: it drops every code below 3000.
     UNAVAILABLE = 4503
 
 

@@ -13,14 +13,18 @@ It also stops reading a WebSocket whose client sends faster than its messages ar
 """
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Coroutine
 from typing import Any
 
 import daphne.cli
 from daphne.server import Server
+from twisted.internet import defer
 from twisted.internet.interfaces import ISSLTransport
 
 from realtime.layers import UNBOUNDED, ChannelQueue
+
+logger = logging.getLogger("daphne.server")  # the lines Daphne logs, under its name
 
 
 class Send:
@@ -109,6 +113,23 @@ class NowaitServer(Server):
             return None
         self.connections[protocol]["application_instance"] = asyncio.ensure_future(instance)
         return input_queue
+
+    def kill_all_applications(self) -> defer.Deferred:
+        """Cancel every application and have the shutdown wait for them to end, as Daphne's
+        does, skipping connections that have none: an HTTP connection kept alive between
+        requests. Daphne's raised KeyError for one, and the shutdown went on at once: every
+        WebSocket and event stream was dropped without its application ending it."""
+        running = [
+            details["application_instance"]
+            for details in self.connections.values()
+            if "application_instance" in details and not details["application_instance"].done()
+        ]
+        for instance in running:
+            instance.cancel()
+        logger.info("Killed %i pending application instances", len(running))
+        ended = defer.Deferred.fromFuture(asyncio.gather(*running, return_exceptions=True))
+        ended.addErrback(lambda failure: None)
+        return ended
 
 
 def websocket_scheme(protocol: Any) -> str:

@@ -192,6 +192,10 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
             await send(message)
         return True
 
+    async def end_as_cancelled(self) -> None:
+        if self.streaming:  # a stream cut short, without its last chunk, looked broken
+            await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
     async def refuse_unavailable(self, receive: Any, send: Any) -> None:
         for message in UNAVAILABLE.messages():
             await send(message)

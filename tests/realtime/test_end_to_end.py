@@ -702,3 +702,35 @@ def test_a_server_told_to_stop_while_a_change_waits_for_its_lock_stops(tmp_path,
         release.set()
         server.stop()
     assert Task.objects.get(pk=task.pk).progress == 14  # committed, then published or not
+
+
+def test_a_server_that_stops_closes_websockets_4503_and_ends_streams(tmp_path, user):
+    """Clients saw their connections dropped: a WebSocket without a close frame (1006), an
+    event stream without its last chunk, as from a server that had crashed; and Daphne's
+    wait for its applications to end failed at once beside a kept-alive HTTP connection."""
+    server = start_server(tmp_path)
+    token = token_for(user)
+
+    async def scenario():
+        async with (
+            aiohttp.ClientSession() as idle,  # its connection, kept alive, has no application
+            websockets.connect(f"{server.ws_url}/ws?token={token}") as ws,
+            aiohttp.ClientSession() as session,
+            session.get(f"{server.http_url}/events?token={token}") as stream,
+        ):
+            async with idle.get(f"{server.http_url}/metrics") as response:
+                await response.read()
+            await receive_type(ws, "connected")
+            assert (await stream.content.readuntil(b"event: connected")).endswith(b"connected")
+            server.process.send_signal(signal.SIGTERM)
+            with pytest.raises(websockets.ConnectionClosed):
+                while True:
+                    await asyncio.wait_for(ws.recv(), 10)
+            assert ws.close_code == 4503
+            await asyncio.wait_for(stream.content.read(), 10)  # to its end, not cut short
+
+    try:
+        async_to_sync(scenario)()
+        assert server.process.wait(timeout=20) == 0
+    finally:
+        server.stop()
