@@ -27,6 +27,7 @@ from django.conf import settings
 
 from realtime.protocol import FRAMINGS_KEPT, body_too_large
 from realtime.reactor import write_now
+from realtime.redaction import redact_tokens
 from realtime.slow_clients import UnreadBytesProducer
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,9 @@ def redact(path: str) -> str:
     """``path`` with the value of each ``token`` query parameter replaced, its name read
     as the server reads it (``%74oken`` is ``token`` too), and as a client might have
     mistyped it (``token+=``, ``Token=``, ``token%3D…``, ``x=1;token=…``, ``x=1%26token=…``):
-    those are no token to the server, but what follows them may well be one."""
+    those are no token to the server, but what follows them may well be one. A JWT
+    anywhere else in it is replaced too (``redact_tokens()``)."""
+    path = redact_tokens(path)
     base, mark, query = path.partition("?")
     if not mark:
         return path

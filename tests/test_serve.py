@@ -39,6 +39,8 @@ from tests.conftest import ROOT, LiveServer, start_server, token_for
         ("/events?x=1%26token=abc", "/events?x=[redacted]"),
         ("/events?x=1%3Btoken%3Dabc", "/events?x=[redacted]"),
         ("/api/tasks/", "/api/tasks/"),
+        ("/events?access_token=eyJhbGc.eyJzdWI.c2ln&x=1", "/events?access_token=[redacted]&x=1"),
+        ("/events;token=eyJhbGc.eyJzdWI.c2ln", "/events;token=[redacted]"),
     ],
 )
 def test_tokens_are_redacted_from_logged_paths(path, expected):
@@ -450,15 +452,23 @@ def test_served_access_log_never_shows_a_query_token(server, request):
 
     server = request.getfixturevalue(server)
     secret = "eyJhbGciOiJIUzI1NiJ9.not-a-real-token.but-secret"
-    for path in ("/events", "/api/tasks/"):
+    # Misplaced tokens too: another parameter's name, after a ';' (a 404, which Django
+    # also logs as a warning of its own).
+    for path, status in [
+        (f"/events?token={secret}", 401),
+        (f"/api/tasks/?token={secret}", 401),
+        (f"/api/tasks/?access_token={secret}", 401),
+        (f"/events;token={secret}", 404),
+    ]:
         with pytest.raises(urllib.error.HTTPError) as caught:
-            urllib.request.urlopen(f"{server.http_url}{path}?token={secret}", timeout=10)
-        assert caught.value.code == 401
+            urllib.request.urlopen(f"{server.http_url}{path}", timeout=10)
+        assert caught.value.code == status
     deadline = time.monotonic() + 10
-    while "/api/tasks/?token=[redacted]" not in server.log() and time.monotonic() < deadline:
+    while "/events;token=[redacted]" not in server.log() and time.monotonic() < deadline:
         time.sleep(0.05)
     log = server.log()
     assert "/events?token=[redacted]" in log and "/api/tasks/?token=[redacted]" in log
+    assert "/api/tasks/?access_token=[redacted]" in log and "/events;token=[redacted]" in log
     assert secret not in log
 
 
