@@ -184,24 +184,38 @@ def checkpoint_in_background() -> None:
 
 
 def check() -> None:
-    """Run Django's system checks, as ``runserver`` does before it serves (Daphne does
-    not): a setting they refuse would otherwise break the server quietly. Exits on an
-    error."""
+    """Run Django's system checks, and say whether migrations are unapplied, as
+    ``runserver`` does before it serves (Daphne does neither): a setting they refuse would
+    otherwise break the server quietly, and a database without its tables answered every
+    request 500. Exits on a check's error; a database it cannot read is a warning."""
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mcp_platform.settings")
     import django
-    from django.core.management import call_command
+    from django.core.management import BaseCommand, call_command
     from django.core.management.base import SystemCheckError
+    from django.db import DatabaseError, connections
 
     django.setup(set_prefix=False)
     try:
         call_command("check")
     except SystemCheckError as exc:
         sys.exit(str(exc))
+    try:
+        BaseCommand().check_migrations()
+    except DatabaseError as exc:
+        reason = " ".join(str(exc).split())
+        print(f"Warning: the database could not be read: {reason}", file=sys.stderr)
+    finally:
+        connections.close_all()  # the requests' threads open their own
 
 
 def main(argv: list[str] | None = None) -> None:
-    prepare()
-    check()  # after prepare(): the apps may import Twisted's reactor
+    from django.core.exceptions import ImproperlyConfigured
+
+    try:
+        prepare()
+        check()  # after prepare(): the apps may import Twisted's reactor
+    except ImproperlyConfigured as exc:  # a setting's value: its message says which
+        sys.exit(f"ImproperlyConfigured: {exc}")
     checkpoint_in_background()
     from daphne import cli
 

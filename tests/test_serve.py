@@ -520,3 +520,55 @@ def test_a_response_larger_than_the_slow_client_bound_arrives_whole(daphne_serve
     )
     with urllib.request.urlopen(request, timeout=30) as response:
         assert json.loads(response.read())["error"] == task.error
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["-m", "mcp_platform.serve", "-b", "127.0.0.1", "-p", "0"],
+        ["manage.py", "check"],
+    ],
+    ids=["serve", "manage"],
+)
+def test_a_bad_setting_stops_start_up_in_one_line(command):
+    """Each printed a traceback of 35 lines or more before the line that said which."""
+    result = subprocess.run(
+        [sys.executable, *command],
+        cwd=ROOT,
+        env={**os.environ, "DJANGO_DEBUG": "1", "DJANGO_REQUEST_THREADS": "0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr == (
+        "ImproperlyConfigured: DJANGO_REQUEST_THREADS must be at least 1, not 0.\n"
+    )
+
+
+def test_the_launcher_says_when_migrations_are_unapplied(tmp_path):
+    """As runserver does: a database without its tables answered every request 500, and
+    nothing said why until then."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mcp_platform.serve", "-b", "127.0.0.1", "-p", "0"]
+        + ["mcp_platform.asgi:application"],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "DJANGO_DEBUG": "1",
+            "DATABASE_URL": f"sqlite:///{tmp_path / 'empty.sqlite3'}",
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        lines = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any("Listening" in line for line in lines):
+            lines.append(server.stdout.readline())
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert any("unapplied migration(s)" in line for line in lines), lines
+    assert any("Run 'python manage.py migrate'" in line for line in lines), lines
