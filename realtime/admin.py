@@ -2,7 +2,6 @@
 
 from typing import Any
 
-from asgiref.sync import async_to_sync
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.auth import get_user_model
@@ -12,7 +11,7 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from redis.exceptions import RedisError
 
-from realtime import broadcasts
+from realtime import api, broadcasts
 from realtime.conf import realtime_settings
 from realtime.connections import get_connection_manager
 from realtime.failures import failure_text
@@ -141,7 +140,7 @@ class LiveConnectionsAdmin(admin.ModelAdmin):
         if not self.has_view_permission(request):
             raise PermissionDenied
         try:
-            overview = async_to_sync(get_connection_manager().overview)()
+            overview = api.run_sync(get_connection_manager().overview())
         except (RedisError, OSError) as exc:  # a 500, with a traceback logged
             self.message_user(
                 request,

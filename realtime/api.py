@@ -10,10 +10,11 @@ import concurrent.futures
 import contextlib
 import functools
 import logging
+import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TypeVar
 
 from asgiref.sync import async_to_sync
 from django.db import transaction
@@ -28,6 +29,11 @@ logger = logging.getLogger(__name__)
 
 #: The event loop that serves this process's requests, if it is a server's (``set_server_loop()``).
 _server_loop: asyncio.AbstractEventLoop | None = None
+
+#: Seconds between a waiting request thread's checks that the server's loop still runs.
+LOOP_CHECK_SECONDS = 0.2
+
+T = TypeVar("T")
 
 #: Where ``publish_after_commit()`` lists its failures for ``publish_failures()``, if asked.
 _failures: ContextVar[list[str] | None] = ContextVar("publish_failures", default=None)
@@ -79,36 +85,69 @@ def publish_access_change(user_id: int) -> None:
 
 
 def _publish_sync(publish: Coroutine[Any, Any, None], what: str) -> None:
-    """Run an asynchronous publish from synchronous code; ``what`` names the change in the
-    log if it fails or outlasts the wait.
+    """Run an asynchronous publish from synchronous code (``run_sync()``); ``what`` names
+    the change in the log if it fails or outlasts the wait.
 
-    In a server (``set_server_loop()``) the caller is a request thread, and the publish
-    runs on the server's loop while the thread waits for it at most
-    ``REALTIME_PUBLISH_WAIT_SECONDS``; past that it goes on without the request, and a
-    failure of it is logged. Without the bound, a Redis that accepted connections but did
-    not answer held each request for 5 s, the REST API with them; and a change committed
-    while the server stopped waited for a loop that no longer ran, its thread for ever,
-    and the process with it. Elsewhere (a management command, a script's
-    ``asyncio.run()``) it is awaited to its end, since the loop it runs on may end with
-    the call."""
-    loop = _server_loop
-    if loop is None or _running_loop() is not None:
-        async_to_sync(_awaited)(publish)  # on a loop's own thread, this raises
-        return
+    In a server, a request thread waits for it at most ``REALTIME_PUBLISH_WAIT_SECONDS``;
+    past that it goes on without the request, and a failure of it is logged: a Redis that
+    accepted connections but did not answer held each request for 5 s, the REST API with
+    them."""
     try:
-        future = asyncio.run_coroutine_threadsafe(publish, loop)
-    except RuntimeError:  # the loop is closed: the server has stopped
-        publish.close()
-        raise
-    try:
-        future.result(timeout=realtime_settings.PUBLISH_WAIT_SECONDS)
-    except concurrent.futures.TimeoutError:
+        run_sync(publish, wait=realtime_settings.PUBLISH_WAIT_SECONDS)
+    except Outlasted as exc:
         logger.warning(
             "Publishing %s takes over %s s; it goes on without the request",
             what,
             realtime_settings.PUBLISH_WAIT_SECONDS,
         )
-        future.add_done_callback(functools.partial(_log_failure, what=what))
+        exc.future.add_done_callback(functools.partial(_log_failure, what=what))
+
+
+class Outlasted(Exception):
+    """A call ``run_sync()`` made on the server's loop outlasted its wait; it goes on."""
+
+    def __init__(self, future: "concurrent.futures.Future[Any]") -> None:
+        super().__init__("the call outlasted its wait")
+        self.future = future
+
+
+class ServerStopping(ConnectionError):
+    """The server's loop stopped before a call ``run_sync()`` made on it had ended."""
+
+
+def run_sync(coroutine: Coroutine[Any, Any, T], *, wait: float | None = None) -> T:
+    """Run ``coroutine`` from synchronous code and return its result.
+
+    In a server (``set_server_loop()``) the caller is a request thread: the coroutine runs
+    on the server's loop, and the thread waits for it at most ``wait`` seconds if given
+    (``Outlasted`` past that, the coroutine going on), and never for a loop that has
+    stopped (``ServerStopping``). Once SIGTERM had stopped the loop, a request's call on
+    it (the publish of a change that committed meanwhile, a broadcast) waited for ever,
+    its thread with it, and the process for its thread. Elsewhere (a management command,
+    a script's ``asyncio.run()``) it runs with ``async_to_sync``, to its end, since the
+    loop it runs on may end with the call."""
+    loop = _server_loop
+    if loop is None or _running_loop() is not None:
+        return async_to_sync(_awaited)(coroutine)  # on a loop's own thread, this raises
+    try:
+        future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+    except RuntimeError:  # the loop is closed
+        coroutine.close()
+        raise ServerStopping("The server has stopped.") from None
+    deadline = None if wait is None else time.monotonic() + wait
+    while True:
+        left = LOOP_CHECK_SECONDS if deadline is None else deadline - time.monotonic()
+        try:
+            return future.result(timeout=max(0.0, min(left, LOOP_CHECK_SECONDS)))
+        except concurrent.futures.TimeoutError:
+            if future.done():
+                raise  # the coroutine's own
+        if not loop.is_running():
+            future.cancel()
+            coroutine.close()  # never to run: the loop stopped before it started it
+            raise ServerStopping("The server is stopping.")
+        if deadline is not None and time.monotonic() >= deadline:
+            raise Outlasted(future)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -118,8 +157,8 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
-async def _awaited(publish: Coroutine[Any, Any, None]) -> None:
-    await publish
+async def _awaited(coroutine: Coroutine[Any, Any, T]) -> T:
+    return await coroutine
 
 
 def publish_after_commit(using: str, what: str, publish: Callable[..., None], *args: Any) -> None:
@@ -175,5 +214,5 @@ async def asend_broadcast(payload: dict) -> Recipients:
 
 
 def send_broadcast(payload: dict) -> Recipients:
-    """Synchronous form of ``asend_broadcast()``."""
-    return async_to_sync(asend_broadcast)(payload)
+    """Synchronous form of ``asend_broadcast()`` (``run_sync()``)."""
+    return run_sync(asend_broadcast(payload))

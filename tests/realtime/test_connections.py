@@ -1,6 +1,7 @@
 """Per-connection delivery rules: each seq once, in order, a late one waited for briefly."""
 
 import asyncio
+import functools
 import threading
 import time
 import uuid
@@ -341,6 +342,40 @@ def test_a_request_waits_for_its_publish_at_most_the_wait_in_a_server(stalled_pu
 
     assert 0.1 <= asyncio.run(server()) < 0.4
     assert f"Could not publish task {stalled_publish.task_id}" in caplog.text
+
+
+def test_a_request_never_waits_for_a_server_loop_that_has_stopped(stalled_publish):
+    """Once SIGTERM had stopped it, a request thread's call on it waited for ever."""
+    stopped = asyncio.new_event_loop()  # never runs, as once a server has stopped
+    api.set_server_loop(stopped)
+
+    async def never_runs():
+        raise AssertionError("ran")
+
+    try:
+        started = time.monotonic()
+        with pytest.raises(api.ServerStopping):
+            api.run_sync(never_runs())
+        with pytest.raises(api.ServerStopping):
+            api.publish_task_update(stalled_publish)
+        assert time.monotonic() - started < 2 * api.LOOP_CHECK_SECONDS + 0.5
+    finally:
+        stopped.close()
+    with pytest.raises(api.ServerStopping, match="has stopped"):
+        api.run_sync(never_runs())
+
+
+def test_a_calls_own_timeout_is_raised_as_it_is_not_as_outlasting_the_wait(stalled_publish):
+    async def times_out():
+        raise TimeoutError("Redis did not answer in time")
+
+    async def server():
+        api.set_server_loop(asyncio.get_running_loop())
+        call = functools.partial(api.run_sync, times_out(), wait=5)
+        with pytest.raises(TimeoutError, match="Redis did not answer"):
+            await sync_to_async(call, thread_sensitive=False)()
+
+    asyncio.run(server())
 
 
 def test_a_publish_outside_a_server_is_waited_for_to_its_end(stalled_publish):

@@ -658,50 +658,55 @@ def test_a_handshake_refused_before_it_began_is_answered_400_without_an_error(
     assert "Traceback" not in log and "Exception in callback" not in log
 
 
-def test_a_server_told_to_stop_while_a_change_waits_for_its_lock_stops(tmp_path, user):
-    """The change commits once the lock is released, and its publish waited for a loop
-    that had stopped: the request's thread waited for ever, and the process with it."""
+@pytest.mark.parametrize("request_kind", ["task change", "broadcast"])
+def test_a_server_told_to_stop_while_a_request_waits_for_a_lock_stops(
+    tmp_path, make_user, request_kind
+):
+    """Once the lock is released the request goes on, and its call on the server's loop
+    (the change's publish, the broadcast's send) waited for a loop that had stopped: the
+    request's thread waited for ever, and the process with it."""
+    user = make_user(is_staff=True)
     task = services.create_task(owner=user, name="locked")
     server = start_server(tmp_path)
     locked, release = threading.Event(), threading.Event()
 
     def hold_the_lock() -> None:
-        # PostgreSQL: the row's lock; SQLite: the database's write lock (IMMEDIATE).
+        # SQLite: the database's write lock (IMMEDIATE); PostgreSQL: the task's row, and
+        # the broadcasts' table against an insert.
         with transaction.atomic():
             Task.objects.select_for_update().get(pk=task.pk)
+            if db_connection.vendor == "postgresql":
+                with db_connection.cursor() as cursor:
+                    cursor.execute("LOCK TABLE realtime_broadcast IN EXCLUSIVE MODE")
             locked.set()
             release.wait(30)
         db_connection.close()
 
+    if request_kind == "task change":
+        method, path, body = "PATCH", f"/api/tasks/{task.pk}/", '{"progress": 14}'
+    else:
+        method, path, body = "POST", "/broadcast", '{"message": "going down"}'
     holder = threading.Thread(target=hold_the_lock)
     holder.start()
-    patched = []
     try:
         assert locked.wait(10)
-        patcher = threading.Thread(
-            target=lambda: patched.append(
-                subprocess.run(
-                    ["curl", "-s", "-m", "30", "-X", "PATCH", "-o", "/dev/null"]
-                    + ["-w", "%{http_code}", "-H", f"Authorization: Bearer {token_for(user)}"]
-                    + ["-H", "Content-Type: application/json", "-d", '{"progress": 14}']
-                    + [f"{server.http_url}/api/tasks/{task.pk}/"],
-                    capture_output=True,
-                    text=True,
-                ).stdout
-            )
+        requester = subprocess.Popen(
+            ["curl", "-s", "-m", "30", "-X", method, "-o", "/dev/null"]
+            + ["-H", f"Authorization: Bearer {token_for(user)}"]
+            + ["-H", "Content-Type: application/json", "-d", body, f"{server.http_url}{path}"]
         )
-        patcher.start()
-        time.sleep(1)  # the PATCH waits for the lock
+        time.sleep(1)  # the request waits for the lock
         server.process.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         release.set()
         holder.join(10)
         server.process.wait(timeout=20)
-        patcher.join(30)
+        requester.wait(30)
     finally:
         release.set()
         server.stop()
-    assert Task.objects.get(pk=task.pk).progress == 14  # committed, then published or not
+    if request_kind == "task change":
+        assert Task.objects.get(pk=task.pk).progress == 14  # committed, published or not
 
 
 def test_a_server_that_stops_closes_websockets_4503_and_ends_streams(tmp_path, user):
