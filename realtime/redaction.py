@@ -12,13 +12,10 @@ def redact_tokens(text: str) -> str:
     return JWT.sub("[redacted]", text) if "eyJ" in text else text
 
 
-class RedactTokens(logging.Filter):
-    """Replaces the JWTs in a log line. A token in a parameter of another name
-    (``?access_token=``) or after a ``;`` (``/events;token=``) reached Django's ``Not
-    Found`` warnings and the access log whole."""
+class RedactingFormatter(logging.Formatter):
+    """Writes log lines with their JWTs replaced, tracebacks included. A token in a
+    parameter of another name (``?access_token=``) or after a ``;`` (``/events;token=``)
+    reached Django's ``Not Found`` warnings whole."""
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "eyJ" in message:
-            record.msg, record.args = redact_tokens(message), ()
-        return True
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_tokens(super().format(record))

@@ -319,3 +319,27 @@ def test_debug_logging_leaves_out_what_holds_secrets():
         False,
         True,
     ]
+
+
+def test_log_lines_are_written_without_tokens_tracebacks_included():
+    """A logging call whose arguments do not fit its format is still logging's own error,
+    not one raised into its caller."""
+    code = (
+        "import django, logging; django.setup(); log = logging.getLogger('x')\n"
+        "try:\n"
+        "    raise ValueError('bad token eyJhbGciOiJIUzI1NiJ9.eyJ1c2VyIjoxfQ.c2lnbmF0dXJl')\n"
+        "except ValueError:\n"
+        "    log.exception('refused eyJhbGciOiJIUzI1NiJ9.eyJ1c2VyIjoxfQ.c2lnbmF0dXJl')\n"
+        "log.warning('value %d', 'not a number')\n"
+        "print('went on')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**BASE_ENV, "DJANGO_DEBUG": "1"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0 and result.stdout == "went on\n", result.stderr
+    assert "eyJ" not in result.stderr
+    assert "refused [redacted]" in result.stderr and "bad token [redacted]" in result.stderr
