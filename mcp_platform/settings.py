@@ -124,7 +124,7 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
 
-REDIS_URL = env_str("REDIS_URL")
+REDIS_URL = env_str("REDIS_URL").strip()
 # Names in Redis start with this, so deployments sharing one Redis stay apart.
 REDIS_PREFIX = env_str("REDIS_PREFIX", "mcp")
 if REDIS_URL:

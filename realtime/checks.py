@@ -2,7 +2,7 @@
 
 import math
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from django.conf import settings
 from django.core.checks import Error, Warning, register
@@ -135,7 +135,8 @@ def redis_url_problem(url: str) -> str:
         parse_url(url)
     except ValueError as exc:
         return str(exc)
-    database = urlsplit(url).path.strip("/")
-    if urlsplit(url).scheme != "unix" and database and not database.isdigit():
+    parts = urlsplit(url)
+    database = unquote(parts.path).replace("/", "")  # as redis-py reads it
+    if parts.scheme != "unix" and database and not database.isdigit():
         return f"its database {database!r} is not a number."
     return ""

@@ -173,6 +173,19 @@ def test_an_empty_realtime_variable_is_the_default():
     assert value_of(env, expression) == [100, 15.0, "mcp_platform.tasks.realtime.TaskSource"]
 
 
+def test_a_redis_url_that_redis_py_reads_is_accepted_as_it_reads_it():
+    env = {"DJANGO_DEBUG": "1", "REDIS_URL": " redis://127.0.0.1:6379/%38 "}
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check", "--tag", "realtime"],
+        env={**BASE_ENV, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert value_of(env, "realtime_settings.REDIS_URL") == "redis://127.0.0.1:6379/%38"
+
+
 def test_every_empty_variable_is_its_default():
     """Not only some: an empty DJANGO_SECURE_COOKIES turned the Secure flag off, an empty
     DJANGO_ALLOWED_HOSTS refused every request, and an empty REDIS_PREFIX wrote keys
