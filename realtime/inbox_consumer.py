@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 TOKEN_EXPIRED = "realtime.token_expired"
 #: Seconds before an expiry that found the inbox full tries again; a full inbox is being read.
 EXPIRY_RETRY_SECONDS = 1.0
+#: Seconds a connection of a server that is stopping may take to leave its groups and the
+#: registry.
+LEAVE_WHEN_STOPPING = 2.0
 
 
 class InboxConsumerMixin:
@@ -84,6 +87,7 @@ class InboxConsumerMixin:
         if getattr(send, "write", None) is not None:
             self.inbox.handle_directly(self.handle_nowait)
         self.inbox.feed_from(receive)
+        stopping = False
         try:
             while True:
                 await self.dispatch(await self.inbox.get())
@@ -92,12 +96,23 @@ class InboxConsumerMixin:
         except asyncio.CancelledError:
             # The server is stopping (Daphne cancels every application): the client is
             # told so, and reconnects, rather than finding its connection dropped.
+            stopping = True
             with contextlib.suppress(Exception):
                 await self.end_as_cancelled()
             raise
         finally:
             try:
-                await self.leave()
+                if stopping:
+                    # Not for as long as a Redis that does not answer takes: what is not
+                    # removed lapses with its lease.
+                    await asyncio.wait_for(self.leave(), LEAVE_WHEN_STOPPING)
+                else:
+                    await self.leave()
+            except TimeoutError:
+                logger.warning(
+                    "Could not hand a connection back within %s s of stopping",
+                    LEAVE_WHEN_STOPPING,
+                )
             finally:
                 await self.inbox.close()
 
@@ -338,7 +353,13 @@ class InboxConsumerMixin:
         self.unwatch_expiry()
         if self.connection is not None:
             connection, self.connection = self.connection, None
-            await get_connection_manager().disconnect(connection)
+            try:
+                await get_connection_manager().disconnect(connection)
+            except Exception as exc:
+                # Raised, it ended the consumer with a traceback logged for each
+                # connection: Redis away, thousands at once. Its entries lapse with
+                # their leases.
+                logger.warning("Could not hand a connection back: %s", failure_text(exc))
 
     def ready_updates(self, event: dict[str, Any]) -> list[tuple[int, str]]:
         """The updates a ``task_update`` lets through, in ``seq`` order; if it opens a gap,

@@ -959,6 +959,50 @@ def test_a_connection_the_registry_cannot_record_is_closed_4503_and_leaves_nothi
     )
 
 
+def test_a_connection_that_cannot_be_handed_back_ends_in_one_logged_line(user, monkeypatch, caplog):
+    """Raised, the failure (Redis away) ended each consumer with a traceback logged."""
+    manager = get_connection_manager()
+
+    async def away(connection):
+        raise ConnectionError("Redis is away")
+
+    monkeypatch.setattr(manager, "disconnect", away)
+
+    async def scenario():
+        ws = make_communicator(f"/ws?token={token_for(user)}")
+        await connect_user(ws)
+        await ws.send_input({"type": "websocket.disconnect", "code": 1000})
+        await asyncio.wait_for(ws.future, 5)  # ended, not raised
+
+    run(scenario)
+    assert "Could not hand a connection back: ConnectionError: Redis is away" in caplog.text
+
+
+def test_a_server_that_stops_closes_4503_and_does_not_wait_long_to_hand_connections_back(
+    user, monkeypatch
+):
+    """Daphne cancels every application as it stops; each left its groups and the registry
+    for as long as a Redis that did not answer took, 12 s in all."""
+    manager = get_connection_manager()
+    unanswered = asyncio.Event()
+
+    async def hangs(connection):
+        await unanswered.wait()
+
+    monkeypatch.setattr(manager, "disconnect", hangs)
+    monkeypatch.setattr(inbox_consumer, "LEAVE_WHEN_STOPPING", 0.2)
+
+    async def scenario():
+        ws = make_communicator(f"/ws?token={token_for(user)}")
+        await connect_user(ws)
+        ws.future.cancel()  # as Daphne's kill_all_applications()
+        await assert_closed_with(ws, CloseCode.UNAVAILABLE)
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(ws.future, 2)
+
+    run(scenario)
+
+
 class NowaitSend:
     """A server's ``send`` that can also send without waiting, as Daphne's under
     ``python -m mcp_platform.serve`` (``realtime.server.Send``)."""
