@@ -42,5 +42,6 @@ def test_what_it_prints_names_the_servers_address_and_the_password_that_works():
     out = io.StringIO()
     call_command("demo_setup", stdout=out)
     assert "Demo user 'demo', whose password was changed since it was made" in out.getvalue()
-    assert "demo-password' (admin" not in out.getvalue()
+    assert "demo-password" not in out.getvalue()
+    assert '"password": "<its password>"' in out.getvalue()
     assert "http://127.0.0.1:8000/admin/" in out.getvalue()

@@ -37,15 +37,14 @@ class Command(BaseCommand):
             services.create_task(owner=user, name="Demo task")
         task = Task.objects.filter(owner=user).first()
         url = url.rstrip("/")
-        password = (
-            f"password {PASSWORD!r}"
-            if user.check_password(PASSWORD)
-            else "whose password was changed since it was made"
-        )
+        if user.check_password(PASSWORD):
+            password, said = PASSWORD, f"password {PASSWORD!r}"
+        else:
+            password, said = "<its password>", "whose password was changed since it was made"
         self.stdout.write(
-            f"Demo user {USERNAME!r}, {password} (admin at {url}/admin/).\n"
+            f"Demo user {USERNAME!r}, {said} (admin at {url}/admin/).\n"
             f"Demo task {task.pk}.\n"
             "Get a token:  curl -s -X POST -H 'Content-Type: application/json' "
-            f'-d \'{{"username": "{USERNAME}", "password": "{PASSWORD}"}}\' '
+            f'-d \'{{"username": "{USERNAME}", "password": "{password}"}}\' '
             f"{url}/api/token/"
         )
