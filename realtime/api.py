@@ -9,6 +9,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import inspect
 import logging
 import time
 import uuid
@@ -126,9 +127,12 @@ def run_sync(coroutine: Coroutine[Any, Any, T], *, wait: float | None = None) ->
     its thread with it, and the process for its thread. Elsewhere (a management command,
     a script's ``asyncio.run()``) it runs with ``async_to_sync``, to its end, since the
     loop it runs on may end with the call."""
+    if _running_loop() is not None:
+        coroutine.close()
+        raise RuntimeError("run_sync() waits for its call: it cannot run on an event loop.")
     loop = _server_loop
-    if loop is None or _running_loop() is not None:
-        return async_to_sync(_awaited)(coroutine)  # on a loop's own thread, this raises
+    if loop is None:
+        return async_to_sync(_awaited)(coroutine)
     try:
         future = asyncio.run_coroutine_threadsafe(coroutine, loop)
     except RuntimeError:  # the loop is closed
@@ -140,11 +144,12 @@ def run_sync(coroutine: Coroutine[Any, Any, T], *, wait: float | None = None) ->
         try:
             return future.result(timeout=max(0.0, min(left, LOOP_CHECK_SECONDS)))
         except concurrent.futures.TimeoutError:
-            if future.done():
-                raise  # the coroutine's own
+            if future.done():  # it ended meanwhile, or raised a TimeoutError of its own
+                return future.result()
         if not loop.is_running():
             future.cancel()
-            coroutine.close()  # never to run: the loop stopped before it started it
+            if inspect.getcoroutinestate(coroutine) == inspect.CORO_CREATED:
+                coroutine.close()  # never to run; one that started is left as it stopped
             raise ServerStopping("The server is stopping.")
         if deadline is not None and time.monotonic() >= deadline:
             raise Outlasted(future)

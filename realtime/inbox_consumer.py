@@ -15,6 +15,7 @@ from channels.consumer import get_handler_name
 from channels.exceptions import StopConsumer
 from channels.layers import get_channel_layer
 from django.contrib.auth.base_user import AbstractBaseUser
+from redis.exceptions import RedisError
 
 from realtime import expiry, protocol
 from realtime.auth import Credentials, session_user, token_user
@@ -110,7 +111,7 @@ class InboxConsumerMixin:
                     await self.leave()
             except TimeoutError:
                 logger.warning(
-                    "Could not hand a connection back within %s s of stopping",
+                    "Could not hand a cancelled connection back within %s s",
                     LEAVE_WHEN_STOPPING,
                 )
             finally:
@@ -355,7 +356,7 @@ class InboxConsumerMixin:
             connection, self.connection = self.connection, None
             try:
                 await get_connection_manager().disconnect(connection)
-            except Exception as exc:
+            except (RedisError, OSError) as exc:
                 # Raised, it ended the consumer with a traceback logged for each
                 # connection: Redis away, thousands at once. Its entries lapse with
                 # their leases.

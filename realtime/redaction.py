@@ -3,8 +3,12 @@
 import logging
 import re
 
-#: A JWT in its compact form: its header, a JSON object, always begins ``eyJ`` (``{"``).
-JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*")
+#: A JWT in its compact form, its dots percent-encoded or not: its header, a JSON object,
+#: always begins ``eyJ`` (``{"``). Not within a longer word (``surveyJS.min.js``), which
+#: also keeps the search linear: a run of ``eyJ`` is scanned from its start only.
+JWT = re.compile(
+    r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]+(?:\.|%2[Ee])[A-Za-z0-9_-]+(?:\.|%2[Ee])[A-Za-z0-9_-]*"
+)
 
 
 def redact_tokens(text: str) -> str:

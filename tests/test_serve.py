@@ -41,10 +41,21 @@ from tests.conftest import ROOT, LiveServer, start_server, token_for
         ("/api/tasks/", "/api/tasks/"),
         ("/events?access_token=eyJhbGc.eyJzdWI.c2ln&x=1", "/events?access_token=[redacted]&x=1"),
         ("/events;token=eyJhbGc.eyJzdWI.c2ln", "/events;token=[redacted]"),
+        ("/x?access_token=eyJhbGc%2EeyJzdWI%2Ec2ln", "/x?access_token=[redacted]"),
+        ("/static/js/surveyJS.min.js", "/static/js/surveyJS.min.js"),  # no token
     ],
 )
 def test_tokens_are_redacted_from_logged_paths(path, expected):
     assert redact(path) == expected
+
+
+def test_redacting_a_path_takes_time_in_proportion_to_its_length():
+    """Any client could send a path of 'eyJ' repeated, each the start of a search to the
+    end of the run and back: 160 ms of the event loop for 15 KB, growing with its square.
+    A megabyte of it would take hours that way."""
+    started = time.process_time()
+    assert redact("/" + "eyJ" * 350_000) == "/" + "eyJ" * 350_000
+    assert time.process_time() - started < 5
 
 
 def test_a_request_shows_its_uri_without_its_token():

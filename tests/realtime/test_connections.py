@@ -2,9 +2,11 @@
 
 import asyncio
 import functools
+import gc
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from contextlib import asynccontextmanager
 from types import SimpleNamespace
@@ -363,6 +365,46 @@ def test_a_request_never_waits_for_a_server_loop_that_has_stopped(stalled_publis
         stopped.close()
     with pytest.raises(api.ServerStopping, match="has stopped"):
         api.run_sync(never_runs())
+
+
+def test_a_call_under_way_when_the_server_loop_stops_is_server_stopping():
+    """It was a RuntimeError from the coroutine closed in the wrong thread: a broadcast's
+    500 instead of a 503."""
+    loop = asyncio.new_event_loop()
+    running = threading.Thread(target=loop.run_forever)
+    running.start()
+    api.set_server_loop(loop)
+
+    async def with_cleanup():  # as redis-py's commands, which disconnect on the loop
+        try:
+            await asyncio.sleep(10)
+        finally:
+            await asyncio.sleep(0)
+
+    try:
+        loop.call_soon_threadsafe(loop.call_later, 0.3, loop.stop)
+        started = time.monotonic()
+        with pytest.raises(api.ServerStopping):
+            api.run_sync(with_cleanup())
+        assert time.monotonic() - started < 2
+    finally:
+        api.set_server_loop(None)
+        running.join(5)
+        loop.run_until_complete(asyncio.sleep(0.1))  # the call, cancelled, ends
+        loop.close()
+
+
+def test_a_call_made_on_an_event_loop_is_refused_and_leaves_nothing_unawaited():
+    snapshot = TaskSnapshot(task_id=uuid.uuid4(), owner_id=1, seq=2, state={})
+
+    async def on_the_loop():
+        with pytest.raises(RuntimeError, match="cannot run on an event loop"):
+            api.publish_task_update(snapshot)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "coroutine ... never awaited"
+        asyncio.run(on_the_loop())
+        gc.collect()
 
 
 def test_a_calls_own_timeout_is_raised_as_it_is_not_as_outlasting_the_wait(stalled_publish):

@@ -978,6 +978,24 @@ def test_a_connection_that_cannot_be_handed_back_ends_in_one_logged_line(user, m
     assert "Could not hand a connection back: ConnectionError: Redis is away" in caplog.text
 
 
+def test_a_connection_handed_back_with_a_programming_error_still_says_so_in_full(user, monkeypatch):
+    manager = get_connection_manager()
+
+    async def broken(connection):
+        raise KeyError("a bug, not an outage")
+
+    monkeypatch.setattr(manager, "disconnect", broken)
+
+    async def scenario():
+        ws = make_communicator(f"/ws?token={token_for(user)}")
+        await connect_user(ws)
+        await ws.send_input({"type": "websocket.disconnect", "code": 1000})
+        with pytest.raises(KeyError, match="a bug"):  # with its traceback, from Daphne
+            await asyncio.wait_for(ws.future, 5)
+
+    run(scenario)
+
+
 def test_a_server_that_stops_closes_4503_and_does_not_wait_long_to_hand_connections_back(
     user, monkeypatch
 ):
