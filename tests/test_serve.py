@@ -2,6 +2,7 @@
 ``send`` can send without waiting, and its access log hides tokens."""
 
 import asyncio
+import contextlib
 import json
 import os
 import pprint
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import uvloop
@@ -269,13 +271,30 @@ def test_a_websocket_is_not_read_while_its_application_has_too_many_of_its_messa
     asyncio.run(scenario())
 
 
+@contextlib.contextmanager
+def script_connecting_to_us(
+    script: str, *arguments: str, backlog: int = 1, **options: Any
+) -> Iterator[tuple[socket.socket, subprocess.Popen]]:
+    """A socket listening on a free port, and ``script`` run in a process of its own with
+    that port and ``arguments`` for its arguments (``options`` for ``Popen``)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(backlog)
+        port = str(server.getsockname()[1])
+        process = subprocess.Popen(
+            [sys.executable, "-c", script, port, *arguments], cwd=ROOT, **options
+        )
+        server.settimeout(30)
+        yield server, process
+
+
 REACTOR_SCRIPT = r"""
 import socket, sys
 from realtime.reactor import CoalescingWriteReactor, install, write_now
 reactor = install()
 from twisted.internet import protocol
 
-size, port, how = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+port, size, how = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 payload = bytes(range(256)) * (size // 256)
 write = {"write": lambda transport, data: transport.write(data), "write_now": write_now}[how]
 
@@ -301,14 +320,7 @@ reactor.run()
 def test_reactor_delivers_every_byte_in_order_then_closes(size, how):
     """Small writes go out at once; 8 MB overruns the socket buffer, and what it does not
     take must wait in Twisted's buffer, ahead of later writes."""
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen(1)
-        sender = subprocess.Popen(
-            [sys.executable, "-c", REACTOR_SCRIPT, str(size), str(server.getsockname()[1]), how],
-            cwd=ROOT,
-        )
-        server.settimeout(30)
+    with script_connecting_to_us(REACTOR_SCRIPT, str(size), how) as (server, sender):
         connection, _ = server.accept()
         received = bytearray()
         with connection:
@@ -383,16 +395,9 @@ reactor.run()
 def test_a_writer_that_fails_as_it_ends_leaves_the_others_written():
     """A protocol whose connectionLost() raised (Daphne's, for a handshake refused before
     it began) ended the flush: the writes of the connections after it were never sent."""
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen(2)
-        sender = subprocess.Popen(
-            [sys.executable, "-c", FAILING_WRITER_SCRIPT, str(server.getsockname()[1])],
-            cwd=ROOT,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        server.settimeout(30)
+    with script_connecting_to_us(
+        FAILING_WRITER_SCRIPT, backlog=2, stderr=subprocess.PIPE, text=True
+    ) as (server, sender):
         first, _ = server.accept()
         second, _ = server.accept()
         received = []
@@ -417,17 +422,9 @@ def test_the_reactor_runs_on_uvloop():
 
 
 def test_a_write_to_a_reset_connection_ends_it_as_twisted_would():
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen(1)
-        sender = subprocess.Popen(
-            [sys.executable, "-c", RESET_SCRIPT, str(server.getsockname()[1])],
-            cwd=ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        server.settimeout(30)
+    with script_connecting_to_us(
+        RESET_SCRIPT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as (server, sender):
         connection, _ = server.accept()
         # Only once the sender has seen the connection made: reset earlier, a loaded
         # machine's sender could find its connect failed instead.
