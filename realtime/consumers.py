@@ -11,6 +11,7 @@ from typing import Any
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.db import DatabaseError
+from redis.exceptions import RedisError
 
 from realtime import protocol
 from realtime.auth import authenticate_token
@@ -75,7 +76,7 @@ class TaskConsumer(InboxConsumerMixin, AsyncWebsocketConsumer):
             self.connection = await get_connection_manager().connect(
                 channel_name=self.channel_name, user=user, transport=Transport.WEBSOCKET
             )
-        except Exception as exc:  # Redis away: it was a 500, and a traceback logged
+        except (RedisError, OSError) as exc:  # Redis away: it was a 500, and a traceback
             logger.warning("Could not record a connection; closed it 4503: %s", failure_text(exc))
             await self.accept()
             await self.close(CloseCode.UNAVAILABLE.value)

@@ -20,12 +20,7 @@ from redis.exceptions import RedisError
 from realtime import expiry, protocol
 from realtime.auth import Credentials, session_user, token_user
 from realtime.conf import realtime_settings
-from realtime.connections import (
-    RELEASE_HELD,
-    TASK_HIDDEN,
-    Connection,
-    get_connection_manager,
-)
+from realtime.connections import RELEASE_HELD, TASK_HIDDEN, Connection, get_connection_manager
 from realtime.failures import failure_text
 from realtime.inbox import Inbox
 from realtime.protocol import SseEvent
@@ -77,7 +72,7 @@ class InboxConsumerMixin:
         self.channel_layer = get_channel_layer(self.channel_layer_alias)
         try:
             self.channel_name = await self.channel_layer.new_channel()
-        except Exception as exc:  # Redis away: each was a 500, and a traceback logged
+        except (RedisError, OSError) as exc:  # Redis away: each was a 500, and a traceback
             logger.warning(
                 "Could not open a channel for a connection; refused it: %s", failure_text(exc)
             )

@@ -24,6 +24,7 @@ from django.contrib.auth.base_user import AbstractBaseUser
 from django.core.exceptions import DisallowedHost, TooManyFieldsSent
 from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpRequest
+from redis.exceptions import RedisError
 
 from realtime import protocol
 from realtime.conf import realtime_settings
@@ -239,7 +240,7 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
                 transport=Transport.SSE,
                 follow_all=not task_ids,
             )
-        except Exception as exc:  # Redis away: it was a 500 page, and a traceback logged
+        except (RedisError, OSError) as exc:  # Redis away: it was a 500 page, and a traceback
             logger.warning(
                 "Could not record an event stream; refused it 503: %s", failure_text(exc)
             )
