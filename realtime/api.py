@@ -213,11 +213,15 @@ def _log_publish_failure(what: str, exc: BaseException) -> None:
         logger.error("Could not publish %s", what, exc_info=exc)
 
 
-async def asend_broadcast(payload: dict) -> Recipients:
-    """Send a broadcast to every live connection; returns how many were reached."""
+async def asend_broadcast(payload: dict[str, Any]) -> Recipients:
+    """Deliver a broadcast's payload, as it is, to every live connection; returns how many
+    were reached. This is the delivery step of ``realtime.broadcasts.send()``, the entry
+    point that validates and records a broadcast: use that."""
+    if not isinstance(payload, dict):
+        raise TypeError(f"A broadcast's payload is a dict, not {type(payload).__name__}.")
     return await get_connection_manager().broadcast(payload)
 
 
-def send_broadcast(payload: dict) -> Recipients:
+def send_broadcast(payload: dict[str, Any]) -> Recipients:
     """Synchronous form of ``asend_broadcast()`` (``run_sync()``)."""
     return run_sync(asend_broadcast(payload))

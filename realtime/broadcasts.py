@@ -11,6 +11,7 @@ from redis.exceptions import RedisError
 from realtime import api
 from realtime.conf import realtime_settings
 from realtime.models import Broadcast
+from realtime.protocol import reject_json_constant
 from realtime.validators import validate_transportable_json
 
 DEFAULT_TYPE = "announcement"
@@ -75,10 +76,6 @@ def validate_payload(data: Any) -> dict[str, Any]:
     return payload
 
 
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
 def compose(*, message: str, type: str | None = None, data: str | None = None) -> dict[str, Any]:
     """A payload from separate parts (admin form, command line). ``data`` is the JSON text
     of an object whose fields join ``message`` and ``type``. Raises ``ValidationError``
@@ -88,7 +85,7 @@ def compose(*, message: str, type: str | None = None, data: str | None = None) -
         return ValidationError({"data": ValidationError(text, code="invalid")})
 
     try:
-        fields = json.loads(data or "{}", parse_constant=_reject_constant)
+        fields = json.loads(data or "{}", parse_constant=reject_json_constant)
     except (ValueError, RecursionError) as exc:
         raise data_error(f"Not valid JSON: {exc}") from None
     if not isinstance(fields, dict):

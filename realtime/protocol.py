@@ -93,10 +93,16 @@ def parse_task_id(value: Any) -> uuid.UUID:
     return uuid.UUID(value)
 
 
+def reject_json_constant(name: str) -> None:
+    """For ``json.loads()``'s ``parse_constant``: ``NaN``, ``Infinity`` and ``-Infinity``,
+    which Python's parser accepts, are not JSON."""
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse_client_message(text: str) -> ClientMessage:
     """Parse one client frame, raising ``ProtocolError`` with the code the client gets."""
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_constant=reject_json_constant)
     except (ValueError, RecursionError):  # the latter: nested deeper than Python's parser goes
         raise ProtocolError(ErrorCode.INVALID_JSON, "Message is not valid JSON.") from None
     if not isinstance(data, dict):
@@ -147,9 +153,11 @@ def encode(message: dict[str, Any]) -> str:
     """One server message as compact JSON text, the form both transports send.
 
     Non-ASCII characters are escaped, so text that cannot be UTF-8 (a lone surrogate in a
-    client's echoed ``id``, say) still makes a valid frame.
+    client's echoed ``id``, say) still makes a valid frame. A float that is not finite
+    raises ``ValueError``: Python writes it as ``NaN`` or ``Infinity``, which no JSON parser
+    reads, and a browser's ``JSON.parse()`` threw on every such frame.
     """
-    return json.dumps(message, separators=(",", ":"))
+    return json.dumps(message, separators=(",", ":"), allow_nan=False)
 
 
 def _reply(message: dict[str, Any], request_id: RequestId) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import json
+import math
 import uuid
 from datetime import timedelta
 
@@ -25,6 +26,7 @@ from realtime.consumers import TaskConsumer
 from realtime.inbox import Inbox
 from realtime.inbox_consumer import TOKEN_EXPIRED
 from realtime.protocol import CloseCode, expiry_iso
+from realtime.sources import TaskSnapshot
 from tests.conftest import connect_user, make_communicator, open_websocket, token_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -1061,6 +1063,31 @@ def test_an_idle_consumer_is_sent_updates_without_being_woken(user, task):
         ("broadcast", None),
     ]
     assert [json.loads(text) for text in sent_nowait] == received
+
+
+def test_what_no_client_could_parse_is_refused_by_the_public_api_and_never_sent(user, task):
+    """A state or broadcast no JSON parser reads (``NaN``), or a payload that is no object:
+    the call raises and the subscriber gets nothing. It got ``"progress":NaN``, on which a
+    browser's ``JSON.parse()`` threw, and a broadcast whose payload was a string."""
+    snapshot = TaskSnapshot(
+        task_id=task.pk, owner_id=user.pk, seq=2, state={"status": "running", "progress": math.nan}
+    )
+
+    async def scenario():
+        ws = make_communicator(f"/ws?token={token_for(user)}")
+        await connect_user(ws)
+        await request(ws, {"action": "subscribe", "task_id": str(task.pk)})
+        with pytest.raises(ValueError, match="not JSON compliant"):
+            await api.apublish_task_update(snapshot)
+        with pytest.raises(TypeError, match="a dict, not str"):
+            await api.asend_broadcast("hello")
+        with pytest.raises(ValueError, match="not JSON compliant"):
+            await api.asend_broadcast({"message": "m", "x": math.inf})
+        nothing = await ws.receive_nothing(timeout=0.3)
+        await ws.disconnect()
+        return nothing
+
+    assert run(scenario)
 
 
 def test_a_failure_in_one_direct_delivery_ends_that_connection_not_the_sender(

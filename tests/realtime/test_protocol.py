@@ -1,5 +1,6 @@
 import gc
 import json
+import math
 import tracemalloc
 import uuid
 
@@ -42,6 +43,10 @@ def test_parse_round_trips_every_valid_message(action, task_id, token, request_i
         ("{not json", ErrorCode.INVALID_JSON),
         ("", ErrorCode.INVALID_JSON),
         ("[" * 5_000, ErrorCode.INVALID_JSON),  # nested deeper than Python's parser goes
+        # Python's parser reads these; no JSON parser does.
+        ('{"action": "ping", "x": NaN}', ErrorCode.INVALID_JSON),
+        ('{"action": "ping", "id": Infinity}', ErrorCode.INVALID_JSON),
+        ('{"action": "ping", "x": [-Infinity]}', ErrorCode.INVALID_JSON),
         ("[1, 2]", ErrorCode.INVALID_MESSAGE),
         ('"subscribe"', ErrorCode.INVALID_MESSAGE),
         ("{}", ErrorCode.INVALID_MESSAGE),
@@ -120,3 +125,10 @@ def test_the_framings_of_large_updates_are_not_kept_once_sent():
         tracemalloc.stop()
     # Each kept: the text, its event, its chunk and its frame, ~1 MB each (before: 100).
     assert kept < 5 * protocol.FRAMINGS_KEPT * 1_000_000, kept
+
+
+@pytest.mark.parametrize("number", [math.nan, math.inf, -math.inf])
+def test_a_message_that_json_cannot_carry_is_refused_not_sent_as_nan(number):
+    """Written as ``NaN`` or ``Infinity``, every client's JSON parser threw on the frame."""
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        protocol.encode(protocol.personal_message({"progress": [number]}))
