@@ -124,9 +124,20 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
 
-REDIS_URL = env_str("REDIS_URL").strip()
-# Names in Redis start with this, so deployments sharing one Redis stay apart.
-REDIS_PREFIX = env_str("REDIS_PREFIX", "mcp")
+# Every REALTIME_* variable overrides the setting of the same name; realtime.conf
+# coerces each to its default's type and the system checks reject unknown names.
+REALTIME = {
+    "TASK_SOURCE": "mcp_platform.tasks.realtime.TaskSource",
+    "REDIS_URL": env_str("REDIS_URL"),
+    # Names in Redis start with this, so deployments sharing one Redis stay apart.
+    "REDIS_PREFIX": env_str("REDIS_PREFIX", "mcp"),
+    **env_prefixed("REALTIME_"),
+}
+# The channel layer uses the registry's Redis and prefix, whichever variable named them:
+# set apart by REALTIME_REDIS_PREFIX, deployments kept their registries apart and shared
+# their channels, each one's broadcasts reaching the other's clients.
+REDIS_URL = REALTIME["REDIS_URL"] = REALTIME["REDIS_URL"].strip()
+REDIS_PREFIX = REALTIME["REDIS_PREFIX"]
 if REDIS_URL:
     # The pub/sub layer sends a group message to Redis once and fans it out in each
     # process; the core layer copies it per channel and drops it when a channel is full.
@@ -180,15 +191,6 @@ SIMPLE_JWT = {
     # minted working access tokens for the rest of its day.
     "CHECK_REVOKE_TOKEN": True,
     "TOKEN_REFRESH_SERIALIZER": "mcp_platform.tokens.TokenRefreshSerializer",
-}
-
-# Every REALTIME_* variable overrides the setting of the same name; realtime.conf
-# coerces each to its default's type and the system checks reject unknown names.
-REALTIME = {
-    "TASK_SOURCE": "mcp_platform.tasks.realtime.TaskSource",
-    "REDIS_URL": REDIS_URL,
-    "REDIS_PREFIX": REDIS_PREFIX,
-    **env_prefixed("REALTIME_"),
 }
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")

@@ -78,9 +78,16 @@ def check_task_source(app_configs: Any = None, **kwargs: Any) -> list[Error]:
     except ImportError as exc:
         reason = f"cannot be imported: {exc}"
     else:
-        if isinstance(source, type) and issubclass(source, TaskSource):
+        if not isinstance(source, type) or not issubclass(source, TaskSource):
+            reason = "is not a subclass of realtime.sources.TaskSource"
+        elif (source.get_visible, source.get_visible_many) == (
+            TaskSource.get_visible,
+            TaskSource.get_visible_many,
+        ):
+            # TaskSource itself, or a subclass that answers nothing: every subscribe failed.
+            reason = "provides neither get_visible() nor get_visible_many()"
+        else:
             return []
-        reason = "is not a subclass of realtime.sources.TaskSource"
     return [
         Error(
             f"REALTIME['TASK_SOURCE'] {path!r} {reason}.",
@@ -110,9 +117,9 @@ def check_redis_settings(app_configs: Any = None, **kwargs: Any) -> list[Error |
         messages.append(
             Error(
                 "The channel layer and the connection registry must both use Redis, or neither.",
-                hint="Set REDIS_URL, which sets both; REALTIME_REDIS_URL sets the registry only."
-                " Apart, broadcasts would count the clients of every process and reach those of"
-                " one, or the other way round.",
+                hint="Give REALTIME['REDIS_URL'] the Redis of CHANNEL_LAYERS (REDIS_URL sets"
+                " both). Apart, broadcasts would count the clients of every process and reach"
+                " those of one, or the other way round.",
                 id="realtime.E004",
             )
         )

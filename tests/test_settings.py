@@ -10,6 +10,7 @@ import pytest
 from django.core.checks import run_checks
 
 from realtime import checks
+from realtime.sources import TaskSource
 from tests.conftest import ROOT, free_port
 
 BASE_ENV = {"PATH": os.environ.get("PATH", ""), "DJANGO_SETTINGS_MODULE": "mcp_platform.settings"}
@@ -266,6 +267,46 @@ def test_counts_sizes_and_intervals_must_be_finite_and_positive(settings, name, 
     assert error.msg.startswith(name)
 
 
+@pytest.mark.parametrize("prefix", ["", "REALTIME_"])
+def test_either_name_of_the_redis_variables_sets_the_layer_and_the_registry_alike(prefix):
+    """Set by ``REALTIME_REDIS_PREFIX``, the registry's prefix was apart from the layer's:
+    deployments sharing one Redis kept their counts apart and shared their channels."""
+    env = {
+        "DJANGO_DEBUG": "1",
+        f"{prefix}REDIS_URL": " redis://cache.internal:6380/2 ",
+        f"{prefix}REDIS_PREFIX": "blue",
+    }
+    values = value_of(
+        env,
+        "[settings.CHANNEL_LAYERS['default']['CONFIG'], realtime_settings.REDIS_URL,"
+        " realtime_settings.REDIS_PREFIX]",
+    )
+    assert values == [
+        {"hosts": ["redis://cache.internal:6380/2"], "prefix": "blue:layer:"},
+        "redis://cache.internal:6380/2",
+        "blue",
+    ]
+
+
+def test_a_registry_in_redis_beside_a_layer_that_is_not_fails_the_checks(settings):
+    settings.REALTIME = {**settings.REALTIME, "REDIS_URL": "redis://127.0.0.1:6379/0"}
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "realtime.layers.InMemoryChannelLayer"}}
+    assert "realtime.E004" in [message.id for message in run_checks(tags=[checks.TAG])]
+
+
+class AnsweringManyAtOnce(TaskSource):
+    def get_visible_many(self, requests):
+        return [None for _ in requests]
+
+
+def test_a_task_source_answering_only_many_at_once_passes_the_checks(settings):
+    settings.REALTIME = {
+        **settings.REALTIME,
+        "TASK_SOURCE": f"{__name__}.{AnsweringManyAtOnce.__qualname__}",
+    }
+    assert "realtime.E005" not in [message.id for message in run_checks(tags=[checks.TAG])]
+
+
 def test_a_project_that_names_no_task_source_fails_the_checks(settings):
     settings.REALTIME = {
         name: value for name, value in settings.REALTIME.items() if name != "TASK_SOURCE"
@@ -279,9 +320,9 @@ def test_a_project_that_names_no_task_source_fails_the_checks(settings):
         ("REALTIME_SUBSCRIPTON_LIMIT", "5", "realtime.E001"),
         ("REALTIME_CONNECTION_LEASE_SECONDS", "0", "realtime.E002"),
         ("REALTIME_SLOW_CLIENT_QUEUE_LIMIT", "-1", "realtime.E002"),
-        ("REALTIME_REDIS_URL", "redis://127.0.0.1:6379/0", "realtime.E004"),
         ("REALTIME_TASK_SOURCE", "mcp_platform.tasks.realtime.TaskSourc", "realtime.E005"),
         ("REALTIME_TASK_SOURCE", "realtime.layers.ChannelQueue", "realtime.E005"),
+        ("REALTIME_TASK_SOURCE", "realtime.sources.TaskSource", "realtime.E005"),
         ("REDIS_URL", "127.0.0.1:6379", "realtime.E006"),
         ("REDIS_URL", "redis://127.0.0.1:6379/nine", "realtime.E006"),
     ],
@@ -289,9 +330,9 @@ def test_a_project_that_names_no_task_source_fails_the_checks(settings):
         "unknown-name",
         "no-lease",
         "no-queue",
-        "registry-apart-from-layer",
         "task-source-misspelt",
         "task-source-not-one",
+        "task-source-answering-nothing",
         "redis-url-without-scheme",
         "redis-url-database-not-a-number",
     ],
