@@ -18,6 +18,9 @@ it was given, as the in-process layer does), and drops their copies when Redis s
 back; other processes get it from Redis. channels-redis's own layer cannot read a marked
 message, so every process that shares the layer's prefix must use this one.
 
+Every channel's name, a group's included, starts with the layer's prefix and its Redis
+database's number: Redis's pub/sub channels belong to no database.
+
 Channels made here are named after their loop's layer (``…specific.<layer id>!<uuid>``)
 and reach it through one pattern subscription per Redis shard, as channels-redis's core
 layer receives all of a process's channels on one list: a connection costs no SUBSCRIBE
@@ -50,12 +53,15 @@ from typing import Any
 from channels_redis.pubsub import RedisPubSubChannelLayer as StockLayer
 from channels_redis.pubsub import RedisPubSubLoopLayer, RedisSingleShardConnection
 from channels_redis.utils import decode_hosts
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.utils import str_if_bytes
 
+from realtime.failures import failure_text
 from realtime.layers import UNBOUNDED, ChannelQueue
 
 logger = logging.getLogger(__name__)
@@ -206,12 +212,16 @@ async def _receive_confirming(shard: RedisSingleShardConnection) -> None:
                 _confirm(shard, str_if_bytes(message["channel"]))
         except (asyncio.CancelledError, TimeoutError, GeneratorExit):
             raise
-        except Exception:
+        except Exception as exc:
             if not failing:
                 failing = True
-                logger.exception(
-                    "Could not receive from Redis; trying again every %s s",
+                # Redis away is one line, as every other path logs it (each restart of
+                # Redis logged ~25 lines per process); anything else keeps its traceback.
+                logger.error(
+                    "Could not receive from Redis; trying again every %s s: %s",
                     RECEIVE_RETRY_SECONDS,
+                    failure_text(exc),
+                    exc_info=None if isinstance(exc, RedisError | OSError) else exc,
                 )
             await asyncio.sleep(RECEIVE_RETRY_SECONDS)
 
@@ -225,6 +235,14 @@ async def _listen(shard: RedisSingleShardConnection, pattern: str) -> None:
         shard._ensure_receiver()
         if pattern.encode() not in shard._pubsub.patterns:
             await shard._pubsub.psubscribe(pattern)
+
+
+def database_of(host: dict[str, Any]) -> int:
+    """The number of the Redis database a layer's host uses, as redis-py reads it: a URL's
+    own wins over a ``db`` beside it."""
+    if "address" in host:
+        return int(parse_url(host["address"]).get("db", host.get("db", 0)))
+    return int(host.get("db", 0))
 
 
 @functools.lru_cache(maxsize=16)
@@ -273,9 +291,14 @@ class ShardLock(asyncio.Lock):
 class RedisPubSubChannelLayer(StockLayer):
     _last: tuple[bytes, dict[str, Any]] | None = None
 
-    def __init__(self, *args: Any, hosts: Any = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, hosts: Any = None, prefix: str = "asgi", **kwargs: Any) -> None:
         hosts = [{"retry": retry_once(), **host} for host in decode_hosts(hosts)]
-        super().__init__(*args, hosts=hosts, **kwargs)
+        #: The prefix as given; the channels' names start with it and the database's number.
+        self.prefix = prefix
+        # Redis's pub/sub channels belong to no database: deployments told apart by their
+        # database alone got each other's broadcasts and task updates.
+        databases = ",".join(map(str, sorted({database_of(host) for host in hosts})))
+        super().__init__(*args, hosts=hosts, prefix=f"{prefix}{databases}:", **kwargs)
         # Each loop's layer (one per process, in a server) names its channels after itself
         # and marks the group messages it publishes: its id, and ``ORIGIN_MARK`` + the id.
         self._layer_ids: weakref.WeakKeyDictionary[RedisPubSubLoopLayer, tuple[str, bytes]] = (

@@ -119,7 +119,7 @@ def test_a_layers_channels_share_one_pattern_subscription_that_other_processes_r
             assert await client.pubsub_numpat() == before + 1
             assert [await subscribers(client, channel) for channel in channels] == [0, 0, 0]
             # Another process, with the same prefix.
-            other = RedisPubSubChannelLayer(hosts=[redis_server], prefix=layer._get_layer().prefix)
+            other = RedisPubSubChannelLayer(hosts=[redis_server], prefix=layer.prefix)
             await other.send(channels[1], {"type": "hello"})
             assert await asyncio.wait_for(layer.receive(channels[1]), 5) == {"type": "hello"}
             await other.flush()
@@ -132,13 +132,59 @@ def test_a_layers_channels_share_one_pattern_subscription_that_other_processes_r
     async_to_sync(scenario)()
 
 
+def test_layers_on_two_databases_of_one_redis_do_not_reach_each_others_groups(redis_server):
+    """Pub/sub channels belong to no database: deployments told apart only by theirs got
+    each other's broadcasts and task updates."""
+    base = redis_server.rsplit("/", 1)[0]
+
+    async def scenario():
+        prefix = f"test-{uuid.uuid4().hex[:8]}:"
+        layers = [
+            RedisPubSubChannelLayer(hosts=[f"{base}/{database}"], prefix=prefix)
+            for database in (1, 2, 2)
+        ]
+        try:
+            channels = [await layer.new_channel() for layer in layers]
+            for layer, channel in zip(layers, channels, strict=True):
+                await layer.group_add("broadcast", channel)
+            await layers[0].group_send("broadcast", {"type": "from-one"})
+            await layers[1].group_send("broadcast", {"type": "from-two"})
+            received = []
+            for layer, channel in zip(layers, channels, strict=True):
+                inbox = []
+                with contextlib.suppress(TimeoutError):
+                    while True:
+                        inbox.append((await asyncio.wait_for(layer.receive(channel), 0.5))["type"])
+                received.append(inbox)
+            return received
+        finally:
+            for layer in layers:
+                await layer.flush()
+
+    assert async_to_sync(scenario)() == [["from-one"], ["from-two"], ["from-two"]]
+
+
+def test_a_database_is_read_from_a_layers_host_as_redis_py_reads_it():
+    assert [
+        redis_layer.database_of(host)
+        for host in (
+            {"address": "redis://127.0.0.1:6379/7"},
+            {"address": "redis://127.0.0.1:6379/%38"},
+            {"address": "redis://127.0.0.1:6379", "db": 3},
+            {"address": "unix:///run/redis.sock?db=4"},
+            {"host": "127.0.0.1", "port": 6379, "db": 5},
+            {"host": "127.0.0.1", "port": 6379},
+        )
+    ] == [7, 8, 3, 4, 5, 0]
+
+
 def test_a_pattern_names_a_prefix_as_it_is_written(redis_server):
     """Glob characters in a prefix match only themselves."""
 
     async def scenario():
         url = redis_server
         layer = RedisPubSubChannelLayer(hosts=[url], prefix=f"test-{uuid.uuid4().hex[:8]}*[?]:")
-        lookalike = RedisPubSubChannelLayer(hosts=[url], prefix=layer._get_layer().prefix)
+        lookalike = RedisPubSubChannelLayer(hosts=[url], prefix=layer.prefix)
         try:
             channel = await layer.new_channel()
             start, _, _ = channel.rpartition("!")
@@ -363,7 +409,7 @@ def test_another_process_gets_a_group_message_through_redis_once(redis_server):
     async def scenario():
         async with layer_and_redis(redis_server) as (here, _):
             # Another process, with the same prefix.
-            there = RedisPubSubChannelLayer(hosts=[redis_server], prefix=here._get_layer().prefix)
+            there = RedisPubSubChannelLayer(hosts=[redis_server], prefix=here.prefix)
             try:
                 mine, theirs = await here.new_channel(), await there.new_channel()
                 await here.group_add("watchers", mine)
@@ -406,7 +452,7 @@ def test_a_groups_members_are_delivered_to_in_the_order_they_joined(redis_server
 
     async def scenario():
         async with layer_and_redis(redis_server) as (here, _):
-            there = RedisPubSubChannelLayer(hosts=[redis_server], prefix=here._get_layer().prefix)
+            there = RedisPubSubChannelLayer(hosts=[redis_server], prefix=here.prefix)
             offered_here, offered_there = [], []
             try:
                 order_here = await joined(here, 30, offered_here)
@@ -723,9 +769,7 @@ def test_a_receiver_that_lost_redis_says_so_once_and_hears_again_soon_after_it_r
         await asyncio.sleep(1)  # tried again, and failed, every tenth of a second
         redis_of_our_own.start()
         back = time.monotonic()
-        other = RedisPubSubChannelLayer(
-            hosts=[redis_of_our_own.url], prefix=layer._get_layer().prefix
-        )
+        other = RedisPubSubChannelLayer(hosts=[redis_of_our_own.url], prefix=layer.prefix)
 
         async def publish_often() -> None:
             while True:
@@ -742,8 +786,10 @@ def test_a_receiver_that_lost_redis_says_so_once_and_hears_again_soon_after_it_r
     with caplog.at_level(logging.WARNING, logger="realtime.redis_layer"):
         heard_after = async_to_sync(scenario)()
     messages = [record.getMessage() for record in caplog.records]
-    assert messages[0].startswith("Could not receive from Redis")
+    assert messages[0].startswith("Could not receive from Redis; trying again every 0.1 s: ")
     assert messages[1:] == ["Receiving from Redis again"]
+    # One line: each restart of Redis logged a traceback of ~25 lines in every process.
+    assert caplog.records[0].exc_info is None
     assert heard_after < 0.5
 
 
