@@ -55,10 +55,26 @@ def logged_failure(message: str, *args: Any) -> Iterator[None]:
         logger.warning(f"{message}: %s", *args, failure_text(exc))
 
 
+class SourceFailed(Exception):
+    """The task source raised something other than ``DatabaseError``: a bug of its own."""
+
+
 def _visible_snapshots(
     requests: list[tuple[AbstractBaseUser, uuid.UUID]],
 ) -> list[TaskSnapshot | None]:
-    return get_task_source().get_visible_many(requests)
+    """The source's answers to a batch of subscriptions. A failure is logged here, once for
+    the batch, and each subscription of it is answered ``unavailable``: raised as it was,
+    it ended every connection subscribing just then, a source's bug closing them 1011."""
+    try:
+        return get_task_source().get_visible_many(requests)
+    except DatabaseError as exc:
+        logger.warning(
+            "Could not read tasks for %d subscriptions: %s", len(requests), failure_text(exc)
+        )
+        raise
+    except Exception as exc:
+        logger.exception("The task source failed to read tasks for %d subscriptions", len(requests))
+        raise SourceFailed() from exc
 
 
 _snapshots: Batcher[tuple[AbstractBaseUser, uuid.UUID], TaskSnapshot | None] = Batcher(
@@ -352,8 +368,7 @@ class ConnectionManager:
             ) from None
         try:
             snapshot = await _snapshots.load((user, task_id))
-        except DatabaseError:
-            # Reads are batched: raised, it ended every connection subscribing just then.
+        except (DatabaseError, SourceFailed):
             if is_new:
                 await self._leave(connection, group)
             raise ProtocolError(

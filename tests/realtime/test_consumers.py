@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import uuid
 from datetime import timedelta
@@ -23,6 +24,7 @@ from mcp_platform.tasks.realtime import TaskSource
 from realtime import api, auth, connections, inbox_consumer
 from realtime.connections import get_connection_manager
 from realtime.consumers import TaskConsumer
+from realtime.failures import failure_text
 from realtime.inbox import Inbox
 from realtime.inbox_consumer import TOKEN_EXPIRED
 from realtime.protocol import CloseCode, expiry_iso
@@ -205,18 +207,27 @@ def test_a_session_check_that_fails_leaves_the_connection_to_the_next(
     assert len(failed) >= 1
 
 
-def test_a_subscribe_the_database_fails_is_answered_unavailable_and_nothing_ends(
-    user, task, monkeypatch
+@pytest.mark.parametrize(
+    ("failure", "logged"),
+    [
+        (OperationalError("server closed the connection unexpectedly"), ("WARNING", False)),
+        (RuntimeError("a bug of the source's"), ("ERROR", True)),
+    ],
+    ids=["database", "source"],
+)
+def test_a_subscribe_the_source_fails_is_answered_unavailable_and_nothing_ends(
+    user, task, monkeypatch, caplog, failure, logged
 ):
     """Raised, the failure ended every connection whose subscribe was read in the same
-    batch (1011 under Daphne)."""
+    batch (1011 under Daphne). It is logged once for the batch: a database's in one line,
+    a bug of the source's with its traceback."""
     read = TaskSource.get_visible_many
     failures = []
 
     def fails_once(self, requests):
         if not failures:
             failures.append(len(requests))
-            raise OperationalError("server closed the connection unexpectedly")
+            raise failure
         return read(self, requests)
 
     monkeypatch.setattr(TaskSource, "get_visible_many", fails_once)
@@ -245,7 +256,20 @@ def test_a_subscribe_the_database_fails_is_answered_unavailable_and_nothing_ends
         # in a batch of its own.
         assert failures in ([2], [1])
 
-    run(scenario)
+    with caplog.at_level(logging.WARNING, logger="realtime.connections"):
+        run(scenario)
+    assert [
+        (record.levelname, record.exc_info is not None, record.getMessage())
+        for record in caplog.records
+        if record.name == "realtime.connections"
+    ] == [
+        (
+            *logged,
+            f"Could not read tasks for {failures[0]} subscriptions: {failure_text(failure)}"
+            if not logged[1]
+            else f"The task source failed to read tasks for {failures[0]} subscriptions",
+        )
+    ]
 
 
 def test_a_subscribe_the_channel_layer_fails_is_answered_unavailable_and_nothing_ends(

@@ -474,9 +474,16 @@ def test_more_query_parameters_than_django_reads_is_400(user, task, settings, di
 
 
 @transactional
-def test_a_task_the_database_could_not_read_is_503(user, task, disconnected, monkeypatch):
+@pytest.mark.parametrize(
+    "failure",
+    [OperationalError("server closed the connection unexpectedly"), RuntimeError("a bug")],
+    ids=["database", "source"],
+)
+def test_a_task_the_source_could_not_read_is_503(user, task, disconnected, monkeypatch, failure):
+    """A bug of the source's was a 500, Daphne's HTML page."""
+
     def unreachable(self, requests):
-        raise OperationalError("server closed the connection unexpectedly")
+        raise failure
 
     monkeypatch.setattr(TaskSource, "get_visible_many", unreachable)
 
