@@ -69,7 +69,9 @@ class LinesPerTurn:
     Daphne logs each request and each WebSocket connect and disconnect; to an unbuffered
     stdout (``PYTHONUNBUFFERED``, usual in containers) every line was a ``write()`` of its
     own, ~3% of a connect's CPU in a profile (docs/performance.md). Lines still leave
-    within the turn they were logged in, and any left at exit are written then."""
+    within the turn they were logged in, the stream flushed, and any left at exit are
+    written then: to a buffered stdout (a pipe, a file, a service manager's journal) the
+    access log reached nobody until the process ended, and none of it if it was killed."""
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
@@ -90,6 +92,7 @@ class LinesPerTurn:
             text = "".join(self.lines)
             self.lines.clear()
             self.stream.write(text)
+            self.stream.flush()
 
 
 def _qualified_name(obj: object) -> str:

@@ -70,8 +70,16 @@ def test_a_request_shows_its_uri_without_its_token():
 
 
 class Writes(list):
+    """A stream's writes, each flush as ``FLUSHED``."""
+
     def write(self, text: str) -> None:
         self.append(text)
+
+    def flush(self) -> None:
+        self.append(FLUSHED)
+
+
+FLUSHED = object()
 
 
 def test_log_lines_of_one_loop_turn_are_written_together_at_its_end():
@@ -82,10 +90,10 @@ def test_log_lines_of_one_loop_turn_are_written_together_at_its_end():
         stream.write("two\n")
         assert writes == []
         await asyncio.sleep(0)
-        assert writes == ["one\ntwo\n"]
+        assert writes == ["one\ntwo\n", FLUSHED]
         stream.write("three\n")
         await asyncio.sleep(0)
-        assert writes == ["one\ntwo\n", "three\n"]
+        assert writes == ["one\ntwo\n", FLUSHED, "three\n", FLUSHED]
 
     asyncio.run(scenario())
 
@@ -99,11 +107,11 @@ def test_log_lines_outside_a_loop_or_left_at_exit_are_written_once():
     async def log_then_exit() -> None:
         stream.write("last\n")
         stream.flush()  # as at exit, before the turn ends
-        assert writes == ["no loop\n", "last\n"]
+        assert writes == ["no loop\n", "last\n", FLUSHED]
         await asyncio.sleep(0)
 
     asyncio.run(log_then_exit())
-    assert writes == ["no loop\n", "last\n"]
+    assert writes == ["no loop\n", "last\n", FLUSHED]
 
 
 INSTALLED_SCRIPT = r"""
@@ -478,6 +486,29 @@ def test_served_access_log_never_shows_a_query_token(server, request):
     assert "/events?token=[redacted]" in log and "/api/tasks/?token=[redacted]" in log
     assert "/api/tasks/?access_token=[redacted]" in log and "/events;token=[redacted]" in log
     assert secret not in log
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_access_log_is_written_as_requests_are_served_to_a_buffered_stdout(
+    tmp_path, monkeypatch
+):
+    """Without ``PYTHONUNBUFFERED`` (a service manager, ``make run | tee``), stdout to a pipe
+    or a file is buffered: no access line left until the process ended."""
+    import urllib.error
+    import urllib.request
+
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
+    server = start_server(tmp_path)
+    try:
+        marker = f"served-{time.monotonic_ns()}"
+        with pytest.raises(urllib.error.HTTPError):  # 401: the line is what counts
+            urllib.request.urlopen(f"{server.http_url}/api/tasks/?{marker}=1", timeout=10)
+        deadline = time.monotonic() + 10
+        while marker not in server.log():
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.05)
+    finally:
+        server.stop()
 
 
 @pytest.mark.django_db(transaction=True)
