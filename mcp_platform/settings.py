@@ -203,6 +203,7 @@ LOGGING = {
             "format": "%(asctime)s %(levelname)s %(name)s: %(message)s",
         }
     },
+    "filters": {"client_fault": {"()": "mcp_platform.logs.ClientFault"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_choice("DJANGO_LOG_LEVEL", "INFO", LOG_LEVELS)},
     "loggers": {
@@ -214,5 +215,6 @@ LOGGING = {
         "django.db.backends": {"level": "INFO"},
         "django.template": {"level": "INFO"},
         "django.channels.server": {"level": "WARNING"},
+        "django.security.DisallowedHost": {"filters": ["client_fault"]},
     },
 }

@@ -243,6 +243,28 @@ def test_each_log_line_is_written_once(debug):
     assert result.stderr.count("Not Found: /no/such/path/") == 1, result.stderr
 
 
+def test_a_host_not_allowed_is_one_warning_line():
+    """Django logs it as an error with a traceback of 14 lines; a scraper naming the server
+    by its address wrote them on every scrape."""
+    code = (
+        "import django; django.setup(); from django.test import Client; "
+        "print(Client().get('/metrics', HTTP_HOST='10.0.0.5:8000').status_code)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**BASE_ENV, "DJANGO_SECRET_KEY": "s" * 50, "DJANGO_ALLOWED_HOSTS": "testserver"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.stdout == "400\n"
+    [line] = result.stderr.splitlines()
+    assert (
+        " WARNING django.security.DisallowedHost: Invalid HTTP_HOST header: '10.0.0.5:8000'."
+        in line
+    )
+
+
 def test_a_log_level_may_be_given_in_any_case():
     env = {"DJANGO_DEBUG": "1", "DJANGO_LOG_LEVEL": "debug"}
     assert value_of(env, "settings.LOGGING['root']['level']") == "DEBUG"
