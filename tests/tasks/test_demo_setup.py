@@ -1,6 +1,9 @@
 """``manage.py demo_setup``: the demo user and task, for development servers only."""
 
 import io
+import os
+import subprocess
+import sys
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -9,6 +12,7 @@ from django.test import override_settings
 
 from mcp_platform.tasks.management.commands.demo_setup import USERNAME
 from mcp_platform.tasks.models import Task
+from tests.conftest import ROOT, free_port
 
 pytestmark = pytest.mark.django_db
 
@@ -45,3 +49,22 @@ def test_what_it_prints_names_the_servers_address_and_the_password_that_works():
     assert "demo-password" not in out.getvalue()
     assert '"password": "<its password>"' in out.getvalue()
     assert "http://127.0.0.1:8000/admin/" in out.getvalue()
+
+
+def test_a_database_it_cannot_reach_is_one_line_and_exit_1():
+    """It was a traceback of some 90 lines."""
+    result = subprocess.run(
+        [sys.executable, "manage.py", "demo_setup"],
+        env={
+            "PATH": os.environ.get("PATH", ""),
+            "DJANGO_DEBUG": "1",
+            "DATABASE_URL": f"postgres://nobody@127.0.0.1:{free_port()}/nothing",
+        },
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith("CommandError: Could not make the demo user: connection")

@@ -1,6 +1,8 @@
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.contrib.auth.base_user import AbstractBaseUser
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DatabaseError
 
 from mcp_platform.tasks import services
 from mcp_platform.tasks.models import Task
@@ -26,16 +28,12 @@ class Command(BaseCommand):
                 "demo_setup creates a superuser with a published password: it runs only with "
                 "DJANGO_DEBUG on (make run sets it)."
             )
-        User = get_user_model()
-        user, created = User.objects.get_or_create(
-            username=USERNAME, defaults={"is_staff": True, "is_superuser": True}
-        )
-        if created:
-            user.set_password(PASSWORD)
-            user.save()
-        if not Task.objects.filter(owner=user).exists():
-            services.create_task(owner=user, name="Demo task")
-        task = Task.objects.filter(owner=user).first()
+        try:
+            user, task = self.demo_user_and_task()
+        except DatabaseError as exc:  # a traceback of some 90 lines, where one says it
+            raise CommandError(
+                f"Could not make the demo user: {' '.join(str(exc).split())}"
+            ) from None
         url = url.rstrip("/")
         if user.check_password(PASSWORD):
             password, said = PASSWORD, f"password {PASSWORD!r}"
@@ -48,3 +46,15 @@ class Command(BaseCommand):
             f'-d \'{{"username": "{USERNAME}", "password": "{password}"}}\' '
             f"{url}/api/token/"
         )
+
+    def demo_user_and_task(self) -> tuple[AbstractBaseUser, Task]:
+        User = get_user_model()
+        user, created = User.objects.get_or_create(
+            username=USERNAME, defaults={"is_staff": True, "is_superuser": True}
+        )
+        if created:
+            user.set_password(PASSWORD)
+            user.save()
+        if not Task.objects.filter(owner=user).exists():
+            services.create_task(owner=user, name="Demo task")
+        return user, Task.objects.filter(owner=user).first()
