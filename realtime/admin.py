@@ -141,7 +141,7 @@ class LiveConnectionsAdmin(admin.ModelAdmin):
             raise PermissionDenied
         try:
             overview = api.run_sync(get_connection_manager().overview())
-        except (RedisError, OSError) as exc:  # a 500, with a traceback logged
+        except (RedisError, OSError) as exc:  # it was a 500, with a traceback logged
             self.message_user(
                 request,
                 f"The connections could not be counted just now: {failure_text(exc)}",
