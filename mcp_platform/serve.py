@@ -209,6 +209,27 @@ def check() -> None:
         print(f"Warning: the database could not be read: {reason}", file=sys.stderr)
     finally:
         connections.close_all()  # the requests' threads open their own
+    check_redis()
+
+
+def check_redis() -> None:
+    """Say if the Redis the server is to use cannot be reached: it serves all the same, and
+    answers each connection 4503 until Redis can be reached, which said nothing of why."""
+    import redis
+
+    from realtime.conf import realtime_settings
+    from realtime.failures import failure_text
+
+    url = realtime_settings.REDIS_URL
+    if not url:
+        return
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as exc:
+        print(f"Warning: Redis could not be reached: {failure_text(exc)}", file=sys.stderr)
+    finally:
+        client.close()
 
 
 def main(argv: list[str] | None = None) -> None:

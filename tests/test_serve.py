@@ -23,7 +23,7 @@ from mcp_platform.tasks import services
 from realtime.http_protocol import BoundedWebRequest, redact
 from realtime.reactor import new_event_loop
 from realtime.server import INCOMING_LIMIT, INCOMING_RESUME, NowaitServer, ReadingQueue
-from tests.conftest import ROOT, LiveServer, start_server, token_for
+from tests.conftest import ROOT, LiveServer, free_port, server_database_url, start_server, token_for
 
 
 @pytest.mark.parametrize(
@@ -585,18 +585,13 @@ def test_a_bad_setting_stops_start_up_in_one_line(command):
     )
 
 
-def test_the_launcher_says_when_migrations_are_unapplied(tmp_path):
-    """As runserver does: a database without its tables answered every request 500, and
-    nothing said why until then."""
+def start_up_lines(env: dict[str, str]) -> list[str]:
+    """What the launcher prints until it listens."""
     server = subprocess.Popen(
         [sys.executable, "-m", "mcp_platform.serve", "-b", "127.0.0.1", "-p", "0"]
         + ["mcp_platform.asgi:application"],
         cwd=ROOT,
-        env={
-            **os.environ,
-            "DJANGO_DEBUG": "1",
-            "DATABASE_URL": f"sqlite:///{tmp_path / 'empty.sqlite3'}",
-        },
+        env={**os.environ, "DJANGO_DEBUG": "1", **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -609,5 +604,21 @@ def test_the_launcher_says_when_migrations_are_unapplied(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=10)
+    return lines
+
+
+def test_the_launcher_says_when_migrations_are_unapplied(tmp_path):
+    """As runserver does: a database without its tables answered every request 500, and
+    nothing said why until then."""
+    lines = start_up_lines({"DATABASE_URL": f"sqlite:///{tmp_path / 'empty.sqlite3'}"})
     assert any("unapplied migration(s)" in line for line in lines), lines
     assert any("Run 'python manage.py migrate'" in line for line in lines), lines
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_launcher_says_when_redis_cannot_be_reached():
+    """It served, and refused every connection 4503, without a word of why until then."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    lines = start_up_lines({"DATABASE_URL": server_database_url(), "REDIS_URL": url})
+    assert any(line.startswith("Warning: Redis could not be reached: ") for line in lines), lines
+    assert any("Listening" in line for line in lines), lines
