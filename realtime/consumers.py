@@ -58,6 +58,11 @@ class TaskConsumer(InboxConsumerMixin, AsyncWebsocketConsumer):
         if user is not None and user.is_authenticated:
             return False
         unavailable = self.scope.get("auth_unavailable", False)
+        if not unavailable:  # that one is logged where it failed
+            logger.info(
+                "Refused a WebSocket 4401: %s",
+                self.scope.get("auth_failure") or "no credentials given",
+            )
         await close_handshake(
             receive, send, CloseCode.UNAVAILABLE if unavailable else CloseCode.UNAUTHORIZED
         )
@@ -110,6 +115,7 @@ class TaskConsumer(InboxConsumerMixin, AsyncWebsocketConsumer):
         if text_data is None:
             reply = protocol.error(ErrorCode.INVALID_MESSAGE, "Binary frames are not accepted.")
         elif utf8_length_exceeds(text_data, realtime_settings.MAX_MESSAGE_BYTES):
+            self.log_end(f"a frame over {realtime_settings.MAX_MESSAGE_BYTES} bytes (4009)")
             await self.close(code=CloseCode.MESSAGE_TOO_BIG.value)
             return
         else:
@@ -201,6 +207,7 @@ class TaskConsumer(InboxConsumerMixin, AsyncWebsocketConsumer):
 
     async def realtime_overflow(self, event: dict[str, Any]) -> None:
         """Messages for this client piled up faster than it read them (see realtime.layers)."""
+        self.log_end("its messages piled up unsent, a slow client (4008)")
         await self.close(code=CloseCode.SLOW_CLIENT.value)
 
     async def end_expired(self, expires_at: float | None) -> None:

@@ -287,6 +287,7 @@ class InboxConsumerMixin:
             self.watch_credentials(None)  # the next check
             return
         expires_at = self.expires_at
+        self.log_end("its token expired" if expires_at is not None else "its session ended")
         await self.leave()
         await self.end_expired(expires_at)
 
@@ -296,8 +297,23 @@ class InboxConsumerMixin:
         token's expiry or the session's next check, and the connection ends if they no
         longer hold."""
         if self.connection is not None and not await self.credentials_hold():
+            self.log_end("its user's access changed")
             await self.leave()
             await self.end_expired(None)
+
+    def log_end(self, why: str) -> None:
+        """Say why the server ends a connection: the access log says only that it ended,
+        and which address it came from."""
+        connection = self.connection
+        if connection is not None:
+            entry = connection.entry
+            logger.info(
+                "Ended %s connection %s of user %s: %s",
+                entry.transport,
+                entry.connection_id,
+                entry.user_id,
+                why,
+            )
 
     async def credentials_hold(self) -> bool:
         """Whether the connection's credentials still authenticate its user, with what the

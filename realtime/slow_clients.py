@@ -10,7 +10,11 @@ paused, and drop the client past ``REALTIME_SLOW_CLIENT_BUFFER_BYTES``, as the c
 does when a connection's queue overflows.
 """
 
+import logging
+
 from realtime.conf import realtime_settings
+
+logger = logging.getLogger(__name__)
 
 
 class UnreadBytesProducer:
@@ -18,6 +22,8 @@ class UnreadBytesProducer:
 
     #: Bytes sent since Twisted said the client stopped reading; ``None`` while it reads.
     unread_bytes: int | None = None
+    #: Whether the client was found too far behind, and dropped.
+    dropped = False
 
     def pauseProducing(self) -> None:  # noqa: N802 (Twisted's names)
         if self.unread_bytes is None:
@@ -35,4 +41,14 @@ class UnreadBytesProducer:
         if self.unread_bytes is None:
             return False
         self.unread_bytes += size
-        return self.unread_bytes > realtime_settings.SLOW_CLIENT_BUFFER_BYTES
+        if self.unread_bytes <= realtime_settings.SLOW_CLIENT_BUFFER_BYTES:
+            return False
+        if not self.dropped:  # once: writes may follow before the connection is gone
+            self.dropped = True
+            peer = self.transport.getPeer()  # no host on a Unix socket (Daphne's -u)
+            logger.info(
+                "Dropped a client that stopped reading, %d bytes unread: %s",
+                self.unread_bytes,
+                f"{peer.host}:{peer.port}" if hasattr(peer, "host") else peer,
+            )
+        return True

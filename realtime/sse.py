@@ -348,5 +348,6 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
     async def realtime_overflow(self, event: dict[str, Any]) -> None:
         """Messages piled up faster than they were sent, and some are lost: the stream
         ends, and the client reconnects (after ``retry``) to resume."""
+        self.log_end("its messages piled up unsent, a slow client")
         await self.send_body(b"")
         raise StopConsumer()

@@ -338,3 +338,17 @@ def daphne_redis_servers(
     yield tuple(servers)
     for server in servers:
         server.stop()
+
+
+def logged_ends(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Why the server said it ended connections or refused them (``realtime`` loggers): the
+    log lines that follow ``Ended <transport> connection <id> of user <id>: ``, and the
+    others whole."""
+    lines = []
+    for record in caplog.records:
+        message = record.getMessage()
+        if record.name.startswith("realtime") and message.startswith(
+            ("Ended ", "Refused ", "Dropped ")
+        ):
+            lines.append(message.split(": ", 1)[1] if message.startswith("Ended ") else message)
+    return lines

@@ -6,6 +6,7 @@ what ends a connection within seconds is the change itself, not a periodic check
 
 import asyncio
 import json
+import logging
 
 import pytest
 import websockets
@@ -25,6 +26,7 @@ from realtime.consumers import TaskConsumer
 from realtime.protocol import CloseCode
 from tests.conftest import (
     connect_user,
+    logged_ends,
     open_websocket,
     run_manage,
     token_for,
@@ -101,7 +103,7 @@ def checks(monkeypatch) -> list[int]:
 @pytest.mark.parametrize("change", ["deactivated", "deleted"])
 @pytest.mark.parametrize("credentials", ["token", "session"])
 def test_a_connection_ends_4401_at_once_when_its_user_is_deactivated_or_deleted(
-    user, other_user, change, credentials, checks
+    user, other_user, change, credentials, checks, caplog
 ):
     """It went on streaming the user's tasks until the token expired or the session's next
     check (up to five minutes, and a minute)."""
@@ -135,7 +137,9 @@ def test_a_connection_ends_4401_at_once_when_its_user_is_deactivated_or_deleted(
             assert (await request(bystander, {"action": "ping"}))["type"] == "pong"
 
     user_id = user.pk  # a deletion forgets it
+    caplog.set_level(logging.INFO, logger="realtime")
     run(scenario)
+    assert logged_ends(caplog) == ["its user's access changed"]
     assert checks == ([user_id] if credentials == "token" else [])
 
 

@@ -29,7 +29,13 @@ from realtime.inbox import Inbox
 from realtime.inbox_consumer import TOKEN_EXPIRED
 from realtime.protocol import CloseCode, expiry_iso
 from realtime.sources import TaskSnapshot
-from tests.conftest import connect_user, make_communicator, open_websocket, token_for
+from tests.conftest import (
+    connect_user,
+    logged_ends,
+    make_communicator,
+    open_websocket,
+    token_for,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -121,8 +127,15 @@ def test_a_handshake_on_another_path_is_refused_before_credentials_are_read(
     run(scenario)
 
 
-@pytest.mark.parametrize("path", ["/ws", "/ws?token=", "/ws?token=garbage"])
-def test_missing_or_bad_credentials_are_accepted_then_closed_4401(path):
+@pytest.mark.parametrize(
+    ("path", "why"),
+    [
+        ("/ws", "no credentials given"),
+        ("/ws?token=", "No token given."),
+        ("/ws?token=garbage", "Token is invalid"),
+    ],
+)
+def test_missing_or_bad_credentials_are_accepted_then_closed_4401(path, why, caplog):
     async def scenario():
         async with open_websocket(path) as ws:
             accepted, _ = await ws.connect(timeout=5)
@@ -130,7 +143,9 @@ def test_missing_or_bad_credentials_are_accepted_then_closed_4401(path):
             await assert_closed_with(ws, CloseCode.UNAUTHORIZED)
             assert await ws.receive_nothing(timeout=0.1)
 
+    caplog.set_level(logging.INFO, logger="realtime")
     run(scenario)
+    assert logged_ends(caplog) == [f"Refused a WebSocket 4401: {why}"]
 
 
 @pytest.fixture
@@ -151,7 +166,7 @@ def test_session_login_authenticates(session_cookie, user):
 
 @pytest.mark.parametrize("ending", ["logout", "deactivation", "password change"])
 def test_a_session_connection_ends_4401_once_a_check_finds_its_session_ended(
-    client, session_cookie, user, task, ending
+    client, session_cookie, user, task, ending, caplog
 ):
     """It used to live on, streaming, after its user logged out or was deactivated."""
 
@@ -177,8 +192,12 @@ def test_a_session_connection_ends_4401_once_a_check_finds_its_session_ended(
             await database_sync_to_async(services.update_task)(task=task, progress=5)
             assert await ws.receive_nothing(timeout=0.2)
 
+    caplog.set_level(logging.INFO, logger="realtime")
     with override_settings(REALTIME={**settings.REALTIME, "SESSION_RECHECK_SECONDS": 0.2}):
         run(scenario)
+    # A new password is an access change, told at once; the others wait for the check.
+    [why] = logged_ends(caplog)
+    assert why in ("its session ended", "its user's access changed")
 
 
 def test_a_session_check_that_fails_leaves_the_connection_to_the_next(
@@ -726,7 +745,7 @@ def test_binary_frames_are_invalid_messages(user):
     run(scenario)
 
 
-def test_frame_of_exactly_64_kib_is_served_and_one_byte_more_closes_4009(user):
+def test_frame_of_exactly_64_kib_is_served_and_one_byte_more_closes_4009(user, caplog):
     base = '{"action": "ping", "pad": "x'
     # "é" is two bytes of UTF-8, so the limit is counted in bytes, not characters.
     fitting = base + "é" * ((65536 - len(base) - 2) // 2) + '"}'
@@ -739,7 +758,9 @@ def test_frame_of_exactly_64_kib_is_served_and_one_byte_more_closes_4009(user):
             await ws.send_to(text_data=fitting[:-2] + 'x"}')
             await assert_closed_with(ws, CloseCode.MESSAGE_TOO_BIG)
 
+    caplog.set_level(logging.INFO, logger="realtime")
     run(scenario)
+    assert logged_ends(caplog) == ["a frame over 65536 bytes (4009)"]
 
 
 def test_disconnect_drops_registry_entries(user, task):
@@ -761,7 +782,7 @@ def expiring_token(user, seconds: float = 2) -> tuple[str, str]:
     return token, expiry_iso(AccessToken(token)["exp"])
 
 
-def test_a_connection_whose_token_expires_is_closed_4401_and_gets_nothing_more(user, task):
+def test_a_connection_whose_token_expires_is_closed_4401_and_gets_nothing_more(user, task, caplog):
     token, expires_at = expiring_token(user)
 
     async def scenario():
@@ -775,7 +796,9 @@ def test_a_connection_whose_token_expires_is_closed_4401_and_gets_nothing_more(u
             await database_sync_to_async(services.update_task)(task=task, progress=5)
             assert await ws.receive_nothing(timeout=0.2)
 
+    caplog.set_level(logging.INFO, logger="realtime")
     run(scenario)
+    assert logged_ends(caplog) == ["its token expired"]
 
 
 @pytest.fixture

@@ -1,13 +1,14 @@
 """The lean in-process channel layer."""
 
 import asyncio
+import logging
 
 import pytest
 from asgiref.sync import async_to_sync
 from channels.exceptions import ChannelFull
 
 from realtime.layers import OVERFLOW, ChannelQueue, InMemoryChannelLayer
-from tests.conftest import open_websocket, token_for
+from tests.conftest import logged_ends, open_websocket, token_for
 
 
 def run(coroutine_function):
@@ -123,7 +124,7 @@ def test_invalid_names_are_rejected():
 
 
 @pytest.mark.django_db(transaction=True)
-def test_overflowing_websocket_client_is_closed_4008(settings, user):
+def test_overflowing_websocket_client_is_closed_4008(settings, user, caplog):
     settings.CHANNEL_LAYERS = {
         "default": {"BACKEND": "realtime.layers.InMemoryChannelLayer", "CONFIG": {"capacity": 3}}
     }
@@ -146,7 +147,9 @@ def test_overflowing_websocket_client_is_closed_4008(settings, user):
             # What was already in hand may go out first; nothing is skipped silently.
             assert sent == ["0", "1", "2", "3"][: len(sent)] and len(sent) < 4
 
+    caplog.set_level(logging.INFO, logger="realtime")
     run(scenario)
+    assert logged_ends(caplog) == ["its messages piled up unsent, a slow client (4008)"]
 
 
 def test_channel_queue_put_waits_for_room_and_get_waits_for_an_item():

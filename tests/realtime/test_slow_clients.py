@@ -77,7 +77,11 @@ def test_a_client_that_stops_reading_is_dropped_not_buffered_without_bound(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # little kernel buffering
     sock.settimeout(10)
     sock.connect(("127.0.0.1", small_buffer_server.port))
+    sock_port = sock.getsockname()[1]
     open_client(sock, token, str(task.pk))
+    dropped = "INFO realtime.slow_clients: Dropped a client that stopped reading, "
+    log = small_buffer_server.log_path
+    before = log.read_text().count(dropped)
     # From here on the client reads nothing. Each update carries ~200 KB: 8 MB in all,
     # more than the kernel buffers on both sides of a local socket can hold.
 
@@ -101,3 +105,9 @@ def test_a_client_that_stops_reading_is_dropped_not_buffered_without_bound(
         assert async_to_sync(flood)(), "the server kept the connection that stopped reading"
     finally:
         sock.close()
+    # Said once, with the client's address: the access log said only that it ended.
+    deadline = time.monotonic() + 5
+    while log.read_text().count(dropped) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [line] = [line for line in log.read_text().splitlines() if dropped in line][before:]
+    assert line.endswith(f"bytes unread: 127.0.0.1:{sock_port}")

@@ -3,6 +3,7 @@ parser the tests read it with."""
 
 import asyncio
 import json
+import logging
 import uuid
 from datetime import datetime, timedelta
 
@@ -26,7 +27,7 @@ from mcp_platform.tasks.realtime import TaskSource
 from realtime import api, auth, checks, protocol, sse
 from realtime.connections import ConnectionManager, Transport, get_connection_manager
 from realtime.sources import TaskSnapshot
-from tests.conftest import token_for
+from tests.conftest import logged_ends, token_for
 from tests.sse import Event, EventStreamParser, InProcessStream, bearer, parse_all
 
 #: The endpoint's tests: the application reaches the database from threads of its own.
@@ -863,7 +864,7 @@ def test_disconnect_leaves_every_group_and_registry_entry(user, task, disconnect
 
 
 @transactional
-def test_a_stream_whose_messages_overflow_ends_and_cleans_up(user, disconnected):
+def test_a_stream_whose_messages_overflow_ends_and_cleans_up(user, disconnected, caplog):
     """The in-process layer reports a full queue instead of dropping messages silently."""
 
     async def scenario():
@@ -883,8 +884,10 @@ def test_a_stream_whose_messages_overflow_ends_and_cleans_up(user, disconnected)
     layers = {
         "default": {"BACKEND": "realtime.layers.InMemoryChannelLayer", "CONFIG": {"capacity": 2}}
     }
+    caplog.set_level(logging.INFO, logger="realtime")
     with override_settings(CHANNEL_LAYERS=layers):
         run(scenario)
+    assert logged_ends(caplog) == ["its messages piled up unsent, a slow client"]
 
 
 @transactional
