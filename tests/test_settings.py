@@ -265,6 +265,21 @@ def test_a_host_not_allowed_is_one_warning_line():
     )
 
 
+def test_a_minimum_is_a_value_allowed():
+    """No connection kept between requests (behind a pooler), HSTS off, one request thread."""
+    env = {
+        "DJANGO_DEBUG": "1",
+        "DATABASE_CONN_MAX_AGE": "0",
+        "DJANGO_SECURE_HSTS_SECONDS": "0",
+        "DJANGO_REQUEST_THREADS": "1",
+    }
+    assert value_of(
+        env,
+        "[settings.DATABASES['default']['CONN_MAX_AGE'], settings.SECURE_HSTS_SECONDS,"
+        " settings.REQUEST_THREADS]",
+    ) == [0, 0, 1]
+
+
 def test_a_log_level_may_be_given_in_any_case():
     env = {"DJANGO_DEBUG": "1", "DJANGO_LOG_LEVEL": "debug"}
     assert value_of(env, "settings.LOGGING['root']['level']") == "DEBUG"
@@ -310,9 +325,20 @@ def test_either_name_of_the_redis_variables_sets_the_layer_and_the_registry_alik
     ]
 
 
-def test_a_registry_in_redis_beside_a_layer_that_is_not_fails_the_checks(settings):
-    settings.REALTIME = {**settings.REALTIME, "REDIS_URL": "redis://127.0.0.1:6379/0"}
-    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "realtime.layers.InMemoryChannelLayer"}}
+@pytest.mark.parametrize("registry_in_redis", [True, False])
+def test_a_registry_and_a_layer_not_both_in_redis_fail_the_checks(settings, registry_in_redis):
+    """Apart, broadcasts count the clients of every process and reach those of one, or the
+    other way round."""
+    settings.REALTIME = {
+        **settings.REALTIME,
+        "REDIS_URL": "redis://127.0.0.1:6379/0" if registry_in_redis else "",
+    }
+    backend = (
+        "layers.InMemoryChannelLayer"
+        if registry_in_redis
+        else "redis_layer.RedisPubSubChannelLayer"
+    )
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": f"realtime.{backend}"}}
     assert "realtime.E004" in [message.id for message in run_checks(tags=[checks.TAG])]
 
 

@@ -99,6 +99,16 @@ def test_unsubscribing_ends_a_wait():
     assert c.release_held("t", second) == [(7, "seven")]
 
 
+def test_a_subscribe_whose_state_is_older_than_what_was_delivered_moves_nothing_back():
+    """Its read raced an update delivered meanwhile: moved back, the next update was held
+    as if one were missing, and reached the client a reorder window late."""
+    c = connection(subscribed={"t": 6})
+    c.saw("t", 5)
+    assert c.last_seq == {"t": 6}
+    assert c.receive_update("t", 7, "seven") == [(7, "seven")]
+    assert c.starts_waiting("t") is None
+
+
 def test_a_subscribe_that_covers_the_held_updates_ends_their_wait():
     c = connection(subscribed={"t": 1})
     c.receive_update("t", 3, "three")

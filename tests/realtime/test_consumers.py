@@ -16,6 +16,8 @@ from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.db import OperationalError
 from django.test import override_settings
+from hypothesis import given
+from hypothesis import strategies as st
 from rest_framework_simplejwt.tokens import AccessToken, RefreshToken
 
 from mcp_platform.tasks import services
@@ -23,7 +25,7 @@ from mcp_platform.tasks.models import Task
 from mcp_platform.tasks.realtime import TaskSource
 from realtime import api, auth, connections, inbox_consumer
 from realtime.connections import get_connection_manager
-from realtime.consumers import TaskConsumer
+from realtime.consumers import TaskConsumer, utf8_length_exceeds
 from realtime.failures import failure_text
 from realtime.inbox import Inbox
 from realtime.inbox_consumer import TOKEN_EXPIRED
@@ -470,6 +472,7 @@ def test_origin_must_be_an_allowed_host_when_sent(user, origin, accepted):
         (b"http://localhost:1234", ["http://localhost:1234"], True),
         (b"https://localhost", ["https://*.localhost"], True),
         (b"https://app.example.com", ["https://*.example.com"], True),  # no allowed host
+        (b"http://app.example.com", ["https://*.example.com"], False),  # not its scheme
     ],
 )
 def test_a_session_handshake_must_come_from_the_servers_own_origin(
@@ -669,10 +672,14 @@ def test_subscribing_again_to_a_task_no_longer_visible_ends_the_subscription(
     run(scenario)
 
 
+@pytest.mark.parametrize("through", ["save", "queryset update"])
 @pytest.mark.parametrize("change", ["promoted", "demoted"])
-def test_updates_follow_the_staff_status_read_at_the_last_subscribe(user, other_user, change):
+def test_updates_follow_the_staff_status_read_at_the_last_subscribe(
+    user, other_user, change, through
+):
     """Promoted since connecting: another user's task, subscribed to, goes on updating.
-    Demoted: their own task, given away, ends like any other user's."""
+    Demoted: their own task, given away, ends like any other user's. A change that sends
+    no signal (``QuerySet.update()``) is read at the subscribe all the same."""
     user.is_staff = change == "demoted"
     user.save()
     token = token_for(user)
@@ -680,7 +687,10 @@ def test_updates_follow_the_staff_status_read_at_the_last_subscribe(user, other_
 
     def change_status() -> None:
         user.is_staff = change == "promoted"
-        user.save()
+        if through == "save":
+            user.save()
+        else:
+            type(user).objects.filter(pk=user.pk).update(is_staff=user.is_staff)
 
     def give_away() -> None:
         task.owner = other_user
@@ -743,6 +753,15 @@ def test_binary_frames_are_invalid_messages(user):
             assert error["code"] == "invalid_message"
 
     run(scenario)
+
+
+@given(text=st.text(max_size=100), limit=st.integers(0, 400))
+def test_a_frames_length_is_its_utf8_bytes_whatever_its_characters(text, limit):
+    """Four bytes each, emoji could have let a frame of twice the limit through."""
+    for frame in (text, "\U0001f600" * (limit // 4 + 1)):  # the latter just over the limit
+        assert utf8_length_exceeds(frame, limit) == (
+            len(frame.encode("utf-8", "surrogatepass")) > limit
+        )
 
 
 def test_frame_of_exactly_64_kib_is_served_and_one_byte_more_closes_4009(user, caplog):

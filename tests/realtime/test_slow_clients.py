@@ -11,11 +11,34 @@ import time
 import aiohttp
 import pytest
 from asgiref.sync import async_to_sync
+from twisted.internet.testing import StringTransport
 
 from mcp_platform.tasks import services
+from realtime.slow_clients import UnreadBytesProducer
 from tests.conftest import broadcast_census, start_server, token_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+
+class Producer(UnreadBytesProducer):
+    transport = StringTransport()
+
+
+def test_the_unread_bytes_count_on_through_every_pause_until_the_client_reads(settings):
+    """Twisted pauses the producer again at each write while the buffer stays full: begun
+    again at each pause, the count never reached the bound for updates of an ordinary
+    size, and the server held everything for a client that read nothing."""
+    settings.REALTIME = {**settings.REALTIME, "SLOW_CLIENT_BUFFER_BYTES": 1000}
+    producer = Producer()
+    producer.pauseProducing()
+    assert not producer.too_far_behind(600)
+    producer.pauseProducing()
+    assert not producer.too_far_behind(400)  # at the bound: not yet past it
+    producer.pauseProducing()
+    assert producer.too_far_behind(1)
+    producer.resumeProducing()  # it read: counted afresh from the next pause
+    producer.pauseProducing()
+    assert not producer.too_far_behind(1000)
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,15 @@ def test_frames_parse_back_to_their_payload(payload, binary):
     assert frame.data == payload
 
 
+@pytest.mark.parametrize(
+    ("length", "header"), [(0, 2), (125, 2), (126, 4), (65_535, 4), (65_536, 10), (2**20, 10)]
+)
+def test_a_frames_length_is_written_in_the_fewest_bytes(length, header):
+    """RFC 6455 asks for the shortest form, and strict clients fail a connection whose
+    frame uses a longer one; ``websockets`` reads either."""
+    assert len(frame_header(length, False)) == header
+
+
 @pytest.mark.e2e
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("size", [10, 200, 70_000, 200_000])  # the last: 1.2 MB, over 1 MiB
@@ -211,3 +220,19 @@ def test_a_server_that_closes_a_held_back_client_reads_its_answer_past_its_messa
         assert protocol.state == protocol.STATE_CLOSED and protocol.wasClean
 
     asyncio.run(scenario())
+
+
+def test_a_client_too_far_behind_is_closed_4008(settings):
+    """Not 4503: a slow client resubscribes and gets the tasks' state; it need not wait."""
+    settings.REALTIME = {**settings.REALTIME, "SLOW_CLIENT_BUFFER_BYTES": 1000}
+
+    async def scenario():
+        protocol, transport = open_protocol()
+        protocol.pauseProducing()  # Twisted: the client stopped reading
+        protocol.serverSend("x" * 600)
+        protocol.serverSend("x" * 600)
+        return transport.value()
+
+    written = asyncio.run(scenario())
+    close = written[written.index(b"\x88") :]
+    assert close[2:4] == (4008).to_bytes(2, "big")
