@@ -12,4 +12,5 @@ class ClientFault(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.levelno, record.levelname = logging.WARNING, "WARNING"
         record.exc_info = record.exc_text = None
-        return True
+        # Let through as an error, it must now pass as the warning it is.
+        return logging.getLogger(record.name).isEnabledFor(logging.WARNING)

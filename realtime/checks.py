@@ -7,7 +7,7 @@ from urllib.parse import unquote, urlsplit
 from django.conf import settings
 from django.core.checks import Error, Warning, register
 from django.utils.module_loading import import_string
-from redis.connection import parse_url
+from redis.connection import ConnectionPool, parse_url
 
 from realtime.conf import DEFAULTS, realtime_settings
 from realtime.sources import TaskSource
@@ -137,7 +137,8 @@ def check_redis_settings(app_configs: Any = None, **kwargs: Any) -> list[Error |
 def redis_url_problem(url: str) -> str:
     """What is wrong with a Redis URL; empty if nothing. redis-py ignores a database path
     it cannot read as a number: ``/nine`` or ``/9x`` used database 0, which others may
-    share."""
+    share. It passes a query's unknown option (``?socket_timout=5``) on to each connection,
+    which then fails to be made, every one: the server served, and answered none."""
     try:
         parse_url(url)
     except ValueError as exc:
@@ -146,4 +147,8 @@ def redis_url_problem(url: str) -> str:
     database = unquote(parts.path).replace("/", "")  # as redis-py reads it
     if parts.scheme != "unix" and database and not database.isdigit():
         return f"its database {database!r} is not a number."
+    try:
+        ConnectionPool.from_url(url).make_connection()  # made, not connected
+    except (TypeError, ValueError) as exc:
+        return f"redis-py cannot make a connection of it: {exc}"
     return ""

@@ -66,7 +66,10 @@ def _visible_snapshots(
     the batch, and each subscription of it is answered ``unavailable``: raised as it was,
     it ended every connection subscribing just then, a source's bug closing them 1011."""
     try:
-        return get_task_source().get_visible_many(requests)
+        answers = list(get_task_source().get_visible_many(requests))
+        if len(answers) != len(requests):
+            raise ValueError(f"get_visible_many() gave {len(answers)} answers for {len(requests)}")
+        return answers
     except DatabaseError as exc:
         logger.warning(
             "Could not read tasks for %d subscriptions: %s", len(requests), failure_text(exc)

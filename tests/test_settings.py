@@ -243,21 +243,30 @@ def test_each_log_line_is_written_once(debug):
     assert result.stderr.count("Not Found: /no/such/path/") == 1, result.stderr
 
 
-def test_a_host_not_allowed_is_one_warning_line():
+@pytest.mark.parametrize("level", ["WARNING", "ERROR"])
+def test_a_host_not_allowed_is_one_warning_line(level):
     """Django logs it as an error with a traceback of 14 lines; a scraper naming the server
-    by its address wrote them on every scrape."""
+    by its address wrote them on every scrape. As a warning, it is left out at ERROR."""
     code = (
         "import django; django.setup(); from django.test import Client; "
         "print(Client().get('/metrics', HTTP_HOST='10.0.0.5:8000').status_code)"
     )
     result = subprocess.run(
         [sys.executable, "-c", code],
-        env={**BASE_ENV, "DJANGO_SECRET_KEY": "s" * 50, "DJANGO_ALLOWED_HOSTS": "testserver"},
+        env={
+            **BASE_ENV,
+            "DJANGO_SECRET_KEY": "s" * 50,
+            "DJANGO_ALLOWED_HOSTS": "testserver",
+            "DJANGO_LOG_LEVEL": level,
+        },
         cwd=ROOT,
         capture_output=True,
         text=True,
     )
     assert result.stdout == "400\n"
+    if level == "ERROR":
+        assert result.stderr == ""
+        return
     [line] = result.stderr.splitlines()
     assert (
         " WARNING django.security.DisallowedHost: Invalid HTTP_HOST header: '10.0.0.5:8000'."
@@ -373,6 +382,7 @@ def test_a_project_that_names_no_task_source_fails_the_checks(settings):
         ("REALTIME_TASK_SOURCE", "realtime.sources.TaskSource", "realtime.E005"),
         ("REDIS_URL", "127.0.0.1:6379", "realtime.E006"),
         ("REDIS_URL", "redis://127.0.0.1:6379/nine", "realtime.E006"),
+        ("REDIS_URL", "redis://127.0.0.1:6379/0?socket_timout=5", "realtime.E006"),
     ],
     ids=[
         "unknown-name",
@@ -383,6 +393,7 @@ def test_a_project_that_names_no_task_source_fails_the_checks(settings):
         "task-source-answering-nothing",
         "redis-url-without-scheme",
         "redis-url-database-not-a-number",
+        "redis-url-option-unknown",
     ],
 )
 @pytest.mark.parametrize("command", ["check", "serve"])
