@@ -222,24 +222,30 @@ def test_every_empty_variable_is_its_default():
     ]
 
 
-@pytest.mark.parametrize("debug", ["0", "1"])
-def test_each_log_line_is_written_once(debug):
+def get_in_a_process(arguments: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Django's test client's ``get(arguments)`` in a fresh process of the project, which
+    prints the answer's status; its log lines are the process's stderr."""
     code = (
         "import django; django.setup(); from django.test import Client; "
-        "Client().get('/no/such/path/')"
+        f"print(Client().get({arguments}).status_code)"
     )
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", code],
         env={
             **BASE_ENV,
-            "DJANGO_DEBUG": debug,
             "DJANGO_SECRET_KEY": "s" * 50,
             "DJANGO_ALLOWED_HOSTS": "testserver",
+            **env,
         },
         cwd=ROOT,
         capture_output=True,
         text=True,
     )
+
+
+@pytest.mark.parametrize("debug", ["0", "1"])
+def test_each_log_line_is_written_once(debug):
+    result = get_in_a_process("'/no/such/path/'", {"DJANGO_DEBUG": debug})
     assert result.stderr.count("Not Found: /no/such/path/") == 1, result.stderr
 
 
@@ -247,22 +253,7 @@ def test_each_log_line_is_written_once(debug):
 def test_a_host_not_allowed_is_one_warning_line(level):
     """Django logs it as an error with a traceback of 14 lines; a scraper naming the server
     by its address wrote them on every scrape. As a warning, it is left out at ERROR."""
-    code = (
-        "import django; django.setup(); from django.test import Client; "
-        "print(Client().get('/metrics', HTTP_HOST='10.0.0.5:8000').status_code)"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        env={
-            **BASE_ENV,
-            "DJANGO_SECRET_KEY": "s" * 50,
-            "DJANGO_ALLOWED_HOSTS": "testserver",
-            "DJANGO_LOG_LEVEL": level,
-        },
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    result = get_in_a_process("'/metrics', HTTP_HOST='10.0.0.5:8000'", {"DJANGO_LOG_LEVEL": level})
     assert result.stdout == "400\n"
     if level == "ERROR":
         assert result.stderr == ""
