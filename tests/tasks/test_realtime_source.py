@@ -17,7 +17,7 @@ def test_can_see_agrees_with_visible_tasks(user, other_user, staff_user):
         }
 
 
-def test_get_visible_many_answers_every_request_with_two_queries(
+def test_get_visible_many_answers_every_request_with_three_queries(
     user, other_user, staff_user, django_assert_num_queries
 ):
     mine = services.create_task(owner=user, name="mine")
@@ -31,7 +31,8 @@ def test_get_visible_many_answers_every_request_with_two_queries(
         (user, missing),
         (user, mine.pk),
     ]
-    with django_assert_num_queries(2):  # the tasks, and their users as they are now
+    # Their users as they are now, the tasks' owners, the tasks they may see.
+    with django_assert_num_queries(3):
         snapshots = TaskSource().get_visible_many(requests)
     assert [s and (s.task_id, s.seq) for s in snapshots] == [
         (mine.pk, 1),
@@ -55,3 +56,18 @@ def test_a_user_changed_since_connecting_is_checked_as_they_are_now(staff_user, 
         setattr(staff_user, "is_active" if change == "deactivated" else "is_staff", False)
         staff_user.save()
     assert TaskSource().get_visible(connected_as, theirs.pk) is None
+
+
+def test_a_task_no_one_asking_may_see_is_neither_read_whole_nor_serialized(
+    user, other_user, monkeypatch, django_assert_num_queries
+):
+    """Its size told in the time of a ``not_found``: 78 ms for a result of 1.7 MB, against
+    3 ms for a task that does not exist."""
+    theirs = services.create_task(owner=other_user, name="theirs")
+    serialized = []
+    monkeypatch.setattr(
+        "mcp_platform.tasks.realtime.task_snapshot", lambda task: serialized.append(task)
+    )
+    with django_assert_num_queries(2):  # the users, the owners: nothing more to read
+        assert TaskSource().get_visible_many([(user, theirs.pk)]) == [None]
+    assert serialized == []
