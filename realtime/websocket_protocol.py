@@ -80,6 +80,12 @@ HANDSHAKE_ONLY = frozenset(
 )
 
 
+#: Pieces a client message may be kept in until it is whole (one or more per frame, as the
+#: socket's reads cut them): more is closed with 4009, as a message too big. A message of
+#: 1 MiB read 1,460 bytes at a time is ~720.
+MAX_MESSAGE_PIECES = 8192
+
+
 class FrameWritingWebSocketProtocol(UnreadBytesProducer, WebSocketProtocol):
     #: Whether the application holds too many of this client's messages
     #: (``realtime.server.ReadingQueue``): until it has taken most of them, nothing more is
@@ -144,6 +150,31 @@ class FrameWritingWebSocketProtocol(UnreadBytesProducer, WebSocketProtocol):
         ):
             return super().serverSend(content, binary)
         write_now(self.transport, frame)
+
+    def sendPong(self, payload: bytes | None = None) -> None:  # noqa: N802
+        """A pong counts towards the slow-client bound as any frame does: autobahn answers
+        each ping as it is parsed, and a client that sent pings and read nothing grew the
+        server by ~33 MB every 2 s (a frame of 125 bytes answered by one of 127)."""
+        if (
+            self.unread_bytes is not None
+            and self.state == self.STATE_OPEN
+            and self.too_far_behind(2 + len(payload or b""))
+        ):
+            self.serverClose(CloseCode.SLOW_CLIENT.value)
+            return
+        super().sendPong(payload)
+
+    def onMessageFrameData(self, payload: bytes) -> None:  # noqa: N802
+        """A message whose pieces (one or more per frame, as they were read) pass
+        ``MAX_MESSAGE_PIECES`` is closed with 4009, as one over the size limit: autobahn
+        keeps each piece as a ``bytes`` of its own, and a message of 2-byte frames held
+        ~28 MB for every 4 MB sent, unbounded by the 1 MiB limit on its size."""
+        super().onMessageFrameData(payload)
+        if (
+            not self.failedByMe
+            and len(self.message_data) + len(self.frame_data or ()) > MAX_MESSAGE_PIECES
+        ):
+            self._max_message_size_exceeded(0, MAX_MESSAGE_PIECES, "too many pieces")
 
     def hold_back(self) -> None:
         """Read and parse nothing more of what the client sends, for now. Pausing the socket

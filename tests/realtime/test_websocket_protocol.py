@@ -17,7 +17,11 @@ from websockets.streams import StreamReader
 
 from mcp_platform.tasks import services
 from realtime.server import INCOMING_LIMIT, ReadingQueue
-from realtime.websocket_protocol import FrameWritingWebSocketProtocol, frame_header
+from realtime.websocket_protocol import (
+    MAX_MESSAGE_PIECES,
+    FrameWritingWebSocketProtocol,
+    frame_header,
+)
 from tests.conftest import patch_task, token_for
 
 
@@ -236,3 +240,58 @@ def test_a_client_too_far_behind_is_closed_4008(settings):
     written = asyncio.run(scenario())
     close = written[written.index(b"\x88") :]
     assert close[2:4] == (4008).to_bytes(2, "big")
+
+
+def test_a_client_that_pings_and_reads_nothing_is_closed_4008(settings):
+    """Each ping is answered by a pong: written without bound to a client that read
+    nothing, they grew the server by ~33 MB every 2 s."""
+    settings.REALTIME = {**settings.REALTIME, "SLOW_CLIENT_BUFFER_BYTES": 1000}
+
+    async def scenario():
+        protocol, transport = open_protocol()
+        protocol.pauseProducing()  # Twisted: the client stopped reading
+        protocol.dataReceived(client_frame(b"p" * 125, opcode=9) * 1000)
+        return transport.value()
+
+    written = asyncio.run(scenario())
+    pong = b"\x8a\x7d" + b"p" * 125
+    assert written.count(pong) == 1000 // len(pong)  # up to the bound, and no further
+    close = written[written.index(b"\x88") :]
+    assert close[2:4] == (4008).to_bytes(2, "big")
+
+
+def fragment(payload: bytes, opcode: int, last: bool) -> bytes:
+    """A masked client frame of one fragment of a message."""
+    mask = b"\x01\x02\x03\x04"
+    masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+    return bytes(((0x80 if last else 0) | opcode, 0x80 | len(payload))) + mask + masked
+
+
+def test_a_message_in_too_many_pieces_is_closed_4009():
+    """autobahn keeps each piece as a ``bytes`` of its own: a message of 2-byte frames held
+    ~28 MB for every 4 MB sent, however small the message."""
+
+    async def scenario():
+        protocol, transport = open_protocol()
+        frames = [fragment(b"ab", 1, False)]
+        frames += [fragment(b"ab", 0, False)] * MAX_MESSAGE_PIECES
+        protocol.dataReceived(b"".join(frames))
+        return protocol, transport.value()
+
+    protocol, written = asyncio.run(scenario())
+    assert written[:1] == b"\x88" and written[2:4] == (4009).to_bytes(2, "big")
+    assert len(protocol.message_data) <= MAX_MESSAGE_PIECES
+
+
+def test_a_message_in_as_many_pieces_as_allowed_is_delivered():
+    async def scenario():
+        protocol, transport = open_protocol()
+        frames = [fragment(b"{", 1, False)]
+        frames += [fragment(b" ", 0, False)] * (MAX_MESSAGE_PIECES - 2)
+        frames += [fragment(b"}", 0, True)]
+        protocol.dataReceived(b"".join(frames))
+        return transport.value(), await protocol.application_queue.get()
+
+    written, message = asyncio.run(scenario())
+    assert written == b""
+    assert message["text"] == "{" + " " * (MAX_MESSAGE_PIECES - 2) + "}"
