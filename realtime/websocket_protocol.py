@@ -130,14 +130,7 @@ class FrameWritingWebSocketProtocol(UnreadBytesProducer, WebSocketProtocol):
         if self.state in (self.STATE_CLOSING, self.STATE_CLOSED):
             return  # going away: autobahn would raise, and the client learns of it anyway
         length, frame = data_frame(content, binary)
-        if (
-            self.unread_bytes is not None
-            and self.state == self.STATE_OPEN
-            and self.too_far_behind(length)
-        ):
-            # Closed with 4008 (the client resubscribes and gets the current state)
-            # instead of the server holding an unbounded backlog for it.
-            self.serverClose(CloseCode.SLOW_CLIENT.value)
+        if self.closed_too_far_behind(length):
             return
         if (
             self.state != self.STATE_OPEN
@@ -155,14 +148,21 @@ class FrameWritingWebSocketProtocol(UnreadBytesProducer, WebSocketProtocol):
         """A pong counts towards the slow-client bound as any frame does: autobahn answers
         each ping as it is parsed, and a client that sent pings and read nothing grew the
         server by ~33 MB every 2 s (a frame of 125 bytes answered by one of 127)."""
+        if not self.closed_too_far_behind(2 + len(payload or b"")):
+            super().sendPong(payload)
+
+    def closed_too_far_behind(self, size: int) -> bool:
+        """Count a frame of ``size`` bytes for a client that stopped reading; past the
+        bound, close with 4008 (the client resubscribes and gets the current state) instead
+        of the server holding an unbounded backlog for it. Whether it closed."""
         if (
             self.unread_bytes is not None
             and self.state == self.STATE_OPEN
-            and self.too_far_behind(2 + len(payload or b""))
+            and self.too_far_behind(size)
         ):
             self.serverClose(CloseCode.SLOW_CLIENT.value)
-            return
-        super().sendPong(payload)
+            return True
+        return False
 
     def onMessageFrameData(self, payload: bytes) -> None:  # noqa: N802
         """A message whose pieces (one or more per frame, as they were read) pass
