@@ -168,6 +168,9 @@ class TaskConsumer(InboxConsumerMixin, AsyncWebsocketConsumer):
                 message.request_id,
             )
         self.watch_credentials(credentials)
+        # A check of the user, as at connecting: a change that reached no connection
+        # (``QuerySet.update()``) went on past the old token's expiry. /ws follows no feed.
+        self.follow_access(credentials.user)
         return protocol.authenticated(credentials.expires_at, message.request_id)
 
     handlers: dict[Action, Callable[["TaskConsumer", ClientMessage], Awaitable[dict[str, Any]]]] = {

@@ -336,9 +336,16 @@ class InboxConsumerMixin:
             return True
         if user is None or user.pk != connection.entry.user_id:
             return False
+        return self.follow_access(user)
+
+    def follow_access(self, user: AbstractBaseUser) -> bool:
+        """Have the connection's updates follow what its ``user``, read just now, may see;
+        ``False`` if they cannot: a feed of every task's (staff) or of the user's own does
+        not turn into the other, and its client reconnects to the other."""
+        connection = self.connection
+        assert connection is not None
         if user.is_staff != connection.sees_all:
             if connection.follows_all:
-                # Its feed is every task's or the user's own: it reconnects to the other.
                 return False
             connection.sees_all = user.is_staff  # its subscriptions' updates follow
         return True

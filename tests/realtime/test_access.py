@@ -177,6 +177,29 @@ def test_a_token_connection_of_a_user_no_longer_staff_stops_getting_others_tasks
     run(scenario)
 
 
+def test_a_new_token_brings_what_its_user_may_see_now(staff_user, other_user):
+    """A change that reached no connection (``QuerySet.update()``) waits for the next check
+    of the credentials; a new token is one: before, it carried the connection past its old
+    token's expiry with the staff status of its connect, another user's updates with it."""
+    theirs = services.create_task(owner=other_user, name="theirs")
+
+    async def scenario():
+        async with open_websocket(f"/ws?token={token_for(staff_user)}") as ws:
+            await connect_user(ws)
+            await request(ws, {"action": "subscribe", "task_id": str(theirs.pk)})
+            await database_sync_to_async(
+                lambda: type(staff_user).objects.filter(pk=staff_user.pk).update(is_staff=False)
+            )()
+            answer = await request(ws, {"action": "authenticate", "token": token_for(staff_user)})
+            assert answer["type"] == "authenticated"
+            await database_sync_to_async(services.update_task)(task=theirs, progress=5)
+            notice = await ws.receive_json_from(timeout=5)
+            assert (notice["type"], notice["task_id"]) == ("unsubscribed", str(theirs.pk))
+            assert await ws.receive_nothing(timeout=0.3)
+
+    run(scenario)
+
+
 def test_an_event_stream_of_every_task_ends_at_once_when_its_user_becomes_staff(user):
     """Its feed was the user's own tasks: it ends, and the client reconnects to every task's."""
 
