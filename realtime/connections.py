@@ -373,14 +373,14 @@ class ConnectionManager:
             snapshot = await _snapshots.load((user, task_id))
         except (DatabaseError, SourceFailed):
             if is_new:
-                await self._leave(connection, group)
+                await self._leave_task(connection, task_id)
             raise ProtocolError(
                 ErrorCode.UNAVAILABLE, "The task could not be read just now; try again."
             ) from None
         connection.sees_all = user.is_staff  # as the source read it just now
         if snapshot is None:
             if is_new:
-                await self._leave(connection, group)
+                await self._leave_task(connection, task_id)
             else:  # held, but gone or no longer the user's to see: it ends here
                 await self.unsubscribe_from_task(connection, task_id)
             raise ProtocolError(ErrorCode.NOT_FOUND, "No such task.")
@@ -392,6 +392,13 @@ class ConnectionManager:
                 await self.registry.add_subscription(connection.entry, task_id)
         return snapshot
 
+    async def _leave_task(self, connection: Connection, task_id: uuid.UUID) -> None:
+        """Leave a task's group, logging a failure (Redis away): an unsubscribe, or a
+        subscribe refused after its join, is answered all the same. Raised, it ended the
+        connection."""
+        with logged_failure("Could not leave the group of task %s", task_id):
+            await self._leave(connection, groups.task_group(task_id))
+
     async def unsubscribe_from_task(self, connection: Connection, task_id: uuid.UUID) -> bool:
         """Stop a subscription, saying whether there was one: doing so twice, or for a task
         never subscribed, is harmless."""
@@ -401,8 +408,7 @@ class ConnectionManager:
         # Once forgotten, the task's updates are dropped here whatever the layer still
         # sends, and its registry entry lapses with its lease: a failure of either step
         # (Redis away) ends the subscription all the same, and not the connection.
-        with logged_failure("Could not leave the group of task %s", task_id):
-            await self._leave(connection, groups.task_group(task_id))
+        await self._leave_task(connection, task_id)
         with logged_failure("Could not uncount the subscription to task %s", task_id):
             await self.registry.remove_subscription(connection.entry, task_id)
         return True

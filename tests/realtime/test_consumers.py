@@ -330,6 +330,44 @@ def test_a_subscribe_the_channel_layer_fails_is_answered_unavailable_and_nothing
     assert "Redis is away" in logged.getMessage() and logged.exc_info is None
 
 
+@pytest.mark.parametrize("refusal", ["not_found", "unavailable"])
+def test_a_refused_subscribe_whose_group_cannot_be_left_is_still_answered(
+    user, task, monkeypatch, caplog, refusal
+):
+    """Leaving the group again after a refusal (Redis away since the join) raised, and
+    ended the connection with 1011 instead of the refusal's answer."""
+    manager = get_connection_manager()
+    leave = type(manager.layer).group_discard
+    failures = []
+
+    async def fails(self, group, channel):
+        if group.startswith("task."):
+            failures.append(group)
+            raise ConnectionError("Redis is away")
+        await leave(self, group, channel)
+
+    def unreadable(self, requests):
+        raise OperationalError("the database is unreachable")
+
+    monkeypatch.setattr(type(manager.layer), "group_discard", fails)
+    if refusal == "unavailable":
+        monkeypatch.setattr(TaskSource, "get_visible_many", unreadable)
+    task_id = uuid.uuid4() if refusal == "not_found" else task.pk
+
+    async def scenario():
+        async with open_websocket(f"/ws?token={token_for(user)}") as ws:
+            await connect_user(ws)
+            reply = await request(ws, {"action": "subscribe", "task_id": str(task_id)})
+            assert (reply["type"], reply["code"]) == ("error", refusal), reply
+            assert (await request(ws, {"action": "ping"}))["type"] == "pong"
+
+    run(scenario)
+    assert failures == [f"task.{task_id}"]
+    assert f"Could not leave the group of task {task_id}: ConnectionError: Redis is away" in [
+        record.getMessage() for record in caplog.records if record.name == "realtime.connections"
+    ]
+
+
 def test_a_subscription_the_registry_fails_to_count_is_served_and_ends_all_the_same(
     user, task, monkeypatch
 ):
