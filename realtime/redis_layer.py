@@ -34,7 +34,7 @@ pattern's messages included), its ``_get_group_channel_name()`` and ``_get_shard
 its shards' ``_lock`` (a ``ShardLock`` here, put in before first use), ``_ensure_redis()``,
 ``_ensure_receiver()``, ``_subscribed_to``, and ``subscribe()``, ``_do_receiving()`` and
 ``_receive_message()`` (looked up on the shard, so that a shard can have its own), and
-redis-py ``_redis`` and ``_pubsub``.
+redis-py ``_redis`` and ``_pubsub``, whose ``channels`` and ``on_connect()`` it uses too.
 
 A member joins a group once Redis has confirmed the group's subscription
 (``_subscribe_confirmed()``), so that what is published after the join reaches it.
@@ -45,9 +45,10 @@ import collections
 import functools
 import logging
 import re
+import types
 import uuid
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from channels_redis.pubsub import RedisPubSubChannelLayer as StockLayer
@@ -226,6 +227,38 @@ async def _receive_confirming(shard: RedisSingleShardConnection) -> None:
             await asyncio.sleep(RECEIVE_RETRY_SECONDS)
 
 
+def _ensure_redis(shard: RedisSingleShardConnection) -> None:
+    """The stock layer's, whose redis-py ``PubSub`` then subscribes again on reconnecting
+    only to the groups that this process still has members of (``_resubscribe_held()``)."""
+    if shard._redis is None:
+        RedisSingleShardConnection._ensure_redis(shard)
+        pubsub = shard._pubsub
+        # A method: redis-py keeps its reconnection callbacks as weak methods.
+        pubsub.on_connect = types.MethodType(
+            functools.partial(_resubscribe_held, shard, pubsub.on_connect), pubsub
+        )
+
+
+async def _resubscribe_held(
+    shard: RedisSingleShardConnection,
+    on_connect: Callable[[Any], Awaitable[None]],
+    pubsub: Any,
+    connection: Any,
+) -> None:
+    """redis-py's reconnection, which subscribes again to every channel it holds, without
+    the groups that this process left while Redis was away. The stock layer forgets a group
+    before its UNSUBSCRIBE, and redis-py forgets a channel only once Redis has confirmed
+    that: each task whose last watcher here left during an outage went on being sent here
+    after it, to be dropped, for as long as the process lived."""
+    layer = shard.channel_layer
+    for name in list(pubsub.channels):
+        channel = str_if_bytes(name)
+        if channel not in layer.groups and channel not in layer.channels:
+            del pubsub.channels[name]
+            shard._subscribed_to.discard(channel)
+    await on_connect(connection)
+
+
 async def _listen(shard: RedisSingleShardConnection, pattern: str) -> None:
     """Subscribe ``shard`` to ``pattern`` unless it is (again after a ``flush()``)."""
     if shard._pubsub is not None and pattern.encode() in shard._pubsub.patterns:
@@ -314,6 +347,7 @@ class RedisPubSubChannelLayer(StockLayer):
                 # Channel: the confirmations its SUBSCRIBEs await, oldest first.
                 shard._confirmations: dict[str, collections.deque[asyncio.Future[None]]] = {}
                 shard.subscribe = functools.partial(_subscribe_confirmed, shard)
+                shard._ensure_redis = functools.partial(_ensure_redis, shard)
                 shard._do_receiving = functools.partial(_receive_confirming, shard)
         return layer
 

@@ -793,6 +793,42 @@ def test_a_receiver_that_lost_redis_says_so_once_and_hears_again_soon_after_it_r
     assert heard_after < 0.5
 
 
+def test_a_group_left_while_redis_was_away_is_not_listened_to_once_it_returns(
+    redis_of_our_own,
+):
+    """The stock layer forgets a group before its UNSUBSCRIBE, and redis-py, which keeps
+    a channel until Redis confirms its UNSUBSCRIBE, subscribed again when it reconnected:
+    each task whose last watcher here left during an outage went on being sent here, to
+    be dropped, for as long as the process lived."""
+    layer = make_layer(redis_of_our_own.url)
+
+    async def scenario() -> list[bytes]:
+        stays, leaves = await layer.new_channel(), await layer.new_channel()
+        await layer.group_add("staying", stays)
+        await layer.group_add("leaving", leaves)
+        redis_of_our_own.stop()
+        # Raised, or sent to a connection that Redis had closed: never done either way.
+        with contextlib.suppress(redis.RedisError):
+            await layer.group_discard("leaving", leaves)
+        redis_of_our_own.start()
+        client = redis.asyncio.Redis.from_url(redis_of_our_own.url)
+        try:
+            # Once the process listens again, the group it left is no longer among
+            # what it listens to.
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                channels = sorted(await client.pubsub_channels())
+                if channels and not any(b"leaving" in channel for channel in channels):
+                    return channels
+                await asyncio.sleep(0.05)
+            return channels
+        finally:
+            await client.aclose()
+
+    channels = async_to_sync(scenario)()
+    assert [channel.rsplit(b"__group__", 1)[1] for channel in channels] == [b"staying"]
+
+
 def test_members_joining_while_redis_confirms_the_first_wait_for_it(redis_server):
     async def scenario() -> tuple[list[bool], dict]:
         async with (
