@@ -28,7 +28,7 @@ from django.conf import settings
 from realtime.protocol import FRAMINGS_KEPT, body_too_large
 from realtime.reactor import write_now
 from realtime.redaction import redact_tokens
-from realtime.slow_clients import UnreadBytesProducer
+from realtime.slow_clients import UnreadBytesProducer, peer_address
 
 logger = logging.getLogger(__name__)
 
@@ -117,9 +117,8 @@ class BoundedWebRequest(UnreadBytesProducer, WebRequest):
         transport.pauseProducing()
         transport.write(payload_too_large(limit))
         transport.loseConnection()
-        peer = transport.getPeer()  # no host on a Unix socket (Daphne's -u)
         logger.warning(
-            "Refused a request body over %d bytes from %s", limit, getattr(peer, "host", peer)
+            "Refused a request body over %d bytes from %s", limit, peer_address(transport)
         )
 
     def __repr__(self) -> str:

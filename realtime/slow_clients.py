@@ -11,6 +11,7 @@ does when a connection's queue overflows.
 """
 
 import logging
+from typing import Any
 
 from realtime.conf import realtime_settings
 
@@ -45,10 +46,16 @@ class UnreadBytesProducer:
             return False
         if not self.dropped:  # once: writes may follow before the connection is gone
             self.dropped = True
-            peer = self.transport.getPeer()  # no host on a Unix socket (Daphne's -u)
             logger.info(
                 "Dropped a client that stopped reading, %d bytes unread: %s",
                 self.unread_bytes,
-                f"{peer.host}:{peer.port}" if hasattr(peer, "host") else peer,
+                peer_address(self.transport),
             )
         return True
+
+
+def peer_address(transport: Any) -> str:
+    """The client's ``host:port``, for a log line; a Unix socket's (Daphne's ``-u``) has
+    neither."""
+    peer = transport.getPeer()
+    return f"{peer.host}:{peer.port}" if hasattr(peer, "host") else str(peer)

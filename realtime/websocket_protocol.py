@@ -17,13 +17,16 @@ It also bounds what a client that stops reading costs (``realtime.slow_clients``
 
 import asyncio
 import functools
+import logging
 import time
 
 from daphne.ws_protocol import WebSocketFactory, WebSocketProtocol
 
 from realtime.protocol import FRAMINGS_KEPT, CloseCode
 from realtime.reactor import write_now
-from realtime.slow_clients import UnreadBytesProducer
+from realtime.slow_clients import UnreadBytesProducer, peer_address
+
+logger = logging.getLogger(__name__)
 
 #: First header byte: FIN plus the opcode, by whether the payload is binary.
 _FIN_OPCODE = {False: 0x81, True: 0x82}
@@ -174,7 +177,7 @@ class FrameWritingWebSocketProtocol(UnreadBytesProducer, WebSocketProtocol):
             not self.failedByMe
             and len(self.message_data) + len(self.frame_data or ()) > MAX_MESSAGE_PIECES
         ):
-            self._max_message_size_exceeded(0, MAX_MESSAGE_PIECES, "too many pieces")
+            self.close_too_big(f"in over {MAX_MESSAGE_PIECES} pieces")
 
     def hold_back(self) -> None:
         """Read and parse nothing more of what the client sends, for now. Pausing the socket
@@ -224,10 +227,18 @@ class FrameWritingWebSocketProtocol(UnreadBytesProducer, WebSocketProtocol):
         """A message over Daphne's limit (``--websocket-max-message-size``, 1 MiB) is
         closed with 4009, as the application closes one over ``REALTIME_MAX_MESSAGE_BYTES``.
         autobahn's hook for it dropped the connection without a close frame: the client saw
-        1006 and could not tell why. The rest of the message is read, not kept."""
+        1006 and could not tell why."""
+        self.close_too_big(f"over {limit} bytes")
+
+    def close_too_big(self, why: str) -> None:
+        """Close with 4009 for a message too big, ``why`` said in the log. The rest of the
+        message is read, not kept."""
         self.failedByMe = True  # autobahn drops what follows of the message
         self.utf8validateIncomingCurrentMessage = False  # nor checks it
         if self.state == self.STATE_OPEN:
+            logger.info(
+                "Closed a WebSocket from %s: a message %s (4009)", peer_address(self.transport), why
+            )
             self.sendCloseFrame(
                 code=CloseCode.MESSAGE_TOO_BIG.value, reasonUtf8=b"Message too big.", isReply=False
             )

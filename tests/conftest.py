@@ -348,7 +348,7 @@ def logged_ends(caplog: pytest.LogCaptureFixture) -> list[str]:
     for record in caplog.records:
         message = record.getMessage()
         if record.name.startswith("realtime") and message.startswith(
-            ("Ended ", "Refused ", "Dropped ")
+            ("Ended ", "Refused ", "Dropped ", "Closed ")
         ):
             lines.append(message.split(": ", 1)[1] if message.startswith("Ended ") else message)
     return lines

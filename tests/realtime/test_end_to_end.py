@@ -124,8 +124,18 @@ def test_bad_token_is_closed_4401_over_daphne(daphne_server):
 # own limit (1 MiB), the server does, at the frame's header.
 @pytest.mark.parametrize("size", [65537, 1024 * 1024 + 1])
 def test_oversize_frame_is_closed_4009_over_daphne(daphne_server, user, size):
+    """The log says why, at either limit: Daphne's closed without a line."""
     url = f"{daphne_server.ws_url}/ws?token={token_for(user)}"
+
+    def logged() -> int:
+        return daphne_server.log_path.read_text().count("(4009)")
+
+    before = logged()
     async_to_sync(expect_close)(url, 4009, frame="x" * size)
+    deadline = time.monotonic() + 5
+    while logged() == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert logged() == before + 1
 
 
 def test_a_client_sending_faster_than_it_is_answered_is_held_back_not_buffered(daphne_server, user):

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import logging
 import struct
 import time
 
@@ -22,7 +23,7 @@ from realtime.websocket_protocol import (
     FrameWritingWebSocketProtocol,
     frame_header,
 )
-from tests.conftest import patch_task, token_for
+from tests.conftest import logged_ends, patch_task, token_for
 
 
 def parse(data: bytes) -> Frame:
@@ -267,9 +268,10 @@ def fragment(payload: bytes, opcode: int, last: bool) -> bytes:
     return bytes(((0x80 if last else 0) | opcode, 0x80 | len(payload))) + mask + masked
 
 
-def test_a_message_in_too_many_pieces_is_closed_4009():
+def test_a_message_in_too_many_pieces_is_closed_4009(caplog):
     """autobahn keeps each piece as a ``bytes`` of its own: a message of 2-byte frames held
     ~28 MB for every 4 MB sent, however small the message."""
+    caplog.set_level(logging.INFO, logger="realtime")
 
     async def scenario():
         protocol, transport = open_protocol()
@@ -281,6 +283,10 @@ def test_a_message_in_too_many_pieces_is_closed_4009():
     protocol, written = asyncio.run(scenario())
     assert written[:1] == b"\x88" and written[2:4] == (4009).to_bytes(2, "big")
     assert len(protocol.message_data) <= MAX_MESSAGE_PIECES
+    assert logged_ends(caplog) == [
+        "Closed a WebSocket from 192.168.1.1:54321: a message in over"
+        f" {MAX_MESSAGE_PIECES} pieces (4009)"
+    ]
 
 
 def test_a_message_in_as_many_pieces_as_allowed_is_delivered():
