@@ -1,8 +1,9 @@
 """The real-time layer's public entry points for the rest of the project.
 
 Every producer of task changes (signal receivers, views, admin, commands, other
-processes) publishes through ``publish_task_update()``, and of deletions through
-``publish_task_deleted()``; nothing else sends them.
+processes) publishes through ``publish_task_update()``, of deletions through
+``publish_task_deleted()``, and of a message to one user's connections through
+``send_personal_message()``; nothing else sends them.
 """
 
 import asyncio
@@ -225,3 +226,17 @@ async def asend_broadcast(payload: dict[str, Any]) -> Recipients:
 def send_broadcast(payload: dict[str, Any]) -> Recipients:
     """Synchronous form of ``asend_broadcast()`` (``run_sync()``)."""
     return run_sync(asend_broadcast(payload))
+
+
+async def asend_personal_message(user_id: int, payload: dict[str, Any]) -> None:
+    """Send ``payload`` to every live connection of one user, in every process: a
+    WebSocket gets ``{"type": "message", "payload": …}``, an event stream a ``message``
+    event. A user with none gets nothing; nothing is kept for later."""
+    if not isinstance(payload, dict):
+        raise TypeError(f"A personal message's payload is a dict, not {type(payload).__name__}.")
+    await get_connection_manager().send_personal_message(user_id, payload)
+
+
+def send_personal_message(user_id: int, payload: dict[str, Any]) -> None:
+    """Synchronous form of ``asend_personal_message()`` (``run_sync()``)."""
+    run_sync(asend_personal_message(user_id, payload))

@@ -1197,6 +1197,32 @@ def test_what_no_client_could_parse_is_refused_by_the_public_api_and_never_sent(
     assert run(scenario)
 
 
+def test_a_personal_message_reaches_every_connection_of_its_user_and_no_one_else(user, other_user):
+    async def scenario():
+        async with (
+            open_websocket(f"/ws?token={token_for(user)}") as first,
+            open_websocket(f"/ws?token={token_for(user)}") as second,
+            open_websocket(f"/ws?token={token_for(other_user)}") as others,
+        ):
+            for ws in (first, second, others):
+                await connect_user(ws)
+            # From synchronous code (a view, a command), as from async code.
+            await database_sync_to_async(api.send_personal_message)(user.pk, {"n": 1})
+            await api.asend_personal_message(user.pk, {"n": 2})
+            with pytest.raises(TypeError, match="a dict, not list"):
+                await api.asend_personal_message(user.pk, [1])
+            for ws in (first, second):
+                received = [await ws.receive_json_from(timeout=5) for _ in range(2)]
+                assert [(m["type"], m["payload"]) for m in received] == [
+                    ("message", {"n": 1}),
+                    ("message", {"n": 2}),
+                ]
+                assert await ws.receive_nothing(timeout=0.1)
+            assert await others.receive_nothing(timeout=0.3)
+
+    run(scenario)
+
+
 def test_a_failure_in_one_direct_delivery_ends_that_connection_not_the_sender(
     user, task, monkeypatch
 ):

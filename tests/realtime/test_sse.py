@@ -640,7 +640,7 @@ def test_a_task_that_changes_hands_ends_its_place_in_the_stream(user, other_user
                 {"type": "unsubscribed", "task_id": str(task.pk)},
             )
             await api.apublish_task_update(snapshot(task, 3))  # given back: not followed
-            await get_connection_manager().send_personal_message(user.pk, {"end": True})
+            await api.asend_personal_message(user.pk, {"end": True})
             assert (await s.next_event()).type == "message"
             assert await get_connection_manager().count_task_subscribers(task.pk) == 0
 
@@ -663,7 +663,7 @@ def test_a_deleted_task_is_announced_to_the_streams_that_followed_it(user, task)
                 assert await get_connection_manager().count_task_subscribers(task.pk) == 0
                 # An update published before the deletion, arriving after it: dropped.
                 await api.apublish_task_update(snapshot(task, 2))
-                await get_connection_manager().send_personal_message(user.pk, {"end": True})
+                await api.asend_personal_message(user.pk, {"end": True})
                 for stream in (following_all, subscribed):
                     assert (await stream.next_event()).type == "message"
 
@@ -708,7 +708,7 @@ def test_task_ids_limit_the_stream_to_those_tasks(user, task):
             update = await s.next_of("task_update")
             assert update.last_event_id == f"{task.pk}:3"
             assert update.json()["task"]["progress"] == 30
-            await get_connection_manager().send_personal_message(user.pk, {"end": True})
+            await api.asend_personal_message(user.pk, {"end": True})
             assert (await s.next_of("message")).json()["payload"] == {"end": True}
 
     run(scenario)
@@ -780,9 +780,8 @@ def test_broadcast_and_personal_message_pass_their_text_through(user, other_user
             broadcast = await s.next_of("broadcast")
             assert broadcast.json()["payload"] == {"type": "announcement", "message": "hi\nthere"}
             assert broadcast.json()["type"] == "broadcast"
-            manager = get_connection_manager()
-            await manager.send_personal_message(other_user.pk, {"for": "someone else"})
-            await manager.send_personal_message(user.pk, {"for": "you"})
+            await api.asend_personal_message(other_user.pk, {"for": "someone else"})
+            await api.asend_personal_message(user.pk, {"for": "you"})
             assert (await s.next_of("message")).json()["payload"] == {"for": "you"}
 
     run(scenario)
@@ -855,7 +854,7 @@ def test_disconnect_leaves_every_group_and_registry_entry(user, task, disconnect
         # Nothing reaches the channel any more.
         await api.apublish_task_update(snapshot(task, 5))
         await api.asend_broadcast({"message": "anyone?"})
-        await manager.send_personal_message(user.pk, {"x": 1})
+        await api.asend_personal_message(user.pk, {"x": 1})
         # The layer of this process holds neither the channel nor any membership of it.
         channels, members = layer_state(manager.layer)
         assert connection.channel_name not in channels | members
@@ -873,7 +872,7 @@ def test_a_stream_whose_messages_overflow_ends_and_cleans_up(user, disconnected,
             await stream.next_of("connected")
             # group_send does not yield, so the stream cannot drain its queue of 2 meanwhile.
             for number in range(5):
-                await manager.send_personal_message(user.pk, {"number": number})
+                await api.asend_personal_message(user.pk, {"number": number})
             events = await stream.until_end()
             assert [event.json()["payload"]["number"] for event in events] == [0]
         await assert_no_connections()
@@ -1086,7 +1085,6 @@ def test_property_46_events_parse_into_the_expected_event_id_and_data(
     expected.append(("message", last_id, {"end": True}))
 
     async def scenario():
-        manager = get_connection_manager()
         async with InProcessStream(query, headers=headers) as stream:
             assert_stream_headers(stream)
             connected = await stream.next_of("connected")
@@ -1098,8 +1096,8 @@ def test_property_46_events_parse_into_the_expected_event_id_and_data(
                 elif op[0] == "broadcast":
                     await api.asend_broadcast(op[1])
                 else:
-                    await manager.send_personal_message(viewer.pk, op[1])
-            await manager.send_personal_message(viewer.pk, {"end": True})
+                    await api.asend_personal_message(viewer.pk, op[1])
+            await api.asend_personal_message(viewer.pk, {"end": True})
             received = [await stream.next_event() for _ in expected]
         assert stream.parser.retry == 3000
         # One event per block, its JSON on one data line.
