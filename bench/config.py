@@ -66,7 +66,7 @@ class Config:
         return any(not target.is_reference for target in self.targets)
 
 
-def csv(choices: tuple[str, ...]):
+def csv(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
         values = [value.strip() for value in text.split(",") if value.strip()]
         wrong = [value for value in values if value not in choices]

@@ -197,6 +197,8 @@ def check() -> None:
     from django.core.management.base import SystemCheckError
     from django.db import DatabaseError, connections
 
+    from realtime.failures import reason_of
+
     django.setup(set_prefix=False)
     try:
         call_command("check")
@@ -205,8 +207,7 @@ def check() -> None:
     try:
         BaseCommand().check_migrations()
     except DatabaseError as exc:
-        reason = " ".join(str(exc).split())
-        print(f"Warning: the database could not be read: {reason}", file=sys.stderr)
+        print(f"Warning: the database could not be read: {reason_of(exc)}", file=sys.stderr)
     finally:
         connections.close_all()  # the requests' threads open their own
     check_redis()

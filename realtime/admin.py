@@ -8,7 +8,7 @@ from django.contrib.auth import get_user_model
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
-from django.urls import path, reverse
+from django.urls import URLPattern, path, reverse
 from redis.exceptions import RedisError
 
 from realtime import api, broadcasts
@@ -82,7 +82,7 @@ class BroadcastAdmin(admin.ModelAdmin):
         return False
 
     def add_view(
-        self, request: HttpRequest, form_url: str = "", extra_context: dict | None = None
+        self, request: HttpRequest, form_url: str = "", extra_context: dict[str, Any] | None = None
     ) -> HttpResponse:
         """The "send a broadcast" form; the confirmation says how many connections it reached."""
         if not self.has_add_permission(request):
@@ -130,12 +130,12 @@ class LiveConnectionsAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
-    def get_urls(self) -> list:
+    def get_urls(self) -> list[URLPattern]:
         view = self.admin_site.admin_view(self.changelist_view)
         return [path("", view, name="realtime_liveconnections_changelist")]
 
     def changelist_view(
-        self, request: HttpRequest, extra_context: dict | None = None
+        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
     ) -> TemplateResponse:
         if not self.has_view_permission(request):
             raise PermissionDenied

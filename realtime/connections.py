@@ -130,10 +130,6 @@ class Connection:
     def connection_id(self) -> uuid.UUID:
         return self.entry.connection_id
 
-    @property
-    def user_id(self) -> int:
-        return self.entry.user_id
-
     def may_see(self, owner_id: int) -> bool:
         """Whether the user may see a task of this owner: ``visible_tasks()``'s rule, for a
         task whose owner an update names, without a query."""
@@ -252,13 +248,12 @@ class Recipients:
 class ConnectionManager:
     """Connects, subscribes and reaches clients, across every server process."""
 
-    def __init__(self, registry: ConnectionRegistry, layer_alias: str = "default") -> None:
+    def __init__(self, registry: ConnectionRegistry) -> None:
         self.registry = registry
-        self.layer_alias = layer_alias
 
     @property
     def layer(self) -> Any:
-        return get_channel_layer(self.layer_alias)
+        return get_channel_layer()
 
     async def _group_send_all(self, names: list[str], message: dict[str, Any]) -> None:
         """Send to several groups, in one go on a layer that can (the Redis one)."""

@@ -18,7 +18,7 @@ def task_group(task_id: uuid.UUID) -> str:
 
 
 def user_group(user_id: int) -> str:
-    """Every connection of one user, for personal messages."""
+    """Every connection of one user, for personal messages and access changes."""
     return f"user.{user_id}"
 
 

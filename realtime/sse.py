@@ -195,7 +195,7 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
 
     async def end_as_cancelled(self) -> None:
         if self.streaming:  # a stream cut short, without its last chunk, looked broken
-            await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+            await self.send_body(b"")
 
     async def refuse_unavailable(self, receive: Any, send: Any) -> None:
         for message in UNAVAILABLE.messages():

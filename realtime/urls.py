@@ -1,7 +1,7 @@
-from django.urls import re_path
+from django.urls import URLPattern, re_path
 
 from realtime.views import BroadcastView
 
-urlpatterns: list = [
+urlpatterns: list[URLPattern] = [
     re_path(r"^broadcast/?$", BroadcastView.as_view(), name="broadcast"),
 ]

@@ -23,7 +23,10 @@ class PayloadTooLarge(exceptions.APIException):
 
 class LayerUnavailable(exceptions.APIException):
     status_code = status.HTTP_503_SERVICE_UNAVAILABLE
-    default_detail = "The channel layer could not be reached; the broadcast was not recorded."
+    default_detail = (
+        "The channel layer or the connection registry could not be reached; the broadcast "
+        "was not recorded."
+    )
     default_code = "service_unavailable"
 
 

@@ -115,7 +115,7 @@ class FrameWritingWebSocketProtocol(UnreadBytesProducer, WebSocketProtocol):
         self.__dict__ = {k: v for k, v in vars(self).items() if k not in HANDSHAKE_ONLY}
         self.request.headers = self.request.params = {}
 
-    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:  # noqa: N802
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:  # noqa: N802, N803
         # A handshake refused before Daphne's onConnect() (no Sec-WebSocket-Key, say)
         # has nothing of Daphne's to end; its onClose() raised AttributeError for it.
         if hasattr(self, "server"):
@@ -212,7 +212,10 @@ class FrameWritingWebSocketProtocol(UnreadBytesProducer, WebSocketProtocol):
             super().consumeData()
 
     def sendCloseFrame(  # noqa: N802
-        self, code: int | None = None, reasonUtf8: bytes | None = None, isReply: bool = False
+        self,
+        code: int | None = None,
+        reasonUtf8: bytes | None = None,  # noqa: N803 (autobahn's names, passed by keyword)
+        isReply: bool = False,  # noqa: N803
     ) -> None:
         """Once the server closes, the client's messages are dropped unparsed into
         messages and the client is read on, for its answer to the close. Held back, the

@@ -125,7 +125,7 @@ class Task(models.Model):
                 return 0, {}
             return super().delete(using=using, keep_parents=keep_parents)
 
-    def save(self, *args, **kwargs) -> None:
+    def save(self, *args: Any, **kwargs: Any) -> None:
         """Save and advance ``seq``. The stored status and ``seq`` are read under a row
         lock, so that concurrent writers in other processes never reuse a number and no
         save leaves a finished status (``ValidationError``), whoever calls it; nor does

@@ -1,8 +1,11 @@
+from typing import Any
+
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError
 
 from realtime import broadcasts
+from realtime.failures import reason_of
 
 
 class Command(BaseCommand):
@@ -13,7 +16,9 @@ class Command(BaseCommand):
         parser.add_argument("--type", help=f"default: {broadcasts.DEFAULT_TYPE}")
         parser.add_argument("--data", help="JSON object of further fields for the payload")
 
-    def handle(self, *args, message: str, type: str | None, data: str | None, **options) -> None:
+    def handle(
+        self, *args: Any, message: str, type: str | None, data: str | None, **options: Any
+    ) -> None:
         try:
             payload = broadcasts.compose(message=message, type=type, data=data)
             broadcast = broadcasts.send(payload=payload)
@@ -22,9 +27,7 @@ class Command(BaseCommand):
         except broadcasts.BroadcastUnavailable as exc:
             raise CommandError(f"Nothing was sent. {exc}") from None
         except DatabaseError as exc:
-            raise CommandError(
-                f"Could not record the broadcast: {' '.join(str(exc).split())}"
-            ) from None
+            raise CommandError(f"Could not record the broadcast: {reason_of(exc)}") from None
         self.stdout.write(f"Broadcast sent to {broadcast.describe_reach()}.")
 
 

@@ -1,3 +1,5 @@
+from typing import Any
+
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.base_user import AbstractBaseUser
@@ -6,6 +8,7 @@ from django.db import DatabaseError
 
 from mcp_platform.tasks import services
 from mcp_platform.tasks.models import Task
+from realtime.failures import reason_of
 
 USERNAME = "demo"
 PASSWORD = "demo-password"
@@ -21,7 +24,7 @@ class Command(BaseCommand):
             help="where the server is, for the commands it prints (make run passes its PORT)",
         )
 
-    def handle(self, *args, url: str, **options) -> None:
+    def handle(self, *args: Any, url: str, **options: Any) -> None:
         if not settings.DEBUG:
             # A superuser whose password is in the README is a way into any server.
             raise CommandError(
@@ -31,9 +34,7 @@ class Command(BaseCommand):
         try:
             user, task = self.demo_user_and_task()
         except DatabaseError as exc:  # a traceback of some 90 lines, where one says it
-            raise CommandError(
-                f"Could not make the demo user: {' '.join(str(exc).split())}"
-            ) from None
+            raise CommandError(f"Could not make the demo user: {reason_of(exc)}") from None
         url = url.rstrip("/")
         if user.check_password(PASSWORD):
             password, said = PASSWORD, f"password {PASSWORD!r}"
@@ -48,8 +49,7 @@ class Command(BaseCommand):
         )
 
     def demo_user_and_task(self) -> tuple[AbstractBaseUser, Task]:
-        User = get_user_model()
-        user, created = User.objects.get_or_create(
+        user, created = get_user_model().objects.get_or_create(
             username=USERNAME, defaults={"is_staff": True, "is_superuser": True}
         )
         if created:

@@ -10,6 +10,7 @@ from mcp_platform.tasks import services
 from mcp_platform.tasks.models import Status, Task
 from realtime.api import publish_failures
 from realtime.conf import realtime_settings
+from realtime.failures import reason_of
 
 CHANGES = ("status", "progress", "result", "error")
 
@@ -40,7 +41,7 @@ class Command(BaseCommand):
         )
         parser.add_argument("--error", default=argparse.SUPPRESS)
 
-    def handle(self, *args, task_id: str, **options) -> None:
+    def handle(self, *args: Any, task_id: str, **options: Any) -> None:
         changes = {name: options[name] for name in CHANGES if name in options}
         if not changes:
             raise CommandError("Nothing to change: give --status, --progress, --result or --error.")
@@ -54,7 +55,7 @@ class Command(BaseCommand):
             )
             raise CommandError(message) from None
         except DatabaseError as exc:
-            raise CommandError(f"Could not change the task: {' '.join(str(exc).split())}") from None
+            raise CommandError(f"Could not change the task: {reason_of(exc)}") from None
         self.stdout.write(f"{task.pk} {task.status} {task.progress}% seq {task.seq}")
         if failures:
             raise CommandError(
