@@ -27,6 +27,7 @@ from rest_framework_simplejwt.tokens import AccessToken
 # The ASGI application sets Django up again, which configures logging anew and drops the
 # handlers of pytest's caplog: imported here, it does that once, before any test.
 import mcp_platform.asgi  # noqa: F401
+from mcp_platform.tasks import services
 from realtime.conf import realtime_settings
 from realtime.connections import make_registry, reset_connection_manager
 from realtime.redis_registry import RedisRegistry
@@ -108,6 +109,17 @@ def other_user(make_user):
 @pytest.fixture
 def staff_user(make_user):
     return make_user(is_staff=True)
+
+
+@pytest.fixture
+def task(user):
+    """A task of ``user``'s, for tests that watch one."""
+    return services.create_task(owner=user, name="watched")
+
+
+def run(coroutine_function: Callable[[], Any]) -> Any:
+    """Run a test's async scenario to its end, from the test's sync code."""
+    return async_to_sync(coroutine_function)()
 
 
 def token_for(user: Any, lifetime: timedelta | None = None) -> str:

@@ -10,7 +10,6 @@ import logging
 
 import pytest
 import websockets
-from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
@@ -28,16 +27,13 @@ from tests.conftest import (
     connect_user,
     logged_ends,
     open_websocket,
+    run,
     run_manage,
     token_for,
 )
 from tests.sse import InProcessStream
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def run(coroutine_function):
-    return async_to_sync(coroutine_function)()
 
 
 async def request(ws, message: dict) -> dict:

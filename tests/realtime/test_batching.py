@@ -6,14 +6,11 @@ from asgiref.sync import ThreadSensitiveContext, async_to_sync, sync_to_async
 from channels.db import database_sync_to_async
 
 from realtime.batching import Batcher
+from tests.conftest import run
 
 # Most fetches here run through database_sync_to_async, as the project's database reads
 # do; it checks the database connection.
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def run(coroutine_function):
-    return async_to_sync(coroutine_function)()
 
 
 def recording_batcher(**options) -> tuple[Batcher, list[list]]:

@@ -10,7 +10,6 @@ from datetime import timedelta
 
 import channels.auth
 import pytest
-from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
@@ -36,14 +35,11 @@ from tests.conftest import (
     logged_ends,
     make_communicator,
     open_websocket,
+    run,
     token_for,
 )
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def run(coroutine_function):
-    return async_to_sync(coroutine_function)()
 
 
 async def request(communicator, message, timeout=5):
@@ -56,11 +52,6 @@ async def request(communicator, message, timeout=5):
 async def assert_closed_with(communicator, code):
     output = await communicator.receive_output(timeout=5)
     assert output == {"type": "websocket.close", "code": code}
-
-
-@pytest.fixture
-def task(user):
-    return services.create_task(owner=user, name="watched")
 
 
 def test_connected_names_the_connection_and_user(user):

@@ -4,15 +4,10 @@ import asyncio
 import logging
 
 import pytest
-from asgiref.sync import async_to_sync
 from channels.exceptions import ChannelFull
 
 from realtime.layers import OVERFLOW, ChannelQueue, InMemoryChannelLayer
-from tests.conftest import logged_ends, open_websocket, token_for
-
-
-def run(coroutine_function):
-    return async_to_sync(coroutine_function)()
+from tests.conftest import logged_ends, open_websocket, run, token_for
 
 
 def test_send_and_receive_in_order():

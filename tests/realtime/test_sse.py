@@ -9,7 +9,6 @@ from datetime import datetime, timedelta
 
 import channels.auth
 import pytest
-from asgiref.sync import async_to_sync
 from asgiref.testing import ApplicationCommunicator
 from channels.db import database_sync_to_async
 from django.conf import settings
@@ -27,7 +26,7 @@ from mcp_platform.tasks.realtime import TaskSource
 from realtime import api, auth, checks, protocol, sse
 from realtime.connections import ConnectionManager, Transport, get_connection_manager
 from realtime.sources import TaskSnapshot
-from tests.conftest import logged_ends, token_for
+from tests.conftest import logged_ends, run, token_for
 from tests.sse import Event, EventStreamParser, InProcessStream, bearer, parse_all
 
 #: The endpoint's tests: the application reaches the database from threads of its own.
@@ -39,10 +38,6 @@ STREAM_HEADERS = {
     "X-Accel-Buffering": ["no"],
     "Connection": ["keep-alive"],
 }
-
-
-def run(coroutine_function):
-    return async_to_sync(coroutine_function)()
 
 
 def realtime_override(**values):
@@ -60,11 +55,6 @@ async def assert_no_connections(task_ids=()) -> None:
     assert await manager.count_connections() == 0
     for task_id in task_ids:
         assert await manager.count_task_subscribers(task_id) == 0
-
-
-@pytest.fixture
-def task(user):
-    return services.create_task(owner=user, name="watched")
 
 
 @pytest.fixture

@@ -34,11 +34,6 @@ def heartbeat_server(django_db_setup, django_db_blocker, tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture
-def task(user):
-    return services.create_task(owner=user, name="streamed")
-
-
 def assert_update(event, task, patched: dict, seq: int) -> None:
     assert event.type == "task_update"
     assert event.last_event_id == f"{task.pk}:{seq}"

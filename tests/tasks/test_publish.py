@@ -55,11 +55,6 @@ def watch(user, task, change, *, expect_update: bool = True):
     return update
 
 
-@pytest.fixture
-def task(user):
-    return services.create_task(owner=user, name="watched")
-
-
 def test_plain_model_save_publishes(user, task):
     def change():
         task.progress = 30
