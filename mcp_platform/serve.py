@@ -148,7 +148,7 @@ def prepare() -> None:
     unproxied_twisted_http()
     from daphne import cli
 
-    from realtime import http_protocol, server, websocket_protocol
+    from realtime import http_protocol, redaction, server, websocket_protocol
 
     http_protocol.install()
     websocket_protocol.install()
@@ -163,7 +163,7 @@ def prepare() -> None:
             if protocol == "websocket" and action == "connecting":
                 return  # WSCONNECT or WSREJECT follows at once
             if "path" in details:
-                details = {**details, "path": http_protocol.redact(details["path"])}
+                details = {**details, "path": redaction.redact(details["path"])}
             super().__call__(protocol, action, details)
 
     cli.AccessLogGenerator = RedactingAccessLog

@@ -14,43 +14,20 @@ Twisted from writing an access log line of its own.
 """
 
 import functools
-import json
 import logging
-import re
 from typing import Any
-from urllib.parse import unquote_plus
 
 import daphne.http_protocol
 import daphne.server
 from daphne.http_protocol import HTTPFactory, WebRequest
 from django.conf import settings
 
-from realtime.protocol import FRAMINGS_KEPT, body_too_large
+from realtime.protocol import FRAMINGS_KEPT, HttpErrorCode, body_too_large, error_body
 from realtime.reactor import write_now
-from realtime.redaction import redact_tokens
+from realtime.redaction import redact
 from realtime.slow_clients import UnreadBytesProducer, peer_address
 
 logger = logging.getLogger(__name__)
-
-
-def redact(path: str) -> str:
-    """``path`` with the value of each ``token`` query parameter replaced, its name read
-    as the server reads it (``%74oken`` is ``token`` too), and as a client might have
-    mistyped it (``token+=``, ``Token=``, ``token%3D…``, ``x=1;token=…``, ``x=1%26token=…``):
-    those are no token to the server, but what follows them may well be one. A JWT
-    anywhere else in it is replaced too (``redact_tokens()``)."""
-    path = redact_tokens(path)
-    base, mark, query = path.partition("?")
-    if not mark:
-        return path
-    parameters = []
-    for parameter in query.split("&"):
-        pieces = re.split("[&;]", unquote_plus(parameter))
-        if any(piece.partition("=")[0].strip().lower() == "token" for piece in pieces):
-            name, equals, _ = parameter.partition("=")
-            parameter = f"{name}=[redacted]" if equals else "[redacted]"
-        parameters.append(parameter)
-    return f"{base}?{'&'.join(parameters)}"
 
 
 @functools.lru_cache(maxsize=FRAMINGS_KEPT)
@@ -71,7 +48,7 @@ def is_event_stream(headers: Any) -> bool:
 def payload_too_large(limit: int) -> bytes:
     """The whole answer to a request whose body is over ``limit`` bytes, as the API's
     errors are: JSON ``{"code", "detail"}``. The connection is closed after it."""
-    body = json.dumps({"code": "payload_too_large", "detail": body_too_large(limit)}).encode()
+    body = error_body(HttpErrorCode.PAYLOAD_TOO_LARGE, body_too_large(limit))
     head = (
         b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)

@@ -50,12 +50,13 @@ class ErrorCode(enum.StrEnum):
 
 
 class HttpErrorCode(enum.StrEnum):
-    """The ``code`` of a refusal of ``/events`` that no WebSocket error shares (its JSON
-    answer before any stream; the others are ``ErrorCode``'s)."""
+    """The ``code`` of an HTTP refusal that no WebSocket error shares: of ``/events`` (its
+    JSON answer before any stream; the others are ``ErrorCode``'s) and of a body too large."""
 
     NOT_AUTHENTICATED = "not_authenticated"
     BAD_REQUEST = "bad_request"
     METHOD_NOT_ALLOWED = "method_not_allowed"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
 
 
 class ProtocolError(Exception):
@@ -143,6 +144,12 @@ def body_too_large(limit: int) -> str:
     """What every endpoint says of a request body over ``limit`` bytes (413
     ``payload_too_large``), whether the server or the application refuses it."""
     return f"The body must be at most {limit} bytes."
+
+
+def error_body(code: str, detail: str) -> bytes:
+    """The JSON body of an HTTP refusal that no DRF view answers (``/events``, a body the
+    server refuses as it arrives), in the REST API's shape."""
+    return encode({"code": code, "detail": detail}).encode()
 
 
 def now_iso() -> str:

@@ -88,7 +88,7 @@ class Refused(Exception):
         return headers
 
     def body(self) -> bytes:
-        return protocol.encode({"code": self.code, "detail": self.detail}).encode()
+        return protocol.error_body(self.code, self.detail)
 
     def messages(self) -> list[dict[str, Any]]:
         """The whole response, as the ASGI messages that send it."""

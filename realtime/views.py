@@ -12,13 +12,13 @@ from rest_framework.views import APIView
 from realtime import broadcasts
 from realtime.conf import realtime_settings
 from realtime.parsers import JSONParser
-from realtime.protocol import body_too_large
+from realtime.protocol import HttpErrorCode, body_too_large
 
 
 class PayloadTooLarge(exceptions.APIException):
     status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
     default_detail = "The request body is too large."
-    default_code = "payload_too_large"
+    default_code = HttpErrorCode.PAYLOAD_TOO_LARGE
 
 
 class LayerUnavailable(exceptions.APIException):

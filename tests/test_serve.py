@@ -20,8 +20,9 @@ import uvloop
 from mcp_platform import checkpoints
 from mcp_platform.serve import LinesPerTurn, PrettyWhenWritten
 from mcp_platform.tasks import services
-from realtime.http_protocol import BoundedWebRequest, redact
+from realtime.http_protocol import BoundedWebRequest
 from realtime.reactor import new_event_loop
+from realtime.redaction import redact
 from realtime.server import INCOMING_LIMIT, INCOMING_RESUME, NowaitServer, ReadingQueue
 from tests.conftest import ROOT, LiveServer, free_port, server_database_url, start_server, token_for
 
