@@ -67,7 +67,7 @@ end
 
 
 class RedisRegistry(ConnectionRegistry):
-    def __init__(self, url: str, *, lease_seconds: float = 60.0, prefix: str = "mcp") -> None:
+    def __init__(self, url: str, *, lease_seconds: float, prefix: str) -> None:
         self.url = url
         self.lease_seconds = lease_seconds
         #: Keys start with this, so deployments (and test runs) can share one Redis.

@@ -137,9 +137,9 @@ def test_counts_are_shared_by_every_process(redis_server):
 @pytest.mark.redis
 def test_glob_characters_in_a_prefix_match_only_themselves(redis_server):
     base = realtime_settings.REDIS_PREFIX
-    registry = RedisRegistry(redis_server, prefix=f"{base}[x]")
+    registry = RedisRegistry(redis_server, lease_seconds=60.0, prefix=f"{base}[x]")
     # Its keys would match the other's SCAN patterns if "[x]" were taken as a glob.
-    lookalike = RedisRegistry(redis_server, prefix=f"{base}x")
+    lookalike = RedisRegistry(redis_server, lease_seconds=60.0, prefix=f"{base}x")
 
     async def scenario():
         await populate(lookalike)

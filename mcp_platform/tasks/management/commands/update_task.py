@@ -12,7 +12,8 @@ from realtime.api import publish_failures
 from realtime.conf import realtime_settings
 from realtime.failures import reason_of
 
-CHANGES = ("status", "progress", "result", "error")
+#: The fields the command changes: every one the service updates but the name.
+CHANGES = tuple(field for field in services.UPDATABLE if field != "name")
 
 
 def json_value(text: str) -> Any:
