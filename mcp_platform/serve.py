@@ -173,9 +173,9 @@ def serve_requests_on(loop: asyncio.AbstractEventLoop) -> None:
     """Tell the real-time app that ``loop`` serves requests for the process's life: a
     request then waits for its change's publish at most ``REALTIME_PUBLISH_WAIT_SECONDS``.
     (Once the apps are loaded: ``realtime.api`` imports models.)"""
-    from realtime import api
+    from realtime import sync
 
-    api.set_server_loop(loop)
+    sync.set_server_loop(loop)
 
 
 def checkpoint_in_background() -> None:

@@ -11,7 +11,7 @@ from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from redis.exceptions import RedisError
 
-from realtime import api, broadcasts
+from realtime import broadcasts, sync
 from realtime.conf import realtime_settings
 from realtime.connections import get_connection_manager
 from realtime.failures import failure_text
@@ -140,7 +140,7 @@ class LiveConnectionsAdmin(admin.ModelAdmin):
         if not self.has_view_permission(request):
             raise PermissionDenied
         try:
-            overview = api.run_sync(get_connection_manager().overview())
+            overview = sync.run_sync(get_connection_manager().overview())
         except (RedisError, OSError) as exc:  # it was a 500, with a traceback logged
             self.message_user(
                 request,

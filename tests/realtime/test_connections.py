@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mcp_platform.tasks import services
-from realtime import api, connections, groups
+from realtime import api, connections, groups, sync
 from realtime.connections import Connection, ConnectionManager, Transport
 from realtime.layers import InMemoryChannelLayer
 from realtime.registry import Entry, LocalRegistry
@@ -337,7 +337,7 @@ def stalled_publish(settings, monkeypatch) -> Iterator[TaskSnapshot]:
 
     monkeypatch.setattr(ConnectionManager, "send_task_update", stalled)
     yield TaskSnapshot(task_id=uuid.uuid4(), owner_id=1, seq=2, state={})
-    api.set_server_loop(None)
+    sync.set_server_loop(None)
 
 
 def test_a_request_waits_for_its_publish_at_most_the_wait_in_a_server(stalled_publish, caplog):
@@ -345,7 +345,7 @@ def test_a_request_waits_for_its_publish_at_most_the_wait_in_a_server(stalled_pu
     for its thread with it."""
 
     async def server():  # the request in a thread of its own, as the server runs it
-        api.set_server_loop(asyncio.get_running_loop())
+        sync.set_server_loop(asyncio.get_running_loop())
         started = time.monotonic()
         await sync_to_async(api.publish_task_update, thread_sensitive=False)(stalled_publish)
         waited = time.monotonic() - started
@@ -359,22 +359,22 @@ def test_a_request_waits_for_its_publish_at_most_the_wait_in_a_server(stalled_pu
 def test_a_request_never_waits_for_a_server_loop_that_has_stopped(stalled_publish):
     """Once SIGTERM had stopped it, a request thread's call on it waited for ever."""
     stopped = asyncio.new_event_loop()  # never runs, as once a server has stopped
-    api.set_server_loop(stopped)
+    sync.set_server_loop(stopped)
 
     async def never_runs():
         raise AssertionError("ran")
 
     try:
         started = time.monotonic()
-        with pytest.raises(api.ServerStopping):
-            api.run_sync(never_runs())
-        with pytest.raises(api.ServerStopping):
+        with pytest.raises(sync.ServerStopping):
+            sync.run_sync(never_runs())
+        with pytest.raises(sync.ServerStopping):
             api.publish_task_update(stalled_publish)
-        assert time.monotonic() - started < 2 * api.LOOP_CHECK_SECONDS + 0.5
+        assert time.monotonic() - started < 2 * sync.LOOP_CHECK_SECONDS + 0.5
     finally:
         stopped.close()
-    with pytest.raises(api.ServerStopping, match="has stopped"):
-        api.run_sync(never_runs())
+    with pytest.raises(sync.ServerStopping, match="has stopped"):
+        sync.run_sync(never_runs())
 
 
 def test_a_call_under_way_when_the_server_loop_stops_is_server_stopping():
@@ -383,7 +383,7 @@ def test_a_call_under_way_when_the_server_loop_stops_is_server_stopping():
     loop = asyncio.new_event_loop()
     running = threading.Thread(target=loop.run_forever)
     running.start()
-    api.set_server_loop(loop)
+    sync.set_server_loop(loop)
 
     async def with_cleanup():  # as redis-py's commands, which disconnect on the loop
         try:
@@ -394,11 +394,11 @@ def test_a_call_under_way_when_the_server_loop_stops_is_server_stopping():
     try:
         loop.call_soon_threadsafe(loop.call_later, 0.3, loop.stop)
         started = time.monotonic()
-        with pytest.raises(api.ServerStopping):
-            api.run_sync(with_cleanup())
+        with pytest.raises(sync.ServerStopping):
+            sync.run_sync(with_cleanup())
         assert time.monotonic() - started < 2
     finally:
-        api.set_server_loop(None)
+        sync.set_server_loop(None)
         running.join(5)
         loop.run_until_complete(asyncio.sleep(0.1))  # the call, cancelled, ends
         loop.close()
@@ -422,8 +422,8 @@ def test_a_calls_own_timeout_is_raised_as_it_is_not_as_outlasting_the_wait(stall
         raise TimeoutError("Redis did not answer in time")
 
     async def server():
-        api.set_server_loop(asyncio.get_running_loop())
-        call = functools.partial(api.run_sync, times_out(), wait=5)
+        sync.set_server_loop(asyncio.get_running_loop())
+        call = functools.partial(sync.run_sync, times_out(), wait=5)
         with pytest.raises(TimeoutError, match="Redis did not answer"):
             await sync_to_async(call, thread_sensitive=False)()
 
