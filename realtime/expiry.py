@@ -1,5 +1,5 @@
-"""When connections' tokens expire: one timer per second of expiry, shared by every
-connection of the event loop whose token ends in that second.
+"""When connections' deadlines pass (a token's expiry, a session's next check): one timer per
+second, shared by every connection of the event loop whose deadline falls in that second.
 
 A timer per connection cost ~2% of a connect's instructions and ~1 KiB of its memory
 (docs/performance.md). Tokens minted in the same second expire in the same second (a JWT's
@@ -14,7 +14,7 @@ from typing import Protocol
 
 
 class Expiring(Protocol):
-    def token_expired(self) -> None: ...
+    def deadline_passed(self) -> None: ...
 
 
 #: By event loop (each test runs its own): the watchers due, by second.
@@ -22,7 +22,7 @@ _due: dict[asyncio.AbstractEventLoop, dict[int, set[Expiring]]] = {}
 
 
 def watch(expires_at: float, watcher: Expiring) -> None:
-    """Call ``watcher.token_expired()`` once the wall clock passes ``expires_at``."""
+    """Call ``watcher.deadline_passed()`` once the wall clock passes ``expires_at``."""
     loop = asyncio.get_running_loop()
     due = _due.setdefault(loop, {})
     second = math.ceil(expires_at)
@@ -46,4 +46,4 @@ def _expire(loop: asyncio.AbstractEventLoop, second: int) -> None:
     if not due:
         del _due[loop]
     for watcher in watchers:
-        watcher.token_expired()
+        watcher.deadline_passed()

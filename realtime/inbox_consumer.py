@@ -27,8 +27,9 @@ from realtime.protocol import SseEvent
 
 logger = logging.getLogger(__name__)
 
-#: What goes in a connection's inbox when its token expires (``realtime.expiry``).
-TOKEN_EXPIRED = "realtime.token_expired"
+#: What goes in a connection's inbox when its token expires or its session is due a check
+#: (``realtime.expiry``).
+DEADLINE_PASSED = "realtime.deadline_passed"
 #: Seconds before an expiry that found the inbox full tries again; a full inbox is being read.
 EXPIRY_RETRY_SECONDS = 1.0
 #: Seconds a connection of a server that is stopping may take to leave its groups and the
@@ -257,12 +258,12 @@ class InboxConsumerMixin:
         session = self.scope.get("session")
         return None if session is None else session.session_key
 
-    def token_expired(self) -> None:
+    def deadline_passed(self) -> None:
         """Called by ``realtime.expiry``: the consumer checks the session again, or ends
-        the connection, when it takes this from its inbox (``realtime_token_expired()``)."""
+        the connection, when it takes this from its inbox (``realtime_deadline_passed()``)."""
         self.put_deadline(
             {
-                "type": TOKEN_EXPIRED,
+                "type": DEADLINE_PASSED,
                 "expires_at": self.expires_at,
                 "session_check_at": self.session_check_at,
             }
@@ -276,7 +277,7 @@ class InboxConsumerMixin:
         if not self.inbox.put_nowait(message):  # a full inbox is being read: soon again
             asyncio.get_running_loop().call_later(EXPIRY_RETRY_SECONDS, self.put_deadline, message)
 
-    async def realtime_token_expired(self, event: dict[str, Any]) -> None:
+    async def realtime_deadline_passed(self, event: dict[str, Any]) -> None:
         """The token expired, or the session was due a check, unless other credentials
         replaced them while this waited in the inbox. Credentials that lapsed end the
         connection: nothing more is sent, and the transport ends it (``end_expired()``)."""

@@ -27,7 +27,7 @@ from realtime.connections import get_connection_manager
 from realtime.consumers import TaskConsumer, utf8_length_exceeds
 from realtime.failures import failure_text
 from realtime.inbox import Inbox
-from realtime.inbox_consumer import TOKEN_EXPIRED
+from realtime.inbox_consumer import DEADLINE_PASSED
 from realtime.protocol import CloseCode, expiry_iso
 from realtime.sources import TaskSnapshot
 from tests.conftest import (
@@ -859,7 +859,7 @@ def first_expiry_refused(monkeypatch) -> list:
     put_nowait = Inbox.put_nowait
 
     def full_once(self, item):
-        if item.get("type") == TOKEN_EXPIRED and not refused:
+        if item.get("type") == DEADLINE_PASSED and not refused:
             refused.append(item)
             return False
         return put_nowait(self, item)

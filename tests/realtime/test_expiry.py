@@ -10,7 +10,7 @@ class Watcher:
     def __init__(self, name: str, expired: list[str]) -> None:
         self.name, self.expired = name, expired
 
-    def token_expired(self) -> None:
+    def deadline_passed(self) -> None:
         self.expired.append(self.name)
 
 
