@@ -171,8 +171,7 @@ def prepare() -> None:
 
 def serve_requests_on(loop: asyncio.AbstractEventLoop) -> None:
     """Tell the real-time app that ``loop`` serves requests for the process's life: a
-    request then waits for its change's publish at most ``REALTIME_PUBLISH_WAIT_SECONDS``.
-    (Once the apps are loaded: ``realtime.api`` imports models.)"""
+    request then waits for its change's publish at most ``REALTIME_PUBLISH_WAIT_SECONDS``."""
     from realtime import sync
 
     sync.set_server_loop(loop)

@@ -32,9 +32,10 @@ the stock layer as the ``set`` it would make), its ``channels`` dict of queues, 
 the shard receivers with ``put_nowait()`` for any message whose channel is in it (a
 pattern's messages included), its ``_get_group_channel_name()`` and ``_get_shard()``, and
 its shards' ``_lock`` (a ``ShardLock`` here, put in before first use), ``_ensure_redis()``,
-``_ensure_receiver()``, ``_subscribed_to``, and ``subscribe()``, ``_do_receiving()`` and
-``_receive_message()`` (looked up on the shard, so that a shard can have its own), and
-redis-py ``_redis`` and ``_pubsub``, whose ``channels`` and ``on_connect()`` it uses too.
+``_ensure_receiver()``, ``_subscribed_to``, and ``subscribe()``, ``unsubscribe()``,
+``_do_receiving()`` and ``_receive_message()`` (looked up on the shard, so that a shard can
+have its own), and redis-py ``_redis`` and ``_pubsub``, whose ``channels`` and
+``on_connect()`` it uses too.
 
 A member joins a group once Redis has confirmed the group's subscription
 (``_subscribe_confirmed()``), so that what is published after the join reaches it.
@@ -174,6 +175,18 @@ async def _subscribe_confirmed(shard: RedisSingleShardConnection, channel: str) 
         # What waits may never be confirmed: the next members to join do not wait for it.
         shard._confirmations.pop(channel, None)
         raise RedisTimeoutError(f"Redis did not confirm the subscription to {channel}.") from None
+
+
+async def _unsubscribe(shard: RedisSingleShardConnection, channel: str) -> None:
+    """The stock layer's UNSUBSCRIBE, which may find the channel forgotten meanwhile: a
+    reconnection that the command itself makes forgets a group left
+    (``_resubscribe_held()``), and the stock one raised KeyError then."""
+    async with shard._lock:
+        if channel in shard._subscribed_to:
+            shard._ensure_redis()
+            shard._ensure_receiver()
+            await shard._pubsub.unsubscribe(channel)
+            shard._subscribed_to.discard(channel)
 
 
 def _confirm(shard: RedisSingleShardConnection, channel: str) -> None:
@@ -347,6 +360,7 @@ class RedisPubSubChannelLayer(StockLayer):
                 # Channel: the confirmations its SUBSCRIBEs await, oldest first.
                 shard._confirmations: dict[str, collections.deque[asyncio.Future[None]]] = {}
                 shard.subscribe = functools.partial(_subscribe_confirmed, shard)
+                shard.unsubscribe = functools.partial(_unsubscribe, shard)
                 shard._ensure_redis = functools.partial(_ensure_redis, shard)
                 shard._do_receiving = functools.partial(_receive_confirming, shard)
         return layer

@@ -829,6 +829,39 @@ def test_a_group_left_while_redis_was_away_is_not_listened_to_once_it_returns(
     assert [channel.rsplit(b"__group__", 1)[1] for channel in channels] == [b"staying"]
 
 
+def test_a_group_left_just_as_redis_is_reached_again_is_left_and_can_be_joined_again(
+    redis_server,
+):
+    """An UNSUBSCRIBE that is the first command after Redis closed the connection reconnects,
+    and the reconnection forgets the group being left: the stock layer's own bookkeeping of
+    it then raised KeyError, and the connection leaving ended with a traceback."""
+    layer = make_layer(redis_server)
+    other = RedisPubSubChannelLayer(hosts=[redis_server], prefix=layer.prefix)
+
+    async def scenario() -> dict:
+        channel = await layer.new_channel()
+        await layer.group_add("staying", channel)
+        await layer.group_add("leaving", channel)
+        pubsub = layer._get_layer()._shards[0]._pubsub
+        unsubscribe = pubsub.unsubscribe
+
+        async def reconnecting_first(*channels):
+            # What redis-py's command does on a connection Redis closed (the receiver,
+            # reading the same connection, is left out of it here).
+            await pubsub.on_connect(pubsub.connection)
+            return await unsubscribe(*channels)
+
+        pubsub.unsubscribe = reconnecting_first
+        await layer.group_discard("leaving", channel)
+        del pubsub.unsubscribe
+        # Left for good, and joined again as any group is: its messages arrive.
+        await layer.group_add("leaving", channel)
+        await other.group_send("leaving", {"type": "back"})
+        return await asyncio.wait_for(layer.receive(channel), 2)
+
+    assert async_to_sync(scenario)() == {"type": "back"}
+
+
 def test_members_joining_while_redis_confirms_the_first_wait_for_it(redis_server):
     async def scenario() -> tuple[list[bool], dict]:
         async with (
