@@ -137,9 +137,7 @@ async def asend_broadcast(payload: dict[str, Any]) -> Recipients:
     """Deliver a broadcast's payload, as it is, to every live connection; returns how many
     were reached. This is the delivery step of ``realtime.broadcasts.send()``, the entry
     point that validates and records a broadcast: use that."""
-    if not isinstance(payload, dict):
-        raise TypeError(f"A broadcast's payload is a dict, not {type(payload).__name__}.")
-    return await get_connection_manager().broadcast(payload)
+    return await get_connection_manager().broadcast(_object(payload, "A broadcast"))
 
 
 def send_broadcast(payload: dict[str, Any]) -> Recipients:
@@ -151,11 +149,18 @@ async def asend_personal_message(user_id: int, payload: dict[str, Any]) -> None:
     """Send ``payload`` to every live connection of one user, in every process: a
     WebSocket gets ``{"type": "message", "payload": …}``, an event stream a ``message``
     event. A user with none gets nothing; nothing is kept for later."""
-    if not isinstance(payload, dict):
-        raise TypeError(f"A personal message's payload is a dict, not {type(payload).__name__}.")
+    payload = _object(payload, "A personal message")
     await get_connection_manager().send_personal_message(user_id, payload)
 
 
 def send_personal_message(user_id: int, payload: dict[str, Any]) -> None:
-    """Synchronous form of ``asend_personal_message()`` (``run_sync()``)."""
-    run_sync(asend_personal_message(user_id, payload))
+    """Synchronous form of ``asend_personal_message()``, waiting for it as a publish is
+    waited for (``_publish_sync()``): a request is not held for as long as Redis stalls."""
+    _publish_sync(asend_personal_message(user_id, payload), f"a message to user {user_id}")
+
+
+def _object(payload: Any, what: str) -> dict[str, Any]:
+    """``payload``, which clients receive as a JSON object; ``TypeError`` if it is none."""
+    if not isinstance(payload, dict):
+        raise TypeError(f"{what}'s payload is a dict, not {type(payload).__name__}.")
+    return payload
