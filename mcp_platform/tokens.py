@@ -5,12 +5,52 @@ from typing import Any
 
 import jwt
 from django.contrib.auth import get_user_model
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.db.models import Model
+from django.utils.translation import gettext_lazy as _
 from jwt.algorithms import HMACAlgorithm
 from jwt.utils import force_bytes
 from rest_framework.exceptions import AuthenticationFailed
-from rest_framework_simplejwt import serializers
+from rest_framework_simplejwt import authentication, exceptions, serializers
 from rest_framework_simplejwt.settings import api_settings as jwt_settings
+from rest_framework_simplejwt.tokens import Token
 from rest_framework_simplejwt.utils import get_md5_hash_password
+
+from mcp_platform.prepared import PreparedGet
+
+
+class JWTAuthentication(authentication.JWTAuthentication):
+    """simplejwt's, with the same checks and refusals, except that the user is read with
+    SQL compiled once (``mcp_platform.prepared``): built by the ORM for each request, that
+    read was a tenth of the CPU of a task's PATCH."""
+
+    def get_user(self, validated_token: Token) -> AbstractBaseUser:
+        try:
+            user_id = validated_token[jwt_settings.USER_ID_CLAIM]
+        except KeyError:
+            raise exceptions.InvalidToken(
+                _("Token contained no recognizable user identification")
+            ) from None
+        try:
+            user = _users_by(self.user_model, jwt_settings.USER_ID_FIELD).get(user_id)
+        except self.user_model.DoesNotExist:
+            raise exceptions.AuthenticationFailed(
+                _("User not found"), code="user_not_found"
+            ) from None
+        if jwt_settings.CHECK_USER_IS_ACTIVE and not user.is_active:
+            raise exceptions.AuthenticationFailed(_("User is inactive"), code="user_inactive")
+        if jwt_settings.CHECK_REVOKE_TOKEN and validated_token.get(
+            jwt_settings.REVOKE_TOKEN_CLAIM
+        ) != get_md5_hash_password(user.password):
+            raise exceptions.AuthenticationFailed(
+                _("The user's password has been changed."), code="password_changed"
+            )
+        return user
+
+
+@functools.lru_cache(maxsize=8)
+def _users_by(model: type[Model], field: str) -> PreparedGet:
+    return PreparedGet(lambda: model.objects.all(), field)
 
 
 class TokenRefreshSerializer(serializers.TokenRefreshSerializer):

@@ -1,11 +1,19 @@
-"""PyJWT checks an HMAC secret once per process, and refuses the same secrets as before."""
+"""PyJWT checks an HMAC secret once per process, and refuses the same secrets as before; the
+API's token authentication answers as simplejwt's."""
 
 import secrets
 
 import jwt
 import pytest
 from jwt.algorithms import HMACAlgorithm
+from rest_framework.exceptions import APIException
+from rest_framework.request import Request
+from rest_framework.test import APIClient, APIRequestFactory
+from rest_framework_simplejwt import authentication
+from rest_framework_simplejwt.settings import api_settings as jwt_settings
 from rest_framework_simplejwt.tokens import AccessToken
+
+from mcp_platform.tokens import JWTAuthentication
 
 PEM_SECRET = (
     "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----"
@@ -57,3 +65,53 @@ def test_the_apis_tokens_are_signed_and_verified_with_the_secret_checked_before(
     for _ in range(3):
         AccessToken(str(AccessToken.for_user(user)))
     assert der_checks == []
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "case", ["valid", "deleted", "inactive", "password_changed", "no_user_claim", "claim_as_text"]
+)
+def test_the_apis_token_authentication_answers_as_simplejwts_does(user, case):
+    """The project's reads the user with SQL compiled once; what it accepts and refuses,
+    and with which codes, is simplejwt's."""
+    token = AccessToken.for_user(user)
+    if case == "no_user_claim":
+        del token[jwt_settings.USER_ID_CLAIM]
+    elif case == "claim_as_text":
+        token[jwt_settings.USER_ID_CLAIM] = str(user.pk)
+    elif case == "deleted":
+        user.delete()
+    elif case == "inactive":
+        user.is_active = False
+        user.save()
+    elif case == "password_changed":
+        user.set_password("another-secret-9")
+        user.save()
+    request = APIRequestFactory().get("/", HTTP_AUTHORIZATION=f"Bearer {token}")
+
+    def outcome(authentication: type) -> tuple:
+        try:
+            found, _ = authentication().authenticate(Request(request))
+        except APIException as exc:
+            return type(exc), exc.detail, exc.get_codes()
+        return "accepted", found.pk, found.password
+
+    ours = outcome(JWTAuthentication)
+    assert ours == outcome(authentication.JWTAuthentication)
+    assert (ours[0] == "accepted") == (case in ("valid", "claim_as_text"))
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
+    response = api.get("/api/tasks/")
+    if ours[0] == "accepted":
+        assert response.status_code == 200
+    else:
+        assert response.status_code == 401
+        assert (
+            response.json()["code"]
+            == {
+                "deleted": "user_not_found",
+                "inactive": "user_inactive",
+                "password_changed": "password_changed",
+                "no_user_claim": "token_not_valid",
+            }[case]
+        )

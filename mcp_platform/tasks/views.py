@@ -4,6 +4,7 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import QuerySet
+from django.http import Http404
 from django.utils import timezone
 from rest_framework import mixins, viewsets
 from rest_framework.exceptions import NotFound
@@ -15,7 +16,7 @@ from rest_framework.serializers import BaseSerializer
 from mcp_platform.api import as_api_validation_error
 from mcp_platform.tasks import services
 from mcp_platform.tasks.models import Task
-from mcp_platform.tasks.selectors import visible_tasks
+from mcp_platform.tasks.selectors import visible_task_for_update, visible_tasks
 from mcp_platform.tasks.serializers import TaskSerializer
 
 
@@ -64,10 +65,20 @@ class TaskViewSet(
     http_method_names = ["get", "post", "patch", "head", "options"]
 
     def get_queryset(self) -> QuerySet[Task]:
-        tasks = visible_tasks(self.request.user)
-        if self.request.method == "PATCH":
-            return tasks.select_for_update()  # see update()
-        return tasks
+        return visible_tasks(self.request.user)
+
+    def get_object(self) -> Task:
+        """For a PATCH, the task read under its row lock (see ``update()``)."""
+        if self.request.method != "PATCH":
+            return super().get_object()
+        try:
+            task = visible_task_for_update(
+                self.request.user, self.kwargs[self.lookup_url_kwarg or self.lookup_field]
+            )
+        except (Task.DoesNotExist, TypeError, ValueError, ValidationError):
+            raise Http404 from None  # as DRF's get_object() answers a malformed id
+        self.check_object_permissions(self.request, task)
+        return task
 
     def perform_create(self, serializer: BaseSerializer) -> None:
         try:

@@ -213,6 +213,16 @@ def test_unknown_task_and_unknown_path_are_404_json(user):
     assert_error(api_client(user).get("/api/no-such-thing/"), 404, "not_found")
 
 
+@pytest.mark.parametrize("task_id", [uuid.uuid4(), "not-a-uuid", "1"])
+def test_a_patch_of_no_task_is_404_json_for_users_and_staff(user, staff_user, task, task_id):
+    for client in (api_client(user), api_client(staff_user)):
+        for _ in range(2):  # the second time, with its SQL compiled already
+            response = client.patch(f"/api/tasks/{task_id}/", {"progress": 5}, format="json")
+            assert_error(response, 404, "not_found")
+    task.refresh_from_db()
+    assert task.progress == 0
+
+
 def test_the_api_takes_its_paths_with_or_without_the_last_slash(user):
     """Django would answer a 301 to add it, which clients follow with a body-less GET."""
     client = api_client()
