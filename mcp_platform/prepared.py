@@ -22,6 +22,9 @@ M = TypeVar("M", bound=Model)
 
 
 class _Compiled(NamedTuple):
+    model: type[Model]
+    #: The fields the values are for.
+    fields: list[Field]
     sql: str
     #: ``(converters, expression)`` by column, as the compiler applies them.
     converters: dict[int, Any]
@@ -55,67 +58,50 @@ class PreparedGet(Generic[M]):
     def get(self, *values: Any, using: str = DEFAULT_DB_ALIAS) -> M:
         if len(values) != len(self._names):
             raise TypeError(f"Expected {len(self._names)} values, got {len(values)}")
-        query = self._queryset().using(using)
-        if any(value is None for value in values):
-            return query.get(**dict(zip(self._names, values, strict=True)))
         connection = connections[using]
-        params = self._params(query.model, values, connection)
         compiled = self._compiled.get(connection)
-        if compiled is None:
-            compiled = self._compile(query, values, params, connection)
+        if compiled is None or any(value is None for value in values):
+            query = self._queryset().using(using)
+            if any(value is None for value in values):
+                return query.get(**dict(zip(self._names, values, strict=True)))
+            compiled = self._compile(query, values, connection)
         elif compiled.locks and connection.get_autocommit():
             # As the ORM refuses it: a lock outside a transaction is released at once.
             raise TransactionManagementError(
                 "select_for_update cannot be used outside of a transaction."
             )
+        model = compiled.model
         with connection.cursor() as cursor:
-            cursor.execute(compiled.sql, params)
+            cursor.execute(compiled.sql, _params(compiled.fields, values, connection))
             rows = cursor.fetchmany(2)
         if not rows:
-            raise query.model.DoesNotExist(
-                f"{query.model._meta.object_name} matching query does not exist."
-            )
+            raise model.DoesNotExist(f"{model._meta.object_name} matching query does not exist.")
         if len(rows) > 1:
-            raise query.model.MultipleObjectsReturned(
-                f"get() returned more than one {query.model._meta.object_name}."
+            raise model.MultipleObjectsReturned(
+                f"get() returned more than one {model._meta.object_name}."
             )
         if compiled.converters:
             rows = list(compiled.apply_converters(rows, compiled.converters))
-        row = rows[0]
-        return query.model.from_db(using, compiled.attnames, row[compiled.start : compiled.end])
-
-    def _params(
-        self, model: type[Model], values: Sequence[Any], connection: BaseDatabaseWrapper
-    ) -> list[Any]:
-        """The values as the database takes them, as a lookup of each field prepares them."""
-        fields: list[Field] = [
-            model._meta.pk if name == "pk" else model._meta.get_field(name) for name in self._names
-        ]
-        return [
-            field.get_db_prep_value(value, connection, prepared=False)
-            for field, value in zip(fields, values, strict=True)
-        ]
+        return model.from_db(using, compiled.attnames, rows[0][compiled.start : compiled.end])
 
     def _compile(
-        self,
-        query: QuerySet[M],
-        values: Sequence[Any],
-        params: list[Any],
-        connection: BaseDatabaseWrapper,
+        self, query: QuerySet[M], values: Sequence[Any], connection: BaseDatabaseWrapper
     ) -> _Compiled:
+        opts = query.model._meta
+        fields = [opts.pk if name == "pk" else opts.get_field(name) for name in self._names]
         query = query.filter(**dict(zip(self._names, values, strict=True))).order_by()
         compiler = query.query.get_compiler(connection=connection)
-        sql, compiled_params = compiler.as_sql()
-        if list(compiled_params) != params:
+        sql, params = compiler.as_sql()
+        if list(params) != _params(fields, values, connection):
             # The fixed part took values of its own, or a field prepares a value otherwise
             # than its lookup does: the kept SQL would not match another call's values.
             raise ValueError(f"Cannot prepare {query.query}: its parameters are not the values")
         columns = compiler.select[: compiler.col_count]
-        start, end = (
-            compiler.klass_info["select_fields"][0],
-            compiler.klass_info["select_fields"][-1] + 1,
-        )
+        start = compiler.klass_info["select_fields"][0]
+        end = compiler.klass_info["select_fields"][-1] + 1
         compiled = _Compiled(
+            model=query.model,
+            fields=fields,
             sql=sql,
             converters=compiler.get_converters([column[0] for column in columns]),
             apply_converters=compiler.apply_converters,
@@ -126,3 +112,13 @@ class PreparedGet(Generic[M]):
         )
         self._compiled[connection] = compiled
         return compiled
+
+
+def _params(
+    fields: Sequence[Field], values: Sequence[Any], connection: BaseDatabaseWrapper
+) -> list[Any]:
+    """The values as the database takes them, as a lookup of each field prepares them."""
+    return [
+        field.get_db_prep_value(value, connection, prepared=False)
+        for field, value in zip(fields, values, strict=True)
+    ]
