@@ -9,13 +9,14 @@ instances as ``QuerySet.get()``, through the connection's cursor (so query loggi
 ``assertNumQueries`` see it).
 """
 
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, NamedTuple, TypeVar
 
+from django.core.exceptions import EmptyResultSet
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Field, Model, QuerySet
+from django.db.models.query import MAX_GET_RESULTS
 from django.db.transaction import TransactionManagementError
 
 M = TypeVar("M", bound=Model)
@@ -38,8 +39,9 @@ class _Compiled(NamedTuple):
 
 class PreparedGet(Generic[M]):
     """``queryset().get(field=value, …)`` for the ``fields`` given, compiled once per
-    database connection. Raises as ``get()`` does: ``DoesNotExist``,
-    ``MultipleObjectsReturned``, and the field's own error for a value it cannot take.
+    database connection. Raises as ``get()`` does: ``DoesNotExist`` (also for an integer
+    out of its column's range), ``MultipleObjectsReturned``, and the field's own error for
+    a value it cannot take.
 
     ``queryset`` makes the query's fixed part (a manager's, ``select_for_update()``);
     it must take no value that changes between calls, since its SQL is kept. A field is
@@ -50,16 +52,15 @@ class PreparedGet(Generic[M]):
     def __init__(self, queryset: Callable[[], QuerySet[M]], *fields: str) -> None:
         self._queryset = queryset
         self._names = fields
-        # Per connection: each thread has its own, and the converters are bound to it.
-        self._compiled: weakref.WeakKeyDictionary[BaseDatabaseWrapper, _Compiled] = (
-            weakref.WeakKeyDictionary()
-        )
 
     def get(self, *values: Any, using: str = DEFAULT_DB_ALIAS) -> M:
         if len(values) != len(self._names):
             raise TypeError(f"Expected {len(self._names)} values, got {len(values)}")
         connection = connections[using]
-        compiled = self._compiled.get(connection)
+        # Kept on the connection: each thread has its own, the converters are bound to
+        # it, and it goes with the connection. (Kept here by connection, even weakly, the
+        # converters held it: a thread that ended left its database connection open.)
+        compiled = vars(connection).setdefault(_ATTRIBUTE, {}).get(self)
         if compiled is None or any(value is None for value in values):
             query = self._queryset().using(using)
             if any(value is None for value in values):
@@ -71,15 +72,17 @@ class PreparedGet(Generic[M]):
                 "select_for_update cannot be used outside of a transaction."
             )
         model = compiled.model
+        params = _params(model, compiled.fields, values, connection)
         with connection.cursor() as cursor:
-            cursor.execute(compiled.sql, _params(compiled.fields, values, connection))
-            rows = cursor.fetchmany(2)
-        if not rows:
-            raise model.DoesNotExist(f"{model._meta.object_name} matching query does not exist.")
+            cursor.execute(compiled.sql, params)
+            rows = cursor.fetchmany(MAX_GET_RESULTS)
         if len(rows) > 1:
+            count = len(rows) if len(rows) < MAX_GET_RESULTS else f"more than {MAX_GET_RESULTS - 1}"
             raise model.MultipleObjectsReturned(
-                f"get() returned more than one {model._meta.object_name}."
+                f"get() returned more than one {model._meta.object_name} -- it returned {count}!"
             )
+        if not rows:
+            raise _does_not_exist(model)
         if compiled.converters:
             rows = list(compiled.apply_converters(rows, compiled.converters))
         return model.from_db(using, compiled.attnames, rows[0][compiled.start : compiled.end])
@@ -89,10 +92,14 @@ class PreparedGet(Generic[M]):
     ) -> _Compiled:
         opts = query.model._meta
         fields = [opts.pk if name == "pk" else opts.get_field(name) for name in self._names]
+        params = _params(query.model, fields, values, connection)
         query = query.filter(**dict(zip(self._names, values, strict=True))).order_by()
         compiler = query.query.get_compiler(connection=connection)
-        sql, params = compiler.as_sql()
-        if list(params) != _params(fields, values, connection):
+        try:
+            sql, compiled_params = compiler.as_sql()
+        except EmptyResultSet:  # a value that can match nothing, as the ORM finds it
+            raise _does_not_exist(query.model) from None
+        if list(compiled_params) != params:
             # The fixed part took values of its own, or a field prepares a value otherwise
             # than its lookup does: the kept SQL would not match another call's values.
             raise ValueError(f"Cannot prepare {query.query}: its parameters are not the values")
@@ -110,15 +117,34 @@ class PreparedGet(Generic[M]):
             attnames=[column[0].target.attname for column in columns[start:end]],
             locks=query.query.select_for_update and connection.features.has_select_for_update,
         )
-        self._compiled[connection] = compiled
+        vars(connection)[_ATTRIBUTE][self] = compiled
         return compiled
 
 
+#: The attribute of a database connection that holds its compiled reads.
+_ATTRIBUTE = "_prepared_gets"
+
+
 def _params(
-    fields: Sequence[Field], values: Sequence[Any], connection: BaseDatabaseWrapper
+    model: type[Model],
+    fields: Sequence[Field],
+    values: Sequence[Any],
+    connection: BaseDatabaseWrapper,
 ) -> list[Any]:
-    """The values as the database takes them, as a lookup of each field prepares them."""
-    return [
-        field.get_db_prep_value(value, connection, prepared=False)
-        for field, value in zip(fields, values, strict=True)
-    ]
+    """The values as the database takes them, as a lookup of each field prepares them; an
+    integer out of its column's range matches no row, as the ORM's lookup finds (unsent,
+    it would fail in the driver)."""
+    params = []
+    for field, value in zip(fields, values, strict=True):
+        param = field.get_db_prep_value(value, connection, prepared=False)
+        kind = field.get_internal_type()
+        if isinstance(param, int) and kind in connection.ops.integer_field_ranges:
+            low, high = connection.ops.integer_field_range(kind)
+            if (low is not None and param < low) or (high is not None and param > high):
+                raise _does_not_exist(model)
+        params.append(param)
+    return params
+
+
+def _does_not_exist(model: type[Model]) -> Exception:
+    return model.DoesNotExist(f"{model._meta.object_name} matching query does not exist.")

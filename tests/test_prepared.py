@@ -1,12 +1,14 @@
 """A prepared read answers as ``QuerySet.get()`` does, with SQL compiled once per connection."""
 
+import gc
 import threading
 import uuid
+import weakref
 
 import pytest
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
-from django.db import connection, transaction
+from django.db import connection, connections, transaction
 from django.db.models.sql.compiler import SQLCompiler
 from django.db.transaction import TransactionManagementError
 from django.utils import timezone
@@ -79,8 +81,23 @@ def test_more_than_one_row_is_refused_and_none_is_looked_up_by_the_orm(user, oth
         by_login.get(None)  # IS NULL: no parameter to put it in
     services.create_task(owner=user, name="same")
     services.create_task(owner=other_user, name="same")
-    with pytest.raises(Task.MultipleObjectsReturned):
-        PreparedGet(lambda: Task.objects.all(), "name").get("same")
+    by_name = PreparedGet(lambda: Task.objects.all(), "name")
+    for _ in range(2):  # compiling, then compiled
+        with pytest.raises(Task.MultipleObjectsReturned) as prepared:
+            by_name.get("same")
+        with pytest.raises(Task.MultipleObjectsReturned) as orm:
+            Task.objects.get(name="same")
+        assert str(prepared.value) == str(orm.value)
+
+
+@pytest.mark.parametrize("key", [2**31, 2**63, 10**30, -(2**63) - 1])
+def test_an_integer_out_of_its_columns_range_matches_no_row(user, key):
+    """As the ORM finds; unsent, it failed in the driver (a 500 for such a token's claim)."""
+    users = PreparedGet(lambda: get_user_model().objects.all(), "pk")
+    for _ in range(2):  # compiling, then compiled
+        with pytest.raises(get_user_model().DoesNotExist):
+            users.get(key)
+        users.get(user.pk)
 
 
 def test_a_fixed_part_that_takes_a_value_is_refused(user, task):
@@ -128,3 +145,22 @@ def test_each_threads_connection_has_its_own_compiled_read(user, task, compilati
     thread.join(10)
     assert [stored(found) for found in there] == [stored(here)]
     assert len(compilations) == 1  # its converters are bound to its own connection
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_thread_that_ends_leaves_its_connection_to_be_closed_and_collected(user):
+    """Held by the compiled read's converters, a thread's connection outlived the thread:
+    one more open database connection for every thread that had read."""
+    users = PreparedGet(lambda: get_user_model().objects.all(), "pk")
+    held = []
+
+    def read() -> None:
+        held.append(weakref.ref(connections["default"]))
+        assert users.get(user.pk).pk == user.pk
+
+    for _ in range(3):
+        thread = threading.Thread(target=read)
+        thread.start()
+        thread.join(10)
+    gc.collect()
+    assert [ref() for ref in held] == [None, None, None]

@@ -69,7 +69,16 @@ def test_the_apis_tokens_are_signed_and_verified_with_the_secret_checked_before(
 
 @pytest.mark.django_db
 @pytest.mark.parametrize(
-    "case", ["valid", "deleted", "inactive", "password_changed", "no_user_claim", "claim_as_text"]
+    "case",
+    [
+        "valid",
+        "deleted",
+        "inactive",
+        "password_changed",
+        "no_user_claim",
+        "claim_as_text",
+        "claim_out_of_range",
+    ],
 )
 def test_the_apis_token_authentication_answers_as_simplejwts_does(user, case):
     """The project's reads the user with SQL compiled once; what it accepts and refuses,
@@ -79,6 +88,8 @@ def test_the_apis_token_authentication_answers_as_simplejwts_does(user, case):
         del token[jwt_settings.USER_ID_CLAIM]
     elif case == "claim_as_text":
         token[jwt_settings.USER_ID_CLAIM] = str(user.pk)
+    elif case == "claim_out_of_range":
+        token[jwt_settings.USER_ID_CLAIM] = 2**63
     elif case == "deleted":
         user.delete()
     elif case == "inactive":
@@ -98,6 +109,7 @@ def test_the_apis_token_authentication_answers_as_simplejwts_does(user, case):
 
     ours = outcome(JWTAuthentication)
     assert ours == outcome(authentication.JWTAuthentication)
+    assert outcome(JWTAuthentication) == ours  # with the user's read compiled
     assert (ours[0] == "accepted") == (case in ("valid", "claim_as_text"))
     api = APIClient()
     api.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
@@ -110,6 +122,7 @@ def test_the_apis_token_authentication_answers_as_simplejwts_does(user, case):
             response.json()["code"]
             == {
                 "deleted": "user_not_found",
+                "claim_out_of_range": "user_not_found",
                 "inactive": "user_inactive",
                 "password_changed": "password_changed",
                 "no_user_claim": "token_not_valid",
