@@ -14,7 +14,16 @@ from realtime.api import publish_after_commit, publish_task_deleted, publish_tas
 def publish_on_commit(sender: type[Task], instance: Task, using: str, **kwargs: Any) -> None:
     """Publish once committed. The snapshot is taken now, so each commit publishes the
     state it saved. If the publish fails, clients resynchronise from the state and seq
-    that their next subscribe returns."""
+    that their next subscribe returns.
+
+    A copy that saved an expression (``F("progress") + 1``) still holds it, not the value
+    stored: the row is read back, under the save's lock, and that is published. (The
+    snapshot of the expression raised, and the save was rolled back.)"""
+    if any(
+        hasattr(getattr(instance, field.attname), "resolve_expression")
+        for field in sender._meta.concrete_fields
+    ):
+        instance = sender._base_manager.using(using).get(pk=instance.pk)
     publish_after_commit(using, f"task {instance.pk}", publish_task_update, task_snapshot(instance))
 
 

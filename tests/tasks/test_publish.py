@@ -12,6 +12,8 @@ from channels.db import database_sync_to_async
 from django.core.exceptions import ValidationError
 from django.core.management import CommandError, call_command
 from django.db import IntegrityError, OperationalError, transaction
+from django.db.models import F, Value
+from django.db.models.fields.json import JSONField
 
 from mcp_platform.tasks import services, signals
 from mcp_platform.tasks.models import Task
@@ -63,6 +65,22 @@ def test_plain_model_save_publishes(user, task):
     update = watch(user, task, change)
     assert (update["type"], update["seq"], update["progress"]) == ("task_update", 2, 30)
     assert update["task"]["progress"] == 30 and update["task"]["seq"] == 2
+
+
+@pytest.mark.parametrize("update_fields", [None, ["progress", "result"]])
+def test_a_save_of_expressions_publishes_the_values_stored(user, task, update_fields):
+    """The copy holds the expressions, not what they made; their snapshot raised, and the
+    save was rolled back."""
+
+    def change():
+        task.progress = F("progress") + 5
+        task.result = Value(None, JSONField())  # JSON null, not SQL NULL
+        task.save(update_fields=update_fields)
+
+    update = watch(user, task, change)
+    assert (update["seq"], update["progress"], update["task"]["result"]) == (2, 5, None)
+    stored = Task.objects.get(pk=task.pk)
+    assert (stored.seq, stored.progress) == (2, 5)
 
 
 def test_a_plain_save_of_a_progress_over_100_is_refused_and_publishes_nothing(user, task):
