@@ -96,9 +96,11 @@ class Task(models.Model):
     def check_result(self) -> None:
         """Refuse a ``result`` that no transport can carry, as the field's validator does
         for forms and the API: saved by a worker's plain ``save()``, a lone surrogate made
-        every listing of the task a 500 (SQLite stores it; PostgreSQL refuses it)."""
+        every listing of the task a 500 (SQLite stores it; PostgreSQL refuses it). A
+        ``Value()`` (JSON ``null`` is written so) is checked for what it holds."""
+        result = self.result.value if isinstance(self.result, models.Value) else self.result
         try:
-            validate_transportable_json(self.result)
+            validate_transportable_json(result)
         except ValidationError as exc:
             raise ValidationError({"result": exc.error_list}) from None
 

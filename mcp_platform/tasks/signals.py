@@ -17,13 +17,17 @@ def publish_on_commit(sender: type[Task], instance: Task, using: str, **kwargs: 
     that their next subscribe returns.
 
     A copy that saved an expression (``F("progress") + 1``) still holds it, not the value
-    stored: the row is read back, under the save's lock, and that is published. (The
-    snapshot of the expression raised, and the save was rolled back.)"""
+    stored: the row is read back and that is published. (The snapshot of the expression
+    raised, rolling the save back, or held it, and the publish failed.) A row deleted
+    before it is read back (a create is not held under a lock) has nothing to publish:
+    its deletion is published by the deleter."""
     if any(
         hasattr(getattr(instance, field.attname), "resolve_expression")
         for field in sender._meta.concrete_fields
     ):
-        instance = sender._base_manager.using(using).get(pk=instance.pk)
+        instance = sender._base_manager.using(using).filter(pk=instance.pk).first()
+        if instance is None:
+            return
     publish_after_commit(using, f"task {instance.pk}", publish_task_update, task_snapshot(instance))
 
 

@@ -11,7 +11,7 @@ from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from django.core.exceptions import ValidationError
 from django.core.management import CommandError, call_command
-from django.db import IntegrityError, OperationalError, transaction
+from django.db import IntegrityError, OperationalError, connection, transaction
 from django.db.models import F, Value
 from django.db.models.fields.json import JSONField
 
@@ -83,6 +83,24 @@ def test_a_save_of_expressions_publishes_the_values_stored(user, task, update_fi
     assert (stored.seq, stored.progress) == (2, 5)
 
 
+def test_a_create_of_expressions_deleted_at_once_publishes_nothing_and_stands(user):
+    """Read back after the INSERT, a row another writer deleted meanwhile raised
+    ``DoesNotExist`` from the create, whose row had been made."""
+    deleted = []
+
+    def delete_first(execute, sql, params, many, context):
+        if not deleted and sql.startswith("SELECT") and Task._meta.db_table in sql:
+            deleted.append(None)
+            deleted[0] = Task.objects.all().delete()  # the row just made
+        return execute(sql, params, many, context)
+
+    task = Task(owner=user, name="t", result=Value(None, JSONField()))
+    with connection.execute_wrapper(delete_first):
+        task.save()
+    assert deleted == [(1, {"tasks.Task": 1})]
+    assert not Task.objects.filter(pk=task.pk).exists()
+
+
 def test_a_plain_save_of_a_progress_over_100_is_refused_and_publishes_nothing(user, task):
     def change():
         task.progress = 150
@@ -96,14 +114,15 @@ def test_a_plain_save_of_a_progress_over_100_is_refused_and_publishes_nothing(us
 
 @pytest.mark.parametrize("result", [{"file": "\udcff.txt"}, ["\x00"], [float("nan")]])
 @pytest.mark.parametrize("update_fields", [None, ["result"]])
+@pytest.mark.parametrize("as_value", [False, True])
 def test_a_plain_save_of_a_result_no_transport_can_carry_is_refused(
-    user, task, result, update_fields
+    user, task, result, update_fields, as_value
 ):
     """A lone surrogate (as ``os.fsdecode()`` makes of a file name that is not UTF-8),
-    saved, made every listing of the task a 500."""
+    saved, made every listing of the task a 500; also written as a ``Value()``."""
 
     def change():
-        task.result = result
+        task.result = Value(result, JSONField()) if as_value else result
         with pytest.raises(ValidationError) as refused:
             task.save(update_fields=update_fields)
         assert list(refused.value.message_dict) == ["result"]
