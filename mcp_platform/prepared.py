@@ -94,6 +94,11 @@ class PreparedGet(Generic[M]):
         fields = [opts.pk if name == "pk" else opts.get_field(name) for name in self._names]
         params = _params(query.model, fields, values, connection)
         query = query.filter(**dict(zip(self._names, values, strict=True))).order_by()
+        if (
+            not query.query.select_for_update
+            or connection.features.supports_select_for_update_with_limit
+        ):
+            query.query.set_limits(high=MAX_GET_RESULTS)  # as get() asks for at most so many
         compiler = query.query.get_compiler(connection=connection)
         try:
             sql, compiled_params = compiler.as_sql()
@@ -115,7 +120,9 @@ class PreparedGet(Generic[M]):
             start=start,
             end=end,
             attnames=[column[0].target.attname for column in columns[start:end]],
-            locks=query.query.select_for_update and connection.features.has_select_for_update,
+            locks=query.query.select_for_update
+            and connection.features.has_select_for_update
+            and connection.features.supports_transactions,
         )
         vars(connection)[_ATTRIBUTE][self] = compiled
         return compiled

@@ -62,6 +62,27 @@ def test_rows_come_back_as_the_orm_reads_them_and_the_sql_is_compiled_once(
     assert isinstance(found.pk, uuid.UUID) and found.result == {"n": [1, None, "é"]}
 
 
+@pytest.mark.django_db(transaction=True)
+def test_the_sql_is_the_one_get_runs(user, task, compilations):
+    prepared = {
+        "users": (PreparedGet(lambda: get_user_model().objects.all(), "pk"), (user.pk,)),
+        "locked": (
+            PreparedGet(lambda: Task.objects.select_for_update(), "owner_id", "pk"),
+            (user.pk, task.pk),
+        ),
+    }
+    by_orm = {
+        "users": lambda: get_user_model().objects.get(pk=user.pk),
+        "locked": lambda: Task.objects.select_for_update().get(owner_id=user.pk, pk=task.pk),
+    }
+    for name, (read, values) in prepared.items():
+        with transaction.atomic():
+            compilations.clear()
+            read.get(*values)
+            by_orm[name]()
+        assert compilations[0] == compilations[1], name  # a LIMIT, the row lock where there is one
+
+
 def test_a_missing_row_or_a_value_its_field_cannot_take_is_refused_as_by_get(user, task):
     owned = PreparedGet(lambda: Task.objects.all(), "owner_id", "pk")
     owned.get(user.pk, task.pk)  # compiled

@@ -22,7 +22,7 @@ def publish_on_commit(sender: type[Task], instance: Task, using: str, **kwargs: 
     before it is read back (a create is not held under a lock) has nothing to publish:
     its deletion is published by the deleter."""
     if any(
-        hasattr(getattr(instance, field.attname), "resolve_expression")
+        hasattr(instance.__dict__.get(field.attname), "resolve_expression")
         for field in sender._meta.concrete_fields
     ):
         instance = sender._base_manager.using(using).filter(pk=instance.pk).first()

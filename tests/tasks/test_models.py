@@ -4,6 +4,7 @@ import pytest
 from django.db import connection
 from django.db.models import F, Value
 from django.db.models.fields.json import JSONField
+from django.db.models.sql.compiler import SQLUpdateCompiler
 
 from mcp_platform.tasks.models import Task
 
@@ -52,7 +53,35 @@ def test_a_save_of_some_fields_writes_those_and_leaves_another_writers_change(ta
     assert (again.name, again.progress, again.seq) == ("renamed elsewhere", 7, 2)
 
 
-def test_an_expression_is_written_by_the_orm(task):
+@pytest.fixture
+def orm_updates(monkeypatch) -> list[str]:
+    """The UPDATEs the ORM compiles, one entry each."""
+    compiled = []
+    stock = SQLUpdateCompiler.as_sql
+
+    def counting(self, *args, **kwargs):
+        sql, params = stock(self, *args, **kwargs)
+        compiled.append(sql)
+        return sql, params
+
+    monkeypatch.setattr(SQLUpdateCompiler, "as_sql", counting)
+    return compiled
+
+
+def test_a_save_of_values_builds_no_update_with_the_orm(
+    task, orm_updates, django_assert_num_queries
+):
+    for update_fields in (None, ["progress"], ["progress", "result"]):
+        task.progress += 1
+        task.result = None if task.result else {"n": task.progress}
+        # The locked read, the other fields' read for a save of some, the UPDATE.
+        with django_assert_num_queries(2 if update_fields is None else 3):
+            task.save(update_fields=update_fields)
+    assert orm_updates == []
+
+
+def test_an_expression_is_written_by_the_orm(task, orm_updates):
     task.progress = F("progress") + 5
     task.save(update_fields=["progress"])
     assert Task.objects.get(pk=task.pk).progress == 5
+    assert len(orm_updates) == 1
