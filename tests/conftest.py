@@ -21,6 +21,7 @@ from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.contrib.auth.hashers import make_password
 from django.db import connection
+from django.db.models.sql.compiler import SQLCompiler
 from rest_framework.test import APIClient
 from rest_framework_simplejwt.tokens import AccessToken
 
@@ -115,6 +116,21 @@ def staff_user(make_user):
 def task(user):
     """A task of ``user``'s, for tests that watch one."""
     return services.create_task(owner=user, name="watched")
+
+
+def record_compiled_sql(monkeypatch: pytest.MonkeyPatch, compiler: type = SQLCompiler) -> list[str]:
+    """The SQL that ``compiler``'s queries compile to from now on, one entry each: what
+    the ORM builds afresh, which compiled reads and writes must not."""
+    compiled: list[str] = []
+    stock = compiler.as_sql
+
+    def recording(self: Any, *args: Any, **kwargs: Any) -> Any:
+        sql, params = stock(self, *args, **kwargs)
+        compiled.append(sql)
+        return sql, params
+
+    monkeypatch.setattr(compiler, "as_sql", recording)
+    return compiled
 
 
 def run(coroutine_function: Callable[[], Any]) -> Any:

@@ -9,13 +9,13 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.db import connection, connections, transaction
-from django.db.models.sql.compiler import SQLCompiler
 from django.db.transaction import TransactionManagementError
 from django.utils import timezone
 
 from mcp_platform.prepared import PreparedGet
 from mcp_platform.tasks import services
 from mcp_platform.tasks.models import Task
+from tests.conftest import record_compiled_sql
 
 pytestmark = pytest.mark.django_db
 
@@ -26,17 +26,7 @@ def stored(instance) -> dict:
 
 @pytest.fixture
 def compilations(monkeypatch) -> list[str]:
-    """The SQL compiled for each query the ORM builds, one entry per compilation."""
-    compiled = []
-    stock = SQLCompiler.as_sql
-
-    def counting(self, *args, **kwargs):
-        sql, params = stock(self, *args, **kwargs)
-        compiled.append(sql)
-        return sql, params
-
-    monkeypatch.setattr(SQLCompiler, "as_sql", counting)
-    return compiled
+    return record_compiled_sql(monkeypatch)
 
 
 def test_rows_come_back_as_the_orm_reads_them_and_the_sql_is_compiled_once(

@@ -2,11 +2,9 @@
 API's token authentication answers as simplejwt's."""
 
 import secrets
-from unittest import mock
 
 import jwt
 import pytest
-from django.db.models.sql.compiler import SQLCompiler
 from jwt.algorithms import HMACAlgorithm
 from rest_framework.exceptions import APIException
 from rest_framework.request import Request
@@ -16,6 +14,7 @@ from rest_framework_simplejwt.settings import api_settings as jwt_settings
 from rest_framework_simplejwt.tokens import AccessToken
 
 from mcp_platform.tokens import JWTAuthentication
+from tests.conftest import record_compiled_sql
 
 PEM_SECRET = (
     "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----"
@@ -82,7 +81,7 @@ def test_the_apis_tokens_are_signed_and_verified_with_the_secret_checked_before(
         "claim_out_of_range",
     ],
 )
-def test_the_apis_token_authentication_answers_as_simplejwts_does(user, case):
+def test_the_apis_token_authentication_answers_as_simplejwts_does(user, case, monkeypatch):
     """The project's reads the user with SQL compiled once; what it accepts and refuses,
     and with which codes, is simplejwt's."""
     token = AccessToken.for_user(user)
@@ -111,12 +110,8 @@ def test_the_apis_token_authentication_answers_as_simplejwts_does(user, case):
 
     ours = outcome(JWTAuthentication)
     assert ours == outcome(authentication.JWTAuthentication)
-    compiled = []
-    stock = SQLCompiler.as_sql
-    with mock.patch.object(
-        SQLCompiler, "as_sql", lambda self, *a, **k: compiled.append(1) or stock(self, *a, **k)
-    ):
-        assert outcome(JWTAuthentication) == ours  # with the user's read compiled
+    compiled = record_compiled_sql(monkeypatch)
+    assert outcome(JWTAuthentication) == ours  # with the user's read compiled
     assert compiled == []
     assert (ours[0] == "accepted") == (case in ("valid", "claim_as_text"))
     api = APIClient()

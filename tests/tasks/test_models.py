@@ -7,6 +7,7 @@ from django.db.models.fields.json import JSONField
 from django.db.models.sql.compiler import SQLUpdateCompiler
 
 from mcp_platform.tasks.models import Task
+from tests.conftest import record_compiled_sql
 
 pytestmark = pytest.mark.django_db
 
@@ -56,16 +57,7 @@ def test_a_save_of_some_fields_writes_those_and_leaves_another_writers_change(ta
 @pytest.fixture
 def orm_updates(monkeypatch) -> list[str]:
     """The UPDATEs the ORM compiles, one entry each."""
-    compiled = []
-    stock = SQLUpdateCompiler.as_sql
-
-    def counting(self, *args, **kwargs):
-        sql, params = stock(self, *args, **kwargs)
-        compiled.append(sql)
-        return sql, params
-
-    monkeypatch.setattr(SQLUpdateCompiler, "as_sql", counting)
-    return compiled
+    return record_compiled_sql(monkeypatch, SQLUpdateCompiler)
 
 
 def test_a_save_of_values_builds_no_update_with_the_orm(
