@@ -56,16 +56,16 @@ class PreparedGet(Generic[M]):
     def get(self, *values: Any, using: str = DEFAULT_DB_ALIAS) -> M:
         if len(values) != len(self._names):
             raise TypeError(f"Expected {len(self._names)} values, got {len(values)}")
+        if any(value is None for value in values):
+            filters = dict(zip(self._names, values, strict=True))
+            return self._queryset().using(using).get(**filters)
         connection = connections[using]
         # Kept on the connection: each thread has its own, the converters are bound to
         # it, and it goes with the connection. (Kept here by connection, even weakly, the
         # converters held it: a thread that ended left its database connection open.)
         compiled = vars(connection).setdefault(_ATTRIBUTE, {}).get(self)
-        if compiled is None or any(value is None for value in values):
-            query = self._queryset().using(using)
-            if any(value is None for value in values):
-                return query.get(**dict(zip(self._names, values, strict=True)))
-            compiled = self._compile(query, values, connection)
+        if compiled is None:
+            compiled = self._compile(self._queryset().using(using), values, connection)
         elif compiled.locks and connection.get_autocommit():
             # As the ORM refuses it: a lock outside a transaction is released at once.
             raise TransactionManagementError(

@@ -103,20 +103,29 @@ async def authenticate_token(raw_token: Any) -> Credentials:
 
 async def token_user(user_claim: Any, password_claim: Any) -> AbstractBaseUser:
     """The user a valid token's claims name, as simplejwt's REST authentication checks
-    them: the user exists, is active and, with ``CHECK_REVOKE_TOKEN``, has not changed
-    password since. ``ValueError`` with the reason otherwise.
+    them (``user_refusal()``). ``ValueError`` with the reason otherwise.
 
     The user is read fresh from the database, together with those of other connections
     asking at the same moment (``realtime.batching``)."""
-    jwt_settings = simplejwt_settings.api_settings
     user = await _user_batcher.load(user_claim)
-    if user is None:
-        raise ValueError("User not found")
-    if jwt_settings.CHECK_USER_IS_ACTIVE and not user.is_active:
-        raise ValueError("User is inactive")
-    if jwt_settings.CHECK_REVOKE_TOKEN and password_claim != get_md5_hash_password(user.password):
-        raise ValueError("The user's password has been changed.")
+    refusal = user_refusal(user, password_claim)
+    if refusal is not None:
+        raise ValueError(refusal[0])
     return user
+
+
+def user_refusal(user: AbstractBaseUser | None, password_claim: Any) -> tuple[str, str] | None:
+    """Why simplejwt's REST authentication refuses the user a valid token names, as its
+    message and code; ``None`` if it takes them. The user must exist, be active and, with
+    ``CHECK_REVOKE_TOKEN``, have the password the token was issued with."""
+    jwt_settings = simplejwt_settings.api_settings
+    if user is None:
+        return "User not found", "user_not_found"
+    if jwt_settings.CHECK_USER_IS_ACTIVE and not user.is_active:
+        return "User is inactive", "user_inactive"
+    if jwt_settings.CHECK_REVOKE_TOKEN and password_claim != get_md5_hash_password(user.password):
+        return "The user's password has been changed.", "password_changed"
+    return None
 
 
 async def session_user(session_key: str | None) -> AbstractBaseUser | None:
