@@ -16,10 +16,11 @@ work as Django documents them. docs/performance.md has the measurements. The pro
 streaming endpoints (``/ws``, ``/events``) are Channels consumers and do not come here.
 """
 
+import asyncio
 import os
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -28,6 +29,8 @@ from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.http import FileResponse, HttpResponseBase
 from django.urls import set_script_prefix
+
+T = TypeVar("T")
 
 
 class SyncChainASGIHandler(ASGIHandler):
@@ -49,7 +52,7 @@ class SyncChainASGIHandler(ASGIHandler):
             return
         try:
             scope = with_content_length(scope, body_file)
-            response = await self.in_pool(self.respond)(scope, body_file)
+            response = await through_one_cancel(self.in_pool(self.respond)(scope, body_file))
             try:
                 await self.send_response(response, send)
             finally:
@@ -76,6 +79,20 @@ class SyncChainASGIHandler(ASGIHandler):
             # Its content is all in memory: the request is over once it is read.
             response.close()
         return response
+
+
+async def through_one_cancel(awaitable: Awaitable[T]) -> T:
+    """``awaitable``'s result, awaited through a first cancellation, not a second.
+
+    A server that stops cancels every application once, and again only when its wait
+    for them runs out (``realtime.server.NowaitServer.kill_all_applications()``). A
+    request's thread goes on regardless of the first: its answer is still sent, rather
+    than its client dropped with the change it makes unknown."""
+    future = asyncio.ensure_future(awaitable)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        return await future
 
 
 def with_content_length(scope: dict[str, Any], body_file: IO[bytes]) -> dict[str, Any]:

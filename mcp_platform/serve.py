@@ -37,6 +37,9 @@ Use it instead of the ``daphne`` command. It differs in these ways:
   a request's commit made one every thousand pages and took up to 0.2 s doing it
   (``mcp_platform.checkpoints``);
 - it runs Django's system checks first, as ``runserver`` does, and stops on an error.
+- stopped (SIGTERM, SIGINT), it finishes and answers the requests under way for up to
+  ``--application-close-timeout`` seconds, then leaves without waiting for the threads of
+  those still running (``realtime.server.NowaitServer.kill_all_applications()``).
 
 Without arguments it serves ``mcp_platform.asgi:application`` on 127.0.0.1:8000.
 """
@@ -246,7 +249,15 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if not args:
         args = ["-b", "127.0.0.1", "-p", "8000", "mcp_platform.asgi:application"]
-    cli.CommandLineInterface().run(args)
+    interface = cli.CommandLineInterface()
+    interface.run(args)
+    if interface.server is not None and interface.server.outlasted:
+        # A request still in its thread when the stop's wait ran out (one waiting for a
+        # lock held elsewhere, say) would hold the process for as long as it takes:
+        # Python joins every executor's threads at exit. Its transaction ends with the
+        # process's database connection, uncommitted.
+        atexit._run_exitfuncs()  # the log lines still held, logging's own flush
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -114,11 +114,33 @@ class NowaitServer(Server):
         self.connections[protocol]["application_instance"] = asyncio.ensure_future(instance)
         return input_queue
 
+    #: Applications still running when the shutdown's wait for them ran out: their
+    #: request threads may still be at work, and are not waited for (``mcp_platform.serve``).
+    outlasted = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ports: list[Any] = []
+
+    def listen_success(self, port: Any) -> None:
+        super().listen_success(port)
+        self.ports.append(port)
+
     def kill_all_applications(self) -> defer.Deferred:
-        """Cancel every application and have the shutdown wait for them to end, as Daphne's
-        does, skipping connections that have none: an HTTP connection kept alive between
-        requests. Daphne's raised KeyError for one, and the shutdown went on at once: every
-        WebSocket and event stream was dropped without its application ending it."""
+        """End every application before the reactor stops, as Daphne's does, skipping
+        connections that have none: an HTTP connection kept alive between requests.
+        Daphne's raised KeyError for one, and the shutdown went on at once: every WebSocket
+        and event stream was dropped without its application ending it.
+
+        New connections are refused first. Every application is cancelled: a WebSocket or
+        an event stream ends at once, while a request already in its thread is finished
+        and answered (``mcp_platform.handlers``), its change published on the loop, which
+        runs until then. Daphne cancelled it and the stop waited for its thread anyway:
+        its client was dropped unanswered, and the change it committed later was published
+        to no one. What still runs after ``--application-close-timeout`` (10 s) is
+        cancelled again and dropped: the process leaves without waiting for its thread."""
+        for port in self.ports:
+            port.stopListening()
         running = [
             details["application_instance"]
             for details in self.connections.values()
@@ -127,9 +149,24 @@ class NowaitServer(Server):
         for instance in running:
             instance.cancel()
         logger.info("Killed %i pending application instances", len(running))
-        ended = defer.Deferred.fromFuture(asyncio.gather(*running, return_exceptions=True))
+        ended = defer.Deferred.fromFuture(asyncio.ensure_future(self.wait_for_ends(running)))
         ended.addErrback(lambda failure: None)
         return ended
+
+    async def wait_for_ends(self, running: list[asyncio.Future]) -> None:
+        if not running:
+            return
+        _, left = await asyncio.wait(running, timeout=self.application_close_timeout)
+        if left:
+            self.outlasted = len(left)
+            logger.warning(
+                "Applications still running %s s after the stop began, dropped: %d",
+                self.application_close_timeout,
+                len(left),
+            )
+            for instance in left:
+                instance.cancel()
+            await asyncio.wait(left)
 
 
 def websocket_scheme(protocol: Any) -> str:

@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import json
 import signal
+import socket
 import ssl
 import subprocess
 import threading
@@ -668,55 +669,98 @@ def test_a_handshake_refused_before_it_began_is_answered_400_without_an_error(
     assert "Traceback" not in log and "Exception in callback" not in log
 
 
+def hold_the_write_lock(task: Task, locked: threading.Event, release: threading.Event) -> None:
+    """Hold what a change of ``task`` and a broadcast wait for until ``release``: SQLite's
+    write lock (IMMEDIATE); on PostgreSQL the task's row, and the broadcasts' table."""
+    with transaction.atomic():
+        Task.objects.select_for_update().get(pk=task.pk)
+        if db_connection.vendor == "postgresql":
+            with db_connection.cursor() as cursor:
+                cursor.execute("LOCK TABLE realtime_broadcast IN EXCLUSIVE MODE")
+        locked.set()
+        release.wait(30)
+    db_connection.close()
+
+
+def request_in_background(method: str, url: str, token: str, body: str) -> subprocess.Popen:
+    """curl's request, printing the answer's status (000: none came)."""
+    return subprocess.Popen(
+        ["curl", "-s", "-m", "30", "-X", method, "-o", "/dev/null", "-w", "%{http_code}"]
+        + ["-H", f"Authorization: Bearer {token}"]
+        + ["-H", "Content-Type: application/json", "-d", body, url],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
 @pytest.mark.parametrize("request_kind", ["task change", "broadcast"])
-def test_a_server_told_to_stop_while_a_request_waits_for_a_lock_stops(
+def test_a_request_under_way_when_its_server_is_told_to_stop_is_finished_and_answered(
     tmp_path, make_user, request_kind
 ):
-    """Once the lock is released the request goes on, and its call on the server's loop
-    (the change's publish, the broadcast's send) waited for a loop that had stopped: the
-    request's thread waited for ever, and the process with it."""
+    """Its client was dropped unanswered, while the request went on: a change was committed,
+    then its publish failed on the stopped loop and reached no one. (Before that, the call
+    waited for the stopped loop for ever, and the process with it.)"""
     user = make_user(is_staff=True)
     task = services.create_task(owner=user, name="locked")
     server = start_server(tmp_path)
     locked, release = threading.Event(), threading.Event()
-
-    def hold_the_lock() -> None:
-        # SQLite: the database's write lock (IMMEDIATE); PostgreSQL: the task's row, and
-        # the broadcasts' table against an insert.
-        with transaction.atomic():
-            Task.objects.select_for_update().get(pk=task.pk)
-            if db_connection.vendor == "postgresql":
-                with db_connection.cursor() as cursor:
-                    cursor.execute("LOCK TABLE realtime_broadcast IN EXCLUSIVE MODE")
-            locked.set()
-            release.wait(30)
-        db_connection.close()
-
     if request_kind == "task change":
         method, path, body = "PATCH", f"/api/tasks/{task.pk}/", '{"progress": 14}'
     else:
         method, path, body = "POST", "/broadcast", '{"message": "going down"}'
-    holder = threading.Thread(target=hold_the_lock)
+    holder = threading.Thread(target=hold_the_write_lock, args=(task, locked, release))
     holder.start()
     try:
         assert locked.wait(10)
-        requester = subprocess.Popen(
-            ["curl", "-s", "-m", "30", "-X", method, "-o", "/dev/null"]
-            + ["-H", f"Authorization: Bearer {token_for(user)}"]
-            + ["-H", "Content-Type: application/json", "-d", body, f"{server.http_url}{path}"]
-        )
+        requester = request_in_background(method, server.http_url + path, token_for(user), body)
         time.sleep(1)  # the request waits for the lock
         server.process.send_signal(signal.SIGTERM)
         time.sleep(0.5)
+        with pytest.raises(OSError):  # no new connection is taken meanwhile
+            socket.create_connection(("127.0.0.1", server.port), timeout=2).close()
         release.set()
         holder.join(10)
-        server.process.wait(timeout=20)
-        requester.wait(30)
+        status, _ = requester.communicate(timeout=30)
+        assert server.process.wait(timeout=20) == 0
     finally:
         release.set()
         server.stop()
+    assert status == "200"
+    log = server.log_path.read_text(errors="replace")
+    assert "Could not publish" not in log and "Traceback" not in log
     if request_kind == "task change":
-        assert Task.objects.get(pk=task.pk).progress == 14  # committed, published or not
+        assert Task.objects.get(pk=task.pk).progress == 14
+
+
+def test_a_request_that_outlasts_the_stops_wait_is_dropped_and_the_process_leaves(
+    tmp_path, make_user
+):
+    """Python joins a request's thread at exit: the process stayed for as long as the
+    request waited (a lock held elsewhere, for minutes)."""
+    user = make_user()
+    task = services.create_task(owner=user, name="locked")
+    server = start_server(tmp_path, args=["--application-close-timeout", "1"])
+    locked, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=hold_the_write_lock, args=(task, locked, release))
+    holder.start()
+    try:
+        assert locked.wait(10)
+        url = f"{server.http_url}/api/tasks/{task.pk}/"
+        requester = request_in_background("PATCH", url, token_for(user), '{"progress": 14}')
+        time.sleep(1)
+        stopped_at = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=10) == 0
+        assert time.monotonic() - stopped_at < 5
+        assert holder.is_alive()  # the lock was held throughout
+        status, _ = requester.communicate(timeout=30)
+    finally:
+        release.set()
+        holder.join(10)
+        server.stop()
+    assert status == "000"  # dropped, its transaction ended with the process
+    assert Task.objects.get(pk=task.pk).progress == 0
+    assert "Applications still running 1 s after the stop began, dropped: 1" in server.log()
 
 
 def test_a_server_that_stops_closes_websockets_4503_and_ends_streams(tmp_path, user):
