@@ -161,6 +161,9 @@ REST_FRAMEWORK = {
     "DEFAULT_PARSER_CLASSES": ["realtime.parsers.JSONParser"],
     "EXCEPTION_HANDLER": "mcp_platform.api.exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+    # A client's address is the connection's (Daphne's from a proxy's header with
+    # --proxy-headers), never a header any client may send: throttles count by it.
+    "NUM_PROXIES": 0,
 }
 
 # Ten years. Much longer is no expiry at all, and a token whose expiry would fall after the
@@ -192,6 +195,10 @@ SIMPLE_JWT = {
     "CHECK_REVOKE_TOKEN": True,
     "TOKEN_REFRESH_SERIALIZER": "mcp_platform.tokens.TokenRefreshSerializer",
 }
+# Sign-ins (POST /api/token/) each client address may make a minute, per server process:
+# each costs a password hash (~0.3 s of a request thread), so a flood of guesses made every
+# other request wait (mcp_platform.tokens.SignInThrottle).
+SIGN_INS_PER_MINUTE = env_int("JWT_SIGN_INS_PER_MINUTE", 30, minimum=1)
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOGGING = {

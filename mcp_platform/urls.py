@@ -1,7 +1,9 @@
 from django.contrib import admin
 from django.urls import include, path, re_path
 from django_prometheus.exports import ExportToDjangoView
-from rest_framework_simplejwt.views import TokenObtainPairView, TokenRefreshView
+from rest_framework_simplejwt.views import TokenRefreshView
+
+from mcp_platform.sign_in import TokenObtainPairView
 
 urlpatterns = [
     path("admin/", admin.site.urls),

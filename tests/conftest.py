@@ -20,6 +20,7 @@ from channels.layers import channel_layers
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.contrib.auth.hashers import make_password
+from django.core.cache import cache
 from django.db import connection
 from django.db.models.sql.compiler import SQLCompiler
 from rest_framework.test import APIClient
@@ -174,7 +175,9 @@ def api_client(user: Any = None) -> APIClient:
 
 @pytest.fixture(autouse=True)
 def fresh_realtime_state() -> Iterator[None]:
-    """Each test gets new channel layers, a new connection manager and an empty registry."""
+    """Each test gets new channel layers, a new connection manager, an empty registry and
+    an empty cache (the sign-in throttle's counts)."""
+    cache.clear()
     channel_layers.backends = {}
     reset_connection_manager()
     registry = make_registry()

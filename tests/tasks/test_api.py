@@ -44,6 +44,30 @@ def test_token_pair_and_refresh(user):
     assert refreshed.status_code == 200 and refreshed.json()["access"]
 
 
+def test_sign_ins_are_throttled_by_client_address(user, settings):
+    """Each costs a password hash on one of two request threads: unthrottled, a burst of
+    wrong guesses kept every other request waiting, and guessing had no bound."""
+    settings.SIGN_INS_PER_MINUTE = 3
+    client = api_client()
+
+    def sign_in(password: str, **extra: str) -> Any:
+        credentials = {"username": user.username, "password": password}
+        return client.post("/api/token/", credentials, format="json", **extra)
+
+    for _ in range(3):
+        assert_error(sign_in("a-wrong-guess"), 401, "no_active_account")
+    refused = sign_in(PASSWORD)
+    assert_error(refused, 429, "throttled")
+    assert 0 < int(refused["Retry-After"]) <= 60
+    # A header any client may send does not make it another client.
+    assert_error(sign_in(PASSWORD, HTTP_X_FORWARDED_FOR="203.0.113.9"), 429, "throttled")
+    assert sign_in(PASSWORD, REMOTE_ADDR="203.0.113.9").status_code == 200
+    # Refreshing a token costs no hash, and is not counted.
+    pair = sign_in(PASSWORD, REMOTE_ADDR="203.0.113.10").json()
+    response = client.post("/api/token/refresh/", {"refresh": pair["refresh"]}, format="json")
+    assert response.status_code == 200
+
+
 @pytest.mark.parametrize("gone", ["deleted", "inactive"])
 def test_refreshing_the_token_of_a_user_gone_since_is_401_json(user, gone):
     client = api_client()
