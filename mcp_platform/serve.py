@@ -238,6 +238,11 @@ def check_redis() -> None:
 def main(argv: list[str] | None = None) -> None:
     from django.core.exceptions import ImproperlyConfigured
 
+    args = sys.argv[1:] if argv is None else argv
+    if "-h" in args or "--help" in args:
+        from daphne import cli
+
+        cli.CommandLineInterface().run(args)  # Daphne's usage, and exit: no settings needed
     try:
         prepare()
         check()  # after prepare(): the apps may import Twisted's reactor
@@ -246,7 +251,6 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint_in_background()
     from daphne import cli
 
-    args = sys.argv[1:] if argv is None else argv
     if not args:
         args = ["-b", "127.0.0.1", "-p", "8000", "mcp_platform.asgi:application"]
     interface = cli.CommandLineInterface()

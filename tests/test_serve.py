@@ -145,6 +145,22 @@ def test_the_launcher_installs_the_projects_server_parts():
     assert result.stdout.strip() == "installed", result.stderr
 
 
+def test_the_launchers_usage_needs_no_settings():
+    """Its settings were read first: without a secret key, ``--help`` printed only that."""
+    environment = {
+        name: value for name, value in os.environ.items() if not name.startswith("DJANGO_")
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "mcp_platform.serve", "--help"],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0 and result.stdout.startswith("usage:"), result.stderr
+    assert "--application-close-timeout" in result.stdout
+
+
 FROZEN_SCRIPT = r"""
 import gc
 from mcp_platform import serve
