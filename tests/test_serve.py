@@ -185,8 +185,10 @@ def test_what_start_up_loaded_is_left_out_of_collections_once_the_server_runs():
 CHECKPOINT_SCRIPT = r"""
 import contextlib, io, threading
 from mcp_platform import serve
-with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):
-    serve.main(["--help"])  # all but serving
+with contextlib.redirect_stdout(io.StringIO()):  # main()'s steps before serving
+    serve.prepare()
+    serve.check()
+    serve.checkpoint_in_background()
 from django.db import connection
 with connection.cursor() as cursor:
     cursor.execute("PRAGMA wal_autocheckpoint")
