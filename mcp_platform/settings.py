@@ -197,7 +197,7 @@ SIMPLE_JWT = {
 }
 # Sign-ins (POST /api/token/) each client address may make a minute, per server process:
 # each costs a password hash (~0.3 s of a request thread), so a flood of guesses made every
-# other request wait (mcp_platform.tokens.SignInThrottle).
+# other request wait (mcp_platform.sign_in.SignInThrottle).
 SIGN_INS_PER_MINUTE = env_int("JWT_SIGN_INS_PER_MINUTE", 30, minimum=1)
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")

@@ -93,6 +93,14 @@ class ReadingQueue(ChannelQueue):
 
 
 class NowaitServer(Server):
+    #: Applications still running when the shutdown's wait for them ran out: their
+    #: request threads may still be at work, and are not waited for (``mcp_platform.serve``).
+    outlasted = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ports: list[Any] = []
+
     def create_application(self, protocol: Any, scope: dict[str, Any]) -> ChannelQueue | None:
         # Daphne's own method, with ``Send`` in place of a partial of ``handle_reply()``
         # and a lean input queue.
@@ -113,14 +121,6 @@ class NowaitServer(Server):
             return None
         self.connections[protocol]["application_instance"] = asyncio.ensure_future(instance)
         return input_queue
-
-    #: Applications still running when the shutdown's wait for them ran out: their
-    #: request threads may still be at work, and are not waited for (``mcp_platform.serve``).
-    outlasted = 0
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.ports: list[Any] = []
 
     def listen_success(self, port: Any) -> None:
         super().listen_success(port)
@@ -154,6 +154,8 @@ class NowaitServer(Server):
         return ended
 
     async def wait_for_ends(self, running: list[asyncio.Future]) -> None:
+        """Wait for the cancelled ``running`` for ``--application-close-timeout`` at most,
+        then cancel again what is left."""
         if not running:
             return
         _, left = await asyncio.wait(running, timeout=self.application_close_timeout)
