@@ -8,6 +8,7 @@ Server messages are JSON objects with a ``type``; client messages are JSON objec
 import enum
 import functools
 import json
+import sys
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -100,10 +101,28 @@ def reject_json_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
+class NumberTooLong(ValueError):
+    """A JSON integer longer than Python converts (``sys.get_int_max_str_digits()``)."""
+
+
+def parse_json_int(text: str) -> int:
+    """For ``json.loads()``'s ``parse_int``: Python's digit limit raised a plain
+    ``ValueError``, and a frame of valid JSON was answered as not JSON."""
+    try:
+        return int(text)
+    except ValueError:
+        raise NumberTooLong() from None
+
+
 def parse_client_message(text: str) -> ClientMessage:
     """Parse one client frame, raising ``ProtocolError`` with the code the client gets."""
     try:
-        data = json.loads(text, parse_constant=reject_json_constant)
+        data = json.loads(text, parse_constant=reject_json_constant, parse_int=parse_json_int)
+    except NumberTooLong:
+        limit = sys.get_int_max_str_digits()
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE, f"Numbers may have at most {limit} digits."
+        ) from None
     except (ValueError, RecursionError):  # the latter: nested deeper than Python's parser goes
         raise ProtocolError(ErrorCode.INVALID_JSON, "Message is not valid JSON.") from None
     if not isinstance(data, dict):

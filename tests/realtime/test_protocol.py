@@ -1,6 +1,7 @@
 import gc
 import json
 import math
+import sys
 import tracemalloc
 import uuid
 
@@ -60,12 +61,19 @@ def test_parse_round_trips_every_valid_message(action, task_id, token, request_i
         ('{"action": "authenticate"}', ErrorCode.INVALID_MESSAGE),
         ('{"action": "authenticate", "token": null}', ErrorCode.INVALID_MESSAGE),
         ('{"action": "authenticate", "token": ["a.b.c"]}', ErrorCode.INVALID_MESSAGE),
+        # Valid JSON, but longer than Python converts: it was answered as not JSON.
+        ('{"action": "ping", "id": 1%s}' % ("0" * 4300), ErrorCode.INVALID_MESSAGE),
     ],
 )
 def test_bad_messages_raise_their_code(text, code):
     with pytest.raises(ProtocolError) as caught:
         parse_client_message(text)
     assert caught.value.code == code
+
+
+def test_an_integer_id_as_long_as_python_converts_is_kept_exactly():
+    longest = "9" * sys.get_int_max_str_digits()
+    assert parse_client_message(f'{{"action": "ping", "id": {longest}}}').request_id == int(longest)
 
 
 def test_error_keeps_the_request_id_once_it_is_known():
