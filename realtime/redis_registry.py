@@ -30,6 +30,12 @@ POOL_SIZE = 16
 #: Seconds to wait for a connection, a reply or a free pooled connection.
 REDIS_TIMEOUT_SECONDS = 5.0
 
+#: Seconds between checks that Redis still holds this process's marker (``renew()``).
+#: Without it, after Redis lost what it held (a restart that kept nothing on disk, a
+#: flush), this process's connections were counted as gone until the next renewal: a
+#: broadcast that reached them all answered ``recipients: 0`` for up to 20 s.
+LOSS_CHECK_SECONDS = 1.0
+
 #: A registry write: a connection (its id) added to or removed from a set (its key).
 Write = tuple[Literal["add", "remove"], str, str]
 
@@ -78,6 +84,9 @@ class RedisRegistry(ConnectionRegistry):
         self._local: dict[uuid.UUID, Entry] = {}
         self._local_tasks: defaultdict[uuid.UUID, set[uuid.UUID]] = defaultdict(set)
         self._renewer: asyncio.Task | None = None
+        #: Written by each renewal after the leases: Redis holds it only while it holds
+        #: them (``_renew_forever()``).
+        self._marker = f"{self.prefix}process:{uuid.uuid4()}"
         #: Sets outlive their members' leases: a live one never lapses between renewals.
         self._key_ttl = int(lease_seconds * 2) + 1
         # Connections arriving (or leaving) together share one command.
@@ -120,18 +129,36 @@ class RedisRegistry(ConnectionRegistry):
             self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
 
     async def _renew_forever(self) -> None:
+        """Renew every third of a lease, and at once when Redis no longer holds this
+        process's marker: it lost the leases too. A renewal that failed is tried again
+        at the next check, not a third of a lease later."""
+        loop = asyncio.get_running_loop()
+        interval = self.lease_seconds / 3
+        due = loop.time() + interval
+        failing = False
         while self._local:
-            await asyncio.sleep(self.lease_seconds / 3)
+            await asyncio.sleep(min(LOSS_CHECK_SECONDS, interval))
             try:
-                await self.renew()
+                if loop.time() >= due or not await self.client.exists(self._marker):
+                    await self.renew()
+                    due = loop.time() + interval
             except aioredis.RedisError as exc:
-                logger.warning("Could not renew connection leases; retrying: %s", failure_text(exc))
+                if not failing:  # once, not at every check
+                    logger.warning(
+                        "Could not renew connection leases; retrying: %s", failure_text(exc)
+                    )
+                failing = True
+            else:
+                if failing:
+                    logger.info("Connection leases renewed again")
+                failing = False
 
     async def renew(self) -> None:
         """Lease every connection of this process and its subscriptions again, and prune
         lapsed members, ``CHUNK`` connections per command, so other work runs between the
         commands. What Redis lost of them (a restart, a flush, leases that lapsed while
-        it was out of reach) is written again: this process knows they are live."""
+        it was out of reach) is written again: this process knows they are live. Then
+        this process's marker, whose loss the renewer looks for between renewals."""
         connection_ids = list(self._local)
         for start in range(0, len(connection_ids), CHUNK):
             chunk = connection_ids[start : start + CHUNK]
@@ -147,6 +174,7 @@ class RedisRegistry(ConnectionRegistry):
             }
             if ended:
                 await self._run_script({}, ended)
+        await self._run_script({self._marker: ["live"]}, {})
 
     def _leases(self, connection_ids: list[uuid.UUID]) -> dict[str, list[str]]:
         """The members each set has for those of ``connection_ids`` still live here."""

@@ -251,7 +251,7 @@ def test_a_renewal_extends_every_lease_a_bounded_number_of_connections_at_a_time
         await asyncio.sleep(0.05)
         registry._run_script = recording
         await registry.renew()
-        assert commands == [4, 4, 2]
+        assert commands == [4, 4, 2, 1]  # then the process's marker
         for key in keys:
             after = dict(await registry.client.zrange(key, 0, -1, withscores=True))
             assert after.keys() == before[key].keys()
@@ -305,6 +305,36 @@ def test_a_renewal_writes_back_the_live_connections_redis_lost(redis_server):
             by_user={1: 2, 2: 1},
             by_task={TASK_1: 1, TASK_2: 1},
         )
+
+    run(scenario, registry)
+
+
+@pytest.mark.redis
+def test_what_redis_lost_is_written_back_within_seconds_not_at_the_next_renewal(redis_server):
+    """The renewal came a third of a lease (20 s) later: meanwhile a broadcast that reached
+    every connection answered ``recipients: 0``, and the admin counted none."""
+    registry = redis_registry_factory(redis_server)(lease_seconds=60.0)
+    expected = Overview(
+        by_transport={"websocket": 2, "sse": 1},
+        by_user={1: 2, 2: 1},
+        by_task={TASK_1: 2, TASK_2: 1},
+    )
+
+    async def counted_again_within(seconds: float) -> bool:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if await registry.overview(TRANSPORTS) == expected:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    async def scenario():
+        await populate(registry)
+        for _ in range(2):  # a loss before the first renewal, then one after it
+            keys = [key async for key in registry.client.scan_iter(match=f"{registry.prefix}*")]
+            await registry.client.delete(*keys)  # as a restart of Redis that kept nothing
+            await assert_empty(registry)
+            assert await counted_again_within(3 * redis_registry.LOSS_CHECK_SECONDS)
 
     run(scenario, registry)
 
