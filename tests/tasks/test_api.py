@@ -13,6 +13,7 @@ import pytest
 from django.core.exceptions import ValidationError
 from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
+from rest_framework import serializers
 from rest_framework.test import APIClient
 
 from mcp_platform.tasks import services
@@ -419,10 +420,24 @@ def test_json_nested_too_deeply_to_parse_is_400(user):
     assert_error(response, 400, "parse_error")
 
 
-def test_serializers_do_not_share_fields():
+def test_serializers_do_not_share_fields_or_validators():
     first, second = TaskSerializer(), TaskSerializer()
     assert first.fields["status"] is not second.fields["status"]
     assert (first.fields["status"].parent, second.fields["status"].parent) == (first, second)
+    assert first.validators is not second.validators
+
+
+def test_serializers_have_the_fields_and_validators_drf_derives():
+    """Derived once per class, copied for each serializer: the same as DRF's own."""
+    ours = TaskSerializer()
+    drfs = serializers.ModelSerializer.get_fields(ours)
+    assert {name: repr(field) for name, field in ours.fields.items()} == {
+        name: repr(field) for name, field in drfs.items()
+    }
+    assert {name: vars(field).keys() for name, field in TaskSerializer().get_fields().items()} == {
+        name: vars(field).keys() for name, field in drfs.items()
+    }
+    assert ours.validators == serializers.ModelSerializer.get_validators(ours)
 
 
 @contextmanager
