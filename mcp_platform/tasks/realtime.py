@@ -3,6 +3,7 @@
 import copy
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.base_user import AbstractBaseUser
@@ -24,6 +25,23 @@ def task_snapshot(task: Task) -> sources.TaskSnapshot:
     # before the snapshot is published (on commit): it keeps a copy.
     state["result"] = copy.deepcopy(state["result"])
     return sources.TaskSnapshot(task_id=task.pk, owner_id=task.owner_id, seq=task.seq, state=state)
+
+
+def keep_saved_snapshot(task: Task, snapshot: sources.TaskSnapshot) -> None:
+    """Keep on ``task`` the snapshot taken of the save it just made (``signals``)."""
+    task.__dict__[_SAVED_SNAPSHOT] = snapshot
+
+
+def saved_state(task: Task) -> dict[str, Any] | None:
+    """The representation published for the save ``task`` last made, while the copy still
+    holds that save's ``seq``; for the code that made the save, before it changes the copy
+    again. A PATCH answers with it rather than serialize the task a second time (a
+    twentieth of its CPU)."""
+    snapshot = task.__dict__.get(_SAVED_SNAPSHOT)
+    return snapshot.state if snapshot is not None and snapshot.seq == task.seq else None
+
+
+_SAVED_SNAPSHOT = "_saved_snapshot"
 
 
 class TaskSource(sources.TaskSource):

@@ -6,7 +6,7 @@ from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 
 from mcp_platform.tasks.models import Task
-from mcp_platform.tasks.realtime import task_snapshot
+from mcp_platform.tasks.realtime import keep_saved_snapshot, task_snapshot
 from realtime.api import publish_after_commit, publish_task_deleted, publish_task_update
 
 
@@ -28,7 +28,9 @@ def publish_on_commit(sender: type[Task], instance: Task, using: str, **kwargs: 
         instance = sender._base_manager.using(using).filter(pk=instance.pk).first()
         if instance is None:
             return
-    publish_after_commit(using, f"task {instance.pk}", publish_task_update, task_snapshot(instance))
+    snapshot = task_snapshot(instance)
+    keep_saved_snapshot(instance, snapshot)
+    publish_after_commit(using, f"task {instance.pk}", publish_task_update, snapshot)
 
 
 @receiver(post_delete, sender=Task, dispatch_uid="tasks.publish_deletion_on_commit")

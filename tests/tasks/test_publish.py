@@ -17,6 +17,8 @@ from django.db.models.fields.json import JSONField
 
 from mcp_platform.tasks import services, signals
 from mcp_platform.tasks.models import Task
+from mcp_platform.tasks.realtime import saved_state
+from mcp_platform.tasks.serializers import TaskSerializer
 from realtime import api
 from realtime.protocol import CloseCode
 from tests.conftest import (
@@ -144,6 +146,45 @@ def test_a_patch_that_changes_no_writable_field_saves_and_publishes_nothing(user
     [response] = answers
     assert response.status_code == 200 and response.json()["seq"] == 1
     assert Task.objects.get(pk=task.pk).seq == 1
+
+
+def test_a_patch_answers_with_the_state_it_published_serialized_once(user, task, monkeypatch):
+    serialized = []
+    to_representation = TaskSerializer.to_representation
+    monkeypatch.setattr(
+        TaskSerializer,
+        "to_representation",
+        lambda self, task: serialized.append(task.seq) or to_representation(self, task),
+    )
+    answers = []
+
+    def change():
+        answers.append(
+            api_client(user).patch(
+                f"/api/tasks/{task.pk}/", {"progress": 40, "result": {"a": [1]}}, format="json"
+            )
+        )
+
+    update = watch(user, task, change)
+    [response] = answers
+    assert response.status_code == 200
+    assert (
+        response.json() == update["task"] == api_client(user).get(f"/api/tasks/{task.pk}/").json()
+    )
+    assert update["task"]["progress"] == 40 and update["task"]["result"] == {"a": [1]}
+    # The subscription's state, the change's snapshot, the GET; not the PATCH's answer again.
+    assert serialized == [1, 2, 2]
+
+
+def test_a_copy_changed_since_its_save_is_answered_as_it_is_not_as_published(task):
+    task.progress = 10
+    task.save()
+    assert saved_state(task)["progress"] == 10
+    task.refresh_from_db()
+    assert saved_state(task)["progress"] == 10
+    Task.objects.filter(pk=task.pk).update(seq=F("seq") + 1)
+    task.refresh_from_db()
+    assert saved_state(task) is None
 
 
 def test_update_with_update_fields_still_advances_seq(user, task):
