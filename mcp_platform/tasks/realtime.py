@@ -32,12 +32,12 @@ def keep_saved_snapshot(task: Task, snapshot: sources.TaskSnapshot) -> None:
     task.__dict__[_SAVED_SNAPSHOT] = snapshot
 
 
-def saved_state(task: Task) -> dict[str, Any] | None:
+def take_saved_state(task: Task) -> dict[str, Any] | None:
     """The representation published for the save ``task`` last made, while the copy still
     holds that save's ``seq``; for the code that made the save, before it changes the copy
-    again. A PATCH answers with it rather than serialize the task a second time (a
-    twentieth of its CPU)."""
-    snapshot = task.__dict__.get(_SAVED_SNAPSHOT)
+    again. Taken once: the copy no longer keeps it (nor its own copy of the result). A PATCH
+    answers with it rather than serialize the task a second time (a twentieth of its CPU)."""
+    snapshot = task.__dict__.pop(_SAVED_SNAPSHOT, None)
     return snapshot.state if snapshot is not None and snapshot.seq == task.seq else None
 
 

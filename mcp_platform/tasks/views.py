@@ -16,7 +16,7 @@ from rest_framework.serializers import BaseSerializer
 from mcp_platform.api import as_api_validation_error
 from mcp_platform.tasks import services
 from mcp_platform.tasks.models import Task
-from mcp_platform.tasks.realtime import saved_state
+from mcp_platform.tasks.realtime import take_saved_state
 from mcp_platform.tasks.selectors import visible_task_for_update, visible_tasks
 from mcp_platform.tasks.serializers import TaskSerializer
 
@@ -103,4 +103,4 @@ class TaskViewSet(
                 except ValidationError as exc:
                     raise as_api_validation_error(exc) from None
             serializer.instance = task
-        return Response(saved_state(task) or serializer.data)
+        return Response(take_saved_state(task) or serializer.data)

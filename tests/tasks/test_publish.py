@@ -17,7 +17,7 @@ from django.db.models.fields.json import JSONField
 
 from mcp_platform.tasks import services, signals
 from mcp_platform.tasks.models import Task
-from mcp_platform.tasks.realtime import saved_state
+from mcp_platform.tasks.realtime import take_saved_state
 from mcp_platform.tasks.serializers import TaskSerializer
 from realtime import api
 from realtime.protocol import CloseCode
@@ -176,15 +176,16 @@ def test_a_patch_answers_with_the_state_it_published_serialized_once(user, task,
     assert serialized == [1, 2, 2]
 
 
-def test_a_copy_changed_since_its_save_is_answered_as_it_is_not_as_published(task):
+def test_the_state_a_save_published_is_taken_once_and_only_for_that_save(task):
     task.progress = 10
     task.save()
-    assert saved_state(task)["progress"] == 10
-    task.refresh_from_db()
-    assert saved_state(task)["progress"] == 10
+    assert take_saved_state(task)["progress"] == 10
+    assert take_saved_state(task) is None
+    task.progress = 20
+    task.save()
     Task.objects.filter(pk=task.pk).update(seq=F("seq") + 1)
     task.refresh_from_db()
-    assert saved_state(task) is None
+    assert take_saved_state(task) is None
 
 
 def test_update_with_update_fields_still_advances_seq(user, task):
