@@ -58,6 +58,7 @@ from channels_redis.utils import decode_hosts
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -93,6 +94,9 @@ class _Local:
 ORIGIN_MARK = b"\xc1"
 #: The mark and a layer id (``uuid4().hex``).
 ORIGIN_LENGTH = len(ORIGIN_MARK) + 32
+
+#: Publishes ``ARGV[1]`` to every channel in ``KEYS``, in their order, as one command.
+PUBLISH_SCRIPT = "for _, channel in ipairs(KEYS) do redis.call('PUBLISH', channel, ARGV[1]) end"
 
 
 class OfferingQueue(ChannelQueue):
@@ -336,6 +340,7 @@ class ShardLock(asyncio.Lock):
 
 class RedisPubSubChannelLayer(StockLayer):
     _last: tuple[bytes, dict[str, Any]] | None = None
+    _publish_script: AsyncScript | None = None
 
     def __init__(self, *args: Any, hosts: Any = None, prefix: str = "asgi", **kwargs: Any) -> None:
         hosts = [{"retry": retry_once(), **host} for host in decode_hosts(hosts)]
@@ -421,9 +426,10 @@ class RedisPubSubChannelLayer(StockLayer):
         await self.group_send_many([group], message)
 
     async def group_send_many(self, groups: Iterable[str], message: dict[str, Any]) -> None:
-        """``group_send()`` to each of ``groups``, serialized once and published in one
-        pipeline per shard: a task update goes to three groups, and each PUBLISH on its
-        own cost a round trip and ~0.2 ms of redis-py's CPU.
+        """``group_send()`` to each of ``groups``, serialized once and published with one
+        command per shard (``PUBLISH_SCRIPT``): a task update goes to three groups, and
+        redis-py spent ~180 µs of CPU on each PUBLISH sent on its own, ~370 µs on a
+        pipeline of the three, ~220 µs on the script.
 
         This process's members get the message from the publisher once it is published,
         as from the in-process layer, and their copies from Redis are dropped
@@ -448,10 +454,9 @@ class RedisPubSubChannelLayer(StockLayer):
         for shard, names in by_shard.items():
             async with shard._lock:
                 shard._ensure_redis()
-                async with shard._redis.pipeline(transaction=False) as pipe:
-                    for name in names:
-                        pipe.publish(name, data)
-                    await pipe.execute()
+                if self._publish_script is None:  # any loop's client can run it
+                    self._publish_script = shard._redis.register_script(PUBLISH_SCRIPT)
+                await self._publish_script(keys=names, args=[data], client=shard._redis)
         for queue in members:
             if type(queue) is not OfferingQueue:
                 queue.put_nowait(data)

@@ -395,7 +395,7 @@ def test_a_failed_publish_raises_and_reaches_no_member_of_this_process(redis_ser
         async with layer_and_redis(redis_server) as (layer, _):
             channel = await layer.new_channel()
             await layer.group_add("watchers", channel)
-            monkeypatch.setattr(aioredis.client.Pipeline, "execute", unreachable)
+            monkeypatch.setattr(aioredis.client.Redis, "execute_command", unreachable)
             with pytest.raises(redis.ConnectionError):
                 await layer.group_send("watchers", {"type": "hello"})
             monkeypatch.undo()
