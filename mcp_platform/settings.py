@@ -95,6 +95,12 @@ try:
     }
 except ValueError as exc:
     raise ImproperlyConfigured(f"DATABASE_URL is not a database URL: {exc}") from None
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # libpq waits without end for a server that never answers (one behind a firewall that
+    # drops packets): each request's thread waited for the kernel's ~2 minutes of TCP
+    # retries, the REST API with them, and the server's start in its migrations check.
+    # The URL's ``?connect_timeout=`` sets another.
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault("connect_timeout", 10)
 # Threads that serve Django's requests (mcp_platform.handlers); each holds a connection.
 REQUEST_THREADS = env_int("DJANGO_REQUEST_THREADS", 2, minimum=1)
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import pprint
+import select
 import socket
 import struct
 import subprocess
@@ -618,7 +619,10 @@ def start_up_lines(env: dict[str, str]) -> list[str]:
     try:
         lines = []
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not any("Listening" in line for line in lines):
+        while not any("Listening" in line for line in lines):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([server.stdout], [], [], left)[0]:
+                break  # a launcher that says nothing more is not waited for past the deadline
             lines.append(server.stdout.readline())
     finally:
         server.terminate()
@@ -632,6 +636,23 @@ def test_the_launcher_says_when_migrations_are_unapplied(tmp_path):
     lines = start_up_lines({"DATABASE_URL": f"sqlite:///{tmp_path / 'empty.sqlite3'}"})
     assert any("unapplied migration(s)" in line for line in lines), lines
     assert any("Run 'python manage.py migrate'" in line for line in lines), lines
+
+
+def test_the_launcher_serves_when_its_postgresql_never_answers():
+    """A server that takes the connection and says nothing (or a firewall that drops it):
+    libpq waited for it without end, and the launcher never got to listen. Now the
+    migrations check gives up after the default ``connect_timeout`` (10 s)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the handshake; nothing ever answers
+        port = silent.getsockname()[1]
+        started = time.monotonic()
+        lines = start_up_lines({"DATABASE_URL": f"postgres://u@127.0.0.1:{port}/db"})
+    assert any(line.startswith("Warning: the database could not be read: ") for line in lines), (
+        lines
+    )
+    assert any("Listening" in line for line in lines), lines
+    assert time.monotonic() - started < 25
 
 
 @pytest.mark.django_db(transaction=True)
