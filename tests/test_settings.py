@@ -108,6 +108,12 @@ def test_environment_drives_hosts_lifetimes_database_and_layer():
     ]
 
 
+@pytest.mark.parametrize(("query", "timeout"), [("", 10), ("?connect_timeout=3", 3)])
+def test_a_postgresql_connection_attempt_has_a_timeout(query, timeout):
+    env = {"DJANGO_DEBUG": "1", "DATABASE_URL": f"postgres://u@db.internal/platform{query}"}
+    assert value_of(env, "settings.DATABASES['default']['OPTIONS']['connect_timeout']") == timeout
+
+
 def test_embedded_defaults_are_sqlite_and_an_in_process_layer():
     values = value_of(
         {"DJANGO_DEBUG": "1"},
