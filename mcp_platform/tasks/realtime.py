@@ -18,6 +18,9 @@ from realtime import sources
 #: between calls.
 _snapshots = TaskSerializer()
 
+#: Where a task keeps the snapshot of its last save until ``take_saved_state()`` takes it.
+_SAVED_SNAPSHOT = "_saved_snapshot"
+
 
 def task_snapshot(task: Task) -> sources.TaskSnapshot:
     state = _snapshots.to_representation(task)
@@ -39,9 +42,6 @@ def take_saved_state(task: Task) -> dict[str, Any] | None:
     answers with it rather than serialize the task a second time (a twentieth of its CPU)."""
     snapshot = task.__dict__.pop(_SAVED_SNAPSHOT, None)
     return snapshot.state if snapshot is not None and snapshot.seq == task.seq else None
-
-
-_SAVED_SNAPSHOT = "_saved_snapshot"
 
 
 class TaskSource(sources.TaskSource):
