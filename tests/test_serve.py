@@ -6,11 +6,12 @@ import contextlib
 import json
 import os
 import pprint
-import select
+import queue
 import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -616,14 +617,18 @@ def start_up_lines(env: dict[str, str]) -> list[str]:
         stderr=subprocess.STDOUT,
         text=True,
     )
+    # Read in a thread, so that a launcher that says nothing more is not waited for past
+    # the deadline. (A select() on the pipe missed lines already in the reader's buffer.)
+    printed: queue.SimpleQueue[str] = queue.SimpleQueue()
+    threading.Thread(target=lambda: [*map(printed.put, server.stdout)], daemon=True).start()
     try:
         lines = []
         deadline = time.monotonic() + 30
         while not any("Listening" in line for line in lines):
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([server.stdout], [], [], left)[0]:
-                break  # a launcher that says nothing more is not waited for past the deadline
-            lines.append(server.stdout.readline())
+            try:
+                lines.append(printed.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                break
     finally:
         server.terminate()
         server.wait(timeout=10)
