@@ -50,25 +50,30 @@ CHUNK = 500
 #: KEYS: the sets to add to, then those to remove from. ARGV: the leases' expiry, the time
 #: up to which a lease has lapsed, the sets' time to live, how many sets are added to,
 #: then per set its member count and members. Sets added to are pruned of lapsed members.
+#: Returns, for each set added to, its live members before the call: with the order of
+#: the members added, every connection's count as it was recorded (``_write_many()``).
 WRITE_SCRIPT = """
 local expiry, now, ttl, added = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local at = 5
+local before = {}
 for i, key in ipairs(KEYS) do
     local count = tonumber(ARGV[at])
     if i <= added then
+        redis.call("ZREMRANGEBYSCORE", key, "-inf", now)
+        before[i] = redis.call("ZCARD", key)
         local leases = {}
         for j = at + 1, at + count do
             leases[#leases + 1] = expiry
             leases[#leases + 1] = ARGV[j]
         end
         redis.call("ZADD", key, unpack(leases))
-        redis.call("ZREMRANGEBYSCORE", key, "-inf", now)
         redis.call("EXPIRE", key, ttl)
     else
         redis.call("ZREM", key, unpack(ARGV, at + 1, at + count))
     end
     at = at + count + 1
 end
+return before
 """
 
 
@@ -90,7 +95,9 @@ class RedisRegistry(ConnectionRegistry):
         #: Sets outlive their members' leases: a live one never lapses between renewals.
         self._key_ttl = int(lease_seconds * 2) + 1
         # Connections arriving (or leaving) together share one command.
-        self._writes: Batcher[list[Write], None] = Batcher(self._write_many, max_size=CHUNK)
+        self._writes: Batcher[list[Write], dict[str, int]] = Batcher(
+            self._write_many, max_size=CHUNK
+        )
         self._write_script: AsyncScript | None = None
 
     @property
@@ -190,23 +197,37 @@ class RedisRegistry(ConnectionRegistry):
                 leases[self._task_key(task_id)].append(member)
         return leases
 
-    async def _write(self, writes: list[Write]) -> None:
-        """Make ``writes`` with those of connections arriving (or leaving) together."""
-        await self._writes.load(writes)
+    async def _write(self, writes: list[Write]) -> dict[str, int]:
+        """Make ``writes`` with those of connections arriving (or leaving) together; return
+        the live members of each set added to, counted up to this member."""
+        return await self._writes.load(writes)
 
-    async def _write_many(self, batches: list[list[Write]]) -> list[None]:
-        """One script call for a whole batch."""
+    async def _write_many(self, batches: list[list[Write]]) -> list[dict[str, int]]:
+        """One script call for a whole batch. A set's members are counted in the order
+        they were added: of two connections of a user arriving together, the first is
+        counted without the second, as if each had been written alone."""
         added: defaultdict[str, list[str]] = defaultdict(list)
         removed: defaultdict[str, list[str]] = defaultdict(list)
         for writes in batches:
             for kind, key, member in writes:
                 (added if kind == "add" else removed)[key].append(member)
-        await self._run_script(added, removed)
-        return [None] * len(batches)
+        counts = await self._run_script(added, removed)
+        results = []
+        for writes in batches:
+            result = {}
+            for kind, key, _ in writes:
+                if kind == "add":
+                    counts[key] += 1
+                    result[key] = counts[key]
+            results.append(result)
+        return results
 
-    async def _run_script(self, added: dict[str, list[str]], removed: dict[str, list[str]]) -> None:
+    async def _run_script(
+        self, added: dict[str, list[str]], removed: dict[str, list[str]]
+    ) -> dict[str, int]:
         """Lease the members of ``added`` to their sets, drop those of ``removed`` from
-        theirs (``WRITE_SCRIPT``)."""
+        theirs (``WRITE_SCRIPT``); return the live members each set of ``added`` had
+        before."""
         now = time.time()
         args: list[str | float | int] = [now + self.lease_seconds, now, self._key_ttl, len(added)]
         for members in (*added.values(), *removed.values()):
@@ -215,17 +236,19 @@ class RedisRegistry(ConnectionRegistry):
         client = self.client
         if self._write_script is None:  # any loop's client can run it
             self._write_script = client.register_script(WRITE_SCRIPT)
-        await self._write_script(keys=[*added, *removed], args=args, client=client)
+        before = await self._write_script(keys=[*added, *removed], args=args, client=client)
+        return dict(zip(added, before, strict=True))
 
     def served_here(self) -> tuple[list[Entry], int]:
         # list() copies in one step, which the event loop's thread cannot interleave.
         return list(self._local.values()), sum(map(len, list(self._local_tasks.values())))
 
-    async def add(self, entry: Entry) -> None:
+    async def add(self, entry: Entry) -> int:
         member = str(entry.connection_id)
-        await self._write([("add", key, member) for key in self._entry_keys(entry)])
+        counts = await self._write([("add", key, member) for key in self._entry_keys(entry)])
         self._local[entry.connection_id] = entry
         self._ensure_renewer()
+        return counts[self._user_key(entry.user_id)]
 
     async def remove(self, entry: Entry, task_ids: frozenset[uuid.UUID]) -> None:
         self._local.pop(entry.connection_id, None)

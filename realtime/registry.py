@@ -32,7 +32,9 @@ class Overview:
 class ConnectionRegistry:
     """Records connections and their task subscriptions; answers counts."""
 
-    async def add(self, entry: Entry) -> None:
+    async def add(self, entry: Entry) -> int:
+        """Record a connection; return how many its user has, this one included, as
+        counted when it was recorded (``REALTIME_MAX_CONNECTIONS_PER_USER``)."""
         raise NotImplementedError("subclasses of ConnectionRegistry must provide add()")
 
     async def remove(self, entry: Entry, task_ids: frozenset[uuid.UUID]) -> None:
@@ -75,17 +77,24 @@ class LocalRegistry(ConnectionRegistry):
 
     def __init__(self) -> None:
         self.entries: dict[uuid.UUID, Entry] = {}
+        self.per_user: Counter[int] = Counter()
         self.subscribers: defaultdict[uuid.UUID, set[uuid.UUID]] = defaultdict(set)
 
     def served_here(self) -> tuple[list[Entry], int]:
         # list() copies in one step, which the event loop's thread cannot interleave.
         return list(self.entries.values()), sum(map(len, list(self.subscribers.values())))
 
-    async def add(self, entry: Entry) -> None:
-        self.entries[entry.connection_id] = entry
+    async def add(self, entry: Entry) -> int:
+        if entry.connection_id not in self.entries:
+            self.entries[entry.connection_id] = entry
+            self.per_user[entry.user_id] += 1
+        return self.per_user[entry.user_id]
 
     async def remove(self, entry: Entry, task_ids: frozenset[uuid.UUID]) -> None:
-        self.entries.pop(entry.connection_id, None)
+        if self.entries.pop(entry.connection_id, None) is not None:
+            self.per_user[entry.user_id] -= 1
+            if not self.per_user[entry.user_id]:
+                del self.per_user[entry.user_id]
         for task_id in task_ids:
             await self.remove_subscription(entry, task_id)
 
@@ -103,7 +112,7 @@ class LocalRegistry(ConnectionRegistry):
         return sum(1 for entry in self.entries.values() if entry.transport == transport)
 
     async def count_user(self, user_id: int) -> int:
-        return sum(1 for entry in self.entries.values() if entry.user_id == user_id)
+        return self.per_user[user_id]
 
     async def count_task(self, task_id: uuid.UUID) -> int:
         return len(self.subscribers.get(task_id, ()))
@@ -113,6 +122,6 @@ class LocalRegistry(ConnectionRegistry):
             by_transport={
                 transport: await self.count_transport(transport) for transport in transports
             },
-            by_user=dict(Counter(entry.user_id for entry in self.entries.values())),
+            by_user=dict(self.per_user),
             by_task={task_id: len(ids) for task_id, ids in self.subscribers.items()},
         )

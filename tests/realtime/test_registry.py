@@ -119,6 +119,40 @@ def test_unsubscribe_and_disconnect_remove_everything(registry):
     run(scenario, registry)
 
 
+def test_adding_a_connection_answers_how_many_its_user_holds(registry):
+    async def scenario():
+        first, second, _ = await populate(registry)
+        assert await registry.add(entry(1, "websocket")) == 3
+        assert await registry.add(entry(2, "sse")) == 2
+        await registry.remove(first, frozenset({TASK_1}))
+        await registry.remove(first, frozenset({TASK_1}))  # twice counts once
+        assert await registry.add(entry(1, "sse")) == 3
+        # Arriving together, each is counted with those before it alone.
+        together = await asyncio.gather(*(registry.add(entry(5, "websocket")) for _ in range(6)))
+        assert sorted(together) == [1, 2, 3, 4, 5, 6]
+        assert await registry.count_user(5) == 6
+
+    run(scenario, registry)
+
+
+@pytest.mark.redis
+def test_connections_arriving_together_in_several_processes_are_counted_one_by_one(redis_server):
+    make = redis_registry_factory(redis_server)
+    one, other = make(), make()
+
+    async def scenario():
+        await one.add(entry(1, "websocket"))
+        counts = await asyncio.gather(
+            *(registry.add(entry(1, "websocket")) for registry in (one, other) * 5)
+        )
+        assert sorted(counts) == list(range(2, 12))
+        # Lapsed members are not counted: a dead process's connection has lapsed.
+        await one.client.zadd(one._user_key(1), {"dead": time.time() - 1})
+        assert await other.add(entry(1, "sse")) == 12
+
+    run(scenario, one, other)
+
+
 @pytest.mark.redis
 def test_counts_are_shared_by_every_process(redis_server):
     make = redis_registry_factory(redis_server)
