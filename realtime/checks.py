@@ -62,6 +62,20 @@ def check_positive_settings(app_configs: Any = None, **kwargs: Any) -> list[Erro
 
 
 @register(TAG)
+def check_connection_limit(app_configs: Any = None, **kwargs: Any) -> list[Error]:
+    limit = realtime_settings.MAX_CONNECTIONS_PER_USER
+    if isinstance(limit, int) and limit >= 0:
+        return []
+    return [
+        Error(
+            f"MAX_CONNECTIONS_PER_USER must be a whole number of 0 or more, not {limit!r}.",
+            hint="0 sets no limit.",
+            id="realtime.E007",
+        )
+    ]
+
+
+@register(TAG)
 def check_task_source(app_configs: Any = None, **kwargs: Any) -> list[Error]:
     """A ``TASK_SOURCE`` that names no ``TaskSource`` failed every subscribe, not start-up."""
     path = realtime_settings.TASK_SOURCE

@@ -19,6 +19,9 @@ DEFAULTS: dict[str, Any] = {
     "REDIS_PREFIX": "mcp",
     # Task subscriptions one WebSocket connection may hold.
     "SUBSCRIPTION_LIMIT": 100,
+    # Connections (WebSockets and event streams, in every process) one user may hold at
+    # once; past it a connection is refused (4429, or 429 on /events). 0: no limit.
+    "MAX_CONNECTIONS_PER_USER": 0,
     # Largest client frame, in bytes of UTF-8; a larger one closes the connection with 4009.
     "MAX_MESSAGE_BYTES": 65536,
     # Seconds between heartbeat events on an idle SSE stream.

@@ -55,6 +55,14 @@ def logged_failure(message: str, *args: Any) -> Iterator[None]:
         logger.warning(f"{message}: %s", *args, failure_text(exc))
 
 
+class TooManyConnections(Exception):
+    """The user already holds ``REALTIME_MAX_CONNECTIONS_PER_USER`` connections."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"A user may hold at most {limit} connections at once.")
+        self.limit = limit
+
+
 class SourceFailed(Exception):
     """The task source raised something other than ``DatabaseError``: a bug of its own."""
 
@@ -298,6 +306,9 @@ class ConnectionManager:
 
         Once this returns the connection counts as a recipient of broadcasts. With
         ``follow_all`` it also follows every task the user may see (staff: all tasks).
+        Raises ``TooManyConnections`` if the user, counted with this connection in every
+        process, holds more than ``REALTIME_MAX_CONNECTIONS_PER_USER``: counted once
+        recorded, so that connections arriving together cannot all pass the limit.
         """
         entry = Entry(connection_id=uuid.uuid4(), user_id=user.pk, transport=str(transport))
         connection = Connection(
@@ -309,7 +320,11 @@ class ConnectionManager:
         try:
             for group in joined:
                 await self._join(connection, group)
-            await self.registry.add(entry)
+            held = await self.registry.add(entry)
+            limit = realtime_settings.MAX_CONNECTIONS_PER_USER
+            if limit and held > limit:
+                await self.registry.remove(entry, frozenset())
+                raise TooManyConnections(limit)
         except BaseException:
             # The caller gets no connection to disconnect, and a layer keeps a channel in
             # its groups until told: a failed connect leaves nothing behind.

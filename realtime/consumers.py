@@ -21,6 +21,7 @@ from realtime.connections import (
     PERSONAL,
     RELEASE_HELD,
     TASK_UPDATE,
+    TooManyConnections,
     Transport,
     get_connection_manager,
 )
@@ -85,6 +86,11 @@ class TaskConsumer(InboxConsumerMixin, AsyncWebsocketConsumer):
             logger.warning("Could not record a connection; closed it 4503: %s", failure_text(exc))
             await self.accept()
             await self.close(CloseCode.UNAVAILABLE.value)
+            return
+        except TooManyConnections as exc:
+            logger.info("Refused a WebSocket 4429 of user %s: %s", user.pk, exc)
+            await self.accept()
+            await self.close(CloseCode.TOO_MANY_CONNECTIONS.value)
             return
         # Accepted only now, so that the handshake's answer and ``connected`` leave in one
         # write: accepted first, they took a socket send each whenever recording the

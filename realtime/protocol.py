@@ -29,6 +29,9 @@ class CloseCode(enum.IntEnum):
     MESSAGE_TOO_BIG = 4009
     #: The client read too slowly and its queue of unsent messages overflowed.
     SLOW_CLIENT = 4008
+    #: The user already held ``MAX_CONNECTIONS_PER_USER`` connections: sent right after
+    #: accepting, as 4401 is.
+    TOO_MANY_CONNECTIONS = 4429
     #: The connection cannot be served just now: its credentials could not be checked (the
     #: database unreachable), its channel or record could not be made (Redis unreachable),
     #: or the server is stopping. Try again later; Daphne drops 1013 (try again later) as
@@ -58,6 +61,7 @@ class HttpErrorCode(enum.StrEnum):
     BAD_REQUEST = "bad_request"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     PAYLOAD_TOO_LARGE = "payload_too_large"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
 
 
 class ProtocolError(Exception):

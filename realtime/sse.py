@@ -33,6 +33,7 @@ from realtime.connections import (
     PERSONAL,
     RELEASE_HELD,
     TASK_UPDATE,
+    TooManyConnections,
     Transport,
     get_connection_manager,
 )
@@ -245,6 +246,9 @@ class EventStreamConsumer(InboxConsumerMixin, AsyncHttpConsumer):
                 "Could not record an event stream; refused it 503: %s", failure_text(exc)
             )
             await self.refuse(UNAVAILABLE)
+        except TooManyConnections as exc:
+            logger.info("Refused an event stream 429 of user %s: %s", user.pk, exc)
+            await self.refuse(Refused(429, HttpErrorCode.TOO_MANY_CONNECTIONS, str(exc)))
         for task_id in task_ids:
             await manager.subscribe_to_task(self.connection, user, task_id)
         headers = list(STREAM_HEADERS)

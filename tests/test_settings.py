@@ -310,6 +310,13 @@ def test_counts_sizes_and_intervals_must_be_finite_and_positive(settings, name, 
     assert error.msg.startswith(name)
 
 
+@pytest.mark.parametrize(("value", "refused"), [(0, False), (3, False), (-1, True), (2.5, True)])
+def test_the_connection_limit_is_a_whole_number_of_0_or_more(settings, value, refused):
+    settings.REALTIME = {**settings.REALTIME, "MAX_CONNECTIONS_PER_USER": value}
+    ids = [message.id for message in run_checks(tags=[checks.TAG])]
+    assert ("realtime.E007" in ids) is refused
+
+
 @pytest.mark.parametrize("prefix", ["", "REALTIME_"])
 def test_either_name_of_the_redis_variables_sets_the_layer_and_the_registry_alike(prefix):
     """Set by ``REALTIME_REDIS_PREFIX``, the registry's prefix was apart from the layer's:
@@ -374,6 +381,7 @@ def test_a_project_that_names_no_task_source_fails_the_checks(settings):
         ("REALTIME_SUBSCRIPTON_LIMIT", "5", "realtime.E001"),
         ("REALTIME_CONNECTION_LEASE_SECONDS", "0", "realtime.E002"),
         ("REALTIME_SLOW_CLIENT_QUEUE_LIMIT", "-1", "realtime.E002"),
+        ("REALTIME_MAX_CONNECTIONS_PER_USER", "-1", "realtime.E007"),
         ("REALTIME_TASK_SOURCE", "mcp_platform.tasks.realtime.TaskSourc", "realtime.E005"),
         ("REALTIME_TASK_SOURCE", "realtime.layers.ChannelQueue", "realtime.E005"),
         ("REALTIME_TASK_SOURCE", "realtime.sources.TaskSource", "realtime.E005"),
@@ -385,6 +393,7 @@ def test_a_project_that_names_no_task_source_fails_the_checks(settings):
         "unknown-name",
         "no-lease",
         "no-queue",
+        "connection-limit-negative",
         "task-source-misspelt",
         "task-source-not-one",
         "task-source-answering-nothing",

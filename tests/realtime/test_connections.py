@@ -270,6 +270,31 @@ def test_a_connect_that_fails_leaves_no_group_behind(failing):
     async_to_sync(scenario)()
 
 
+def test_a_connection_past_the_users_limit_is_refused_and_leaves_nothing_behind(settings):
+    settings.REALTIME = {**settings.REALTIME, "MAX_CONNECTIONS_PER_USER": 2}
+    layer, registry = FlakyLayer(), LocalRegistry()
+    manager = ManagerOn(registry, layer)
+    user, other = SimpleNamespace(pk=7, is_staff=False), SimpleNamespace(pk=8, is_staff=False)
+
+    async def connect(user, channel_name, transport=Transport.WEBSOCKET):
+        return await manager.connect(channel_name=channel_name, user=user, transport=transport)
+
+    async def scenario():
+        first = await connect(user, "specific.a")
+        await connect(user, "specific.b", Transport.SSE)
+        held = members(layer)
+        with pytest.raises(connections.TooManyConnections, match="at most 2 connections"):
+            await connect(user, "specific.c")
+        assert members(layer) == held
+        assert await registry.count_user(7) == 2
+        await connect(other, "specific.d")  # another user's limit is their own
+        await manager.disconnect(first)
+        await connect(user, "specific.e")
+        assert await registry.count_user(7) == 2
+
+    async_to_sync(scenario)()
+
+
 def test_an_update_of_a_followed_task_that_arrives_after_its_deletion_is_dropped():
     c = connection(follows_all=True)
     assert c.receive_update("t", 2, "two") == [(2, "two")]
