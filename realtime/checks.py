@@ -64,7 +64,7 @@ def check_positive_settings(app_configs: Any = None, **kwargs: Any) -> list[Erro
 @register(TAG)
 def check_connection_limit(app_configs: Any = None, **kwargs: Any) -> list[Error]:
     limit = realtime_settings.MAX_CONNECTIONS_PER_USER
-    if isinstance(limit, int) and limit >= 0:
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0:
         return []
     return [
         Error(

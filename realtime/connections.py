@@ -306,9 +306,8 @@ class ConnectionManager:
 
         Once this returns the connection counts as a recipient of broadcasts. With
         ``follow_all`` it also follows every task the user may see (staff: all tasks).
-        Raises ``TooManyConnections`` if the user, counted with this connection in every
-        process, holds more than ``REALTIME_MAX_CONNECTIONS_PER_USER``: counted once
-        recorded, so that connections arriving together cannot all pass the limit.
+        Raises ``TooManyConnections`` if the user already holds
+        ``REALTIME_MAX_CONNECTIONS_PER_USER`` connections in every process.
         """
         entry = Entry(connection_id=uuid.uuid4(), user_id=user.pk, transport=str(transport))
         connection = Connection(
@@ -320,10 +319,8 @@ class ConnectionManager:
         try:
             for group in joined:
                 await self._join(connection, group)
-            held = await self.registry.add(entry)
             limit = realtime_settings.MAX_CONNECTIONS_PER_USER
-            if limit and held > limit:
-                await self.registry.remove(entry, frozenset())
+            if not await self.registry.add(entry, limit):
                 raise TooManyConnections(limit)
         except BaseException:
             # The caller gets no connection to disconnect, and a layer keeps a channel in

@@ -13,6 +13,7 @@ import time
 import uuid
 import weakref
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Literal
 
 import redis.asyncio as aioredis
@@ -39,6 +40,18 @@ LOSS_CHECK_SECONDS = 1.0
 #: A registry write: a connection (its id) added to or removed from a set (its key).
 Write = tuple[Literal["add", "remove"], str, str]
 
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """A connection (``member``) to record in its user's set and its transport's, unless
+    the user's set already holds ``limit`` live members (0: no limit)."""
+
+    user_key: str
+    transport_key: str
+    member: str
+    limit: int
+
+
 #: Connections one script call writes or renews at most. A ZADD then has at most twice as
 #: many arguments, well within Lua's stack, and a renewal holds the event loop a few
 #: milliseconds per call, however many connections the process has.
@@ -47,33 +60,77 @@ CHUNK = 500
 #: Registry writes in one command: as a pipeline of one ZADD and one EXPIRE per set and
 #: connection, redis-py's packing and reply parsing cost ~7% of a connect's CPU, and a
 #: renewal of 4,000 connections held the event loop for 0.3-0.5 s (docs/performance.md).
-#: KEYS: the sets to add to, then those to remove from. ARGV: the leases' expiry, the time
-#: up to which a lease has lapsed, the sets' time to live, how many sets are added to,
-#: then per set its member count and members. Sets added to are pruned of lapsed members.
-#: Returns, for each set added to, its live members before the call: with the order of
-#: the members added, every connection's count as it was recorded (``_write_many()``).
+#:
+#: In order: removals of members not written otherwise in the call; arrivals, each
+#: recorded unless its user holds its limit, counted after those before it (so that no two
+#: arrivals in any process pass the limit together, and none is written only to be taken
+#: out again), or if its member is already recorded (the command sent again after a lost
+#: answer); additions; then removals of members added in the call (which follow their
+#: addition). Sets written to are pruned of lapsed members first, and live at least ``ttl``.
+#:
+#: KEYS: the sets of the early removals, two per arrival (its user's, its transport's),
+#: the sets added to, the sets of the late removals. ARGV: the leases' expiry, the time up
+#: to which a lease has lapsed, the sets' time to live, then how many sets of early
+#: removals, arrivals, sets added to and sets of late removals; then per set of an early
+#: removal its member count and members, per arrival its member and limit, per set added
+#: to and set of a late removal its member count and members. Returns 1 for each arrival
+#: recorded, 0 for each refused.
 WRITE_SCRIPT = """
-local expiry, now, ttl, added = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-local at = 5
-local before = {}
-for i, key in ipairs(KEYS) do
-    local count = tonumber(ARGV[at])
-    if i <= added then
+local expiry, now, ttl = ARGV[1], ARGV[2], ARGV[3]
+local early, arrivals, added, late = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]),
+    tonumber(ARGV[7])
+local at, k = 8, 0
+local pruned = {}
+local function next_key()
+    k = k + 1
+    local key = KEYS[k]
+    if not pruned[key] then
         redis.call("ZREMRANGEBYSCORE", key, "-inf", now)
-        before[i] = redis.call("ZCARD", key)
-        local leases = {}
-        for j = at + 1, at + count do
-            leases[#leases + 1] = expiry
-            leases[#leases + 1] = ARGV[j]
-        end
-        redis.call("ZADD", key, unpack(leases))
-        redis.call("EXPIRE", key, ttl)
-    else
-        redis.call("ZREM", key, unpack(ARGV, at + 1, at + count))
+        pruned[key] = true
     end
-    at = at + count + 1
+    return key
 end
-return before
+local function next_members()
+    local count = tonumber(ARGV[at])
+    local first = at + 1
+    at = first + count
+    return first, at - 1
+end
+local function remove(key)
+    redis.call("ZREM", key, unpack(ARGV, next_members()))
+end
+local function lease(key, first, last)
+    local leases = {}
+    for j = first, last do
+        leases[#leases + 1] = expiry
+        leases[#leases + 1] = ARGV[j]
+    end
+    redis.call("ZADD", key, unpack(leases))
+    redis.call("EXPIRE", key, ttl)
+end
+for _ = 1, early do
+    remove(next_key())
+end
+local recorded = {}
+for i = 1, arrivals do
+    local user, transport = next_key(), next_key()
+    local member, limit = ARGV[at], tonumber(ARGV[at + 1])
+    at = at + 2
+    if limit == 0 or redis.call("ZSCORE", user, member) or redis.call("ZCARD", user) < limit then
+        lease(user, at - 2, at - 2)
+        lease(transport, at - 2, at - 2)
+        recorded[i] = 1
+    else
+        recorded[i] = 0
+    end
+end
+for _ = 1, added do
+    lease(next_key(), next_members())
+end
+for _ = 1, late do
+    remove(next_key())
+end
+return recorded
 """
 
 
@@ -95,7 +152,7 @@ class RedisRegistry(ConnectionRegistry):
         #: Sets outlive their members' leases: a live one never lapses between renewals.
         self._key_ttl = int(lease_seconds * 2) + 1
         # Connections arriving (or leaving) together share one command.
-        self._writes: Batcher[list[Write], dict[str, int]] = Batcher(
+        self._writes: Batcher[Arrival | list[Write], bool | None] = Batcher(
             self._write_many, max_size=CHUNK
         )
         self._write_script: AsyncScript | None = None
@@ -197,58 +254,70 @@ class RedisRegistry(ConnectionRegistry):
                 leases[self._task_key(task_id)].append(member)
         return leases
 
-    async def _write(self, writes: list[Write]) -> dict[str, int]:
-        """Make ``writes`` with those of connections arriving (or leaving) together; return
-        the live members of each set added to, counted up to this member."""
+    async def _write(self, writes: Arrival | list[Write]) -> bool | None:
+        """Make ``writes`` with those of connections arriving (or leaving) together; for an
+        ``Arrival``, whether it was recorded."""
         return await self._writes.load(writes)
 
-    async def _write_many(self, batches: list[list[Write]]) -> list[dict[str, int]]:
-        """One script call for a whole batch. A set's members are counted in the order
-        they were added: of two connections of a user arriving together, the first is
-        counted without the second, as if each had been written alone."""
+    async def _write_many(self, batches: list[Arrival | list[Write]]) -> list[bool | None]:
+        """One script call for a whole batch."""
+        arrivals = [batch for batch in batches if isinstance(batch, Arrival)]
         added: defaultdict[str, list[str]] = defaultdict(list)
         removed: defaultdict[str, list[str]] = defaultdict(list)
-        for writes in batches:
-            for kind, key, member in writes:
-                (added if kind == "add" else removed)[key].append(member)
-        counts = await self._run_script(added, removed)
-        results = []
-        for writes in batches:
-            result = {}
-            for kind, key, _ in writes:
-                if kind == "add":
-                    counts[key] += 1
-                    result[key] = counts[key]
-            results.append(result)
-        return results
+        for batch in batches:
+            if not isinstance(batch, Arrival):
+                for kind, key, member in batch:
+                    (added if kind == "add" else removed)[key].append(member)
+        recorded = iter(await self._run_script(added, removed, arrivals))
+        return [next(recorded) if isinstance(batch, Arrival) else None for batch in batches]
 
     async def _run_script(
-        self, added: dict[str, list[str]], removed: dict[str, list[str]]
-    ) -> dict[str, int]:
-        """Lease the members of ``added`` to their sets, drop those of ``removed`` from
-        theirs (``WRITE_SCRIPT``); return the live members each set of ``added`` had
-        before."""
+        self,
+        added: dict[str, list[str]],
+        removed: dict[str, list[str]],
+        arrivals: list[Arrival] | None = None,
+    ) -> list[bool]:
+        """Lease the members of ``added`` to their sets, record ``arrivals`` within their
+        limits and drop the members of ``removed`` from their sets (``WRITE_SCRIPT``);
+        whether each arrival was recorded."""
+        arrivals = arrivals or []
+        written = {arrival.member for arrival in arrivals}
+        written.update(*added.values())
+        early: dict[str, list[str]] = {}
+        late: dict[str, list[str]] = {}
+        for key, members in removed.items():
+            for member in members:
+                (late if member in written else early).setdefault(key, []).append(member)
         now = time.time()
-        args: list[str | float | int] = [now + self.lease_seconds, now, self._key_ttl, len(added)]
-        for members in (*added.values(), *removed.values()):
-            args.append(len(members))
-            args.extend(members)
+        keys: list[str] = [*early]
+        args: list[str | float | int] = [now + self.lease_seconds, now, self._key_ttl]
+        args += [len(early), len(arrivals), len(added), len(late)]
+        for members in early.values():
+            args += [len(members), *members]
+        for arrival in arrivals:
+            keys += [arrival.user_key, arrival.transport_key]
+            args += [arrival.member, arrival.limit]
+        keys += [*added, *late]
+        for members in (*added.values(), *late.values()):
+            args += [len(members), *members]
         client = self.client
         if self._write_script is None:  # any loop's client can run it
             self._write_script = client.register_script(WRITE_SCRIPT)
-        before = await self._write_script(keys=[*added, *removed], args=args, client=client)
-        return dict(zip(added, before, strict=True))
+        recorded = await self._write_script(keys=keys, args=args, client=client)
+        return [bool(answer) for answer in recorded]
 
     def served_here(self) -> tuple[list[Entry], int]:
         # list() copies in one step, which the event loop's thread cannot interleave.
         return list(self._local.values()), sum(map(len, list(self._local_tasks.values())))
 
-    async def add(self, entry: Entry) -> int:
-        member = str(entry.connection_id)
-        counts = await self._write([("add", key, member) for key in self._entry_keys(entry)])
+    async def add(self, entry: Entry, limit: int = 0) -> bool:
+        transport_key, user_key = self._entry_keys(entry)
+        arrival = Arrival(user_key, transport_key, str(entry.connection_id), limit)
+        if not await self._write(arrival):
+            return False
         self._local[entry.connection_id] = entry
         self._ensure_renewer()
-        return counts[self._user_key(entry.user_id)]
+        return True
 
     async def remove(self, entry: Entry, task_ids: frozenset[uuid.UUID]) -> None:
         self._local.pop(entry.connection_id, None)

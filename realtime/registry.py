@@ -32,9 +32,10 @@ class Overview:
 class ConnectionRegistry:
     """Records connections and their task subscriptions; answers counts."""
 
-    async def add(self, entry: Entry) -> int:
-        """Record a connection; return how many its user has, this one included, as
-        counted when it was recorded (``REALTIME_MAX_CONNECTIONS_PER_USER``)."""
+    async def add(self, entry: Entry, limit: int = 0) -> bool:
+        """Record a connection, unless its user already holds ``limit`` in every process
+        (0: no limit); whether it was recorded. Counting and recording are one step, so
+        that connections arriving together cannot all pass the limit."""
         raise NotImplementedError("subclasses of ConnectionRegistry must provide add()")
 
     async def remove(self, entry: Entry, task_ids: frozenset[uuid.UUID]) -> None:
@@ -84,11 +85,14 @@ class LocalRegistry(ConnectionRegistry):
         # list() copies in one step, which the event loop's thread cannot interleave.
         return list(self.entries.values()), sum(map(len, list(self.subscribers.values())))
 
-    async def add(self, entry: Entry) -> int:
-        if entry.connection_id not in self.entries:
-            self.entries[entry.connection_id] = entry
-            self.per_user[entry.user_id] += 1
-        return self.per_user[entry.user_id]
+    async def add(self, entry: Entry, limit: int = 0) -> bool:
+        if entry.connection_id in self.entries:
+            return True
+        if limit and self.per_user[entry.user_id] >= limit:
+            return False
+        self.entries[entry.connection_id] = entry
+        self.per_user[entry.user_id] += 1
+        return True
 
     async def remove(self, entry: Entry, task_ids: frozenset[uuid.UUID]) -> None:
         if self.entries.pop(entry.connection_id, None) is not None:

@@ -310,7 +310,9 @@ def test_counts_sizes_and_intervals_must_be_finite_and_positive(settings, name, 
     assert error.msg.startswith(name)
 
 
-@pytest.mark.parametrize(("value", "refused"), [(0, False), (3, False), (-1, True), (2.5, True)])
+@pytest.mark.parametrize(
+    ("value", "refused"), [(0, False), (3, False), (-1, True), (2.5, True), (True, True)]
+)
 def test_the_connection_limit_is_a_whole_number_of_0_or_more(settings, value, refused):
     settings.REALTIME = {**settings.REALTIME, "MAX_CONNECTIONS_PER_USER": value}
     ids = [message.id for message in run_checks(tags=[checks.TAG])]

@@ -225,7 +225,7 @@ class ManagerOn(ConnectionManager):
 
 
 class FailingRegistry(LocalRegistry):
-    async def add(self, entry):
+    async def add(self, entry, limit=0):
         raise ConnectionError("registry is down")
 
 

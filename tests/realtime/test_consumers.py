@@ -73,10 +73,10 @@ def test_the_handshake_is_answered_once_the_connection_is_recorded(user, monkeyp
     release = asyncio.Event()
     add = manager.registry.add
 
-    async def slow_add(entry):
+    async def slow_add(entry, limit=0):
         recording.set()
         await release.wait()
-        await add(entry)
+        return await add(entry, limit)
 
     monkeypatch.setattr(manager.registry, "add", slow_add)
 
@@ -1038,7 +1038,7 @@ def test_a_connection_the_registry_cannot_record_is_closed_4503_and_leaves_nothi
 ):
     manager = get_connection_manager()
 
-    async def away(entry):
+    async def away(entry, limit=0):
         raise ConnectionError("Redis is away")
 
     monkeypatch.setattr(manager.registry, "add", away)

@@ -119,38 +119,88 @@ def test_unsubscribe_and_disconnect_remove_everything(registry):
     run(scenario, registry)
 
 
-def test_adding_a_connection_answers_how_many_its_user_holds(registry):
+def test_a_connection_past_its_users_limit_is_not_recorded(registry):
     async def scenario():
-        first, second, _ = await populate(registry)
-        assert await registry.add(entry(1, "websocket")) == 3
-        assert await registry.add(entry(2, "sse")) == 2
-        await registry.remove(first, frozenset({TASK_1}))
-        await registry.remove(first, frozenset({TASK_1}))  # twice counts once
-        assert await registry.add(entry(1, "sse")) == 3
-        # Arriving together, each is counted with those before it alone.
-        together = await asyncio.gather(*(registry.add(entry(5, "websocket")) for _ in range(6)))
-        assert sorted(together) == [1, 2, 3, 4, 5, 6]
-        assert await registry.count_user(5) == 6
+        first, second = entry(1, "websocket"), entry(1, "sse")
+        assert [await registry.add(e, limit=2) for e in (first, second)] == [True, True]
+        assert await registry.add(entry(1, "websocket"), limit=2) is False
+        assert await registry.add(first, limit=2) is True  # recorded already: counted once
+        assert await registry.add(entry(2, "websocket"), limit=2) is True  # their own limit
+        assert await registry.add(entry(1, "websocket"), limit=0) is True  # no limit
+        assert await registry.count_user(1) == 3
+        assert await registry.count_transport("websocket") == 3  # the refused one is not
+        await registry.remove(second, frozenset())
+        await registry.remove(second, frozenset())  # twice counts once
+        assert await registry.add(entry(1, "sse"), limit=3) is True
+        assert await registry.add(entry(1, "sse"), limit=3) is False
+        # Arriving together, each is counted after those before it.
+        together = await asyncio.gather(*(registry.add(entry(5, "sse"), limit=4) for _ in range(7)))
+        assert sorted(together) == [False] * 3 + [True] * 4
+        assert await registry.count_user(5) == 4
+        assert len(registry.served_here()[0]) == 8
 
     run(scenario, registry)
 
 
 @pytest.mark.redis
-def test_connections_arriving_together_in_several_processes_are_counted_one_by_one(redis_server):
+def test_connections_arriving_together_in_several_processes_pass_the_limit_no_more(
+    redis_server,
+):
     make = redis_registry_factory(redis_server)
     one, other = make(), make()
+    arriving = [entry(1, "websocket") for _ in range(10)]
 
     async def scenario():
-        await one.add(entry(1, "websocket"))
-        counts = await asyncio.gather(
-            *(registry.add(entry(1, "websocket")) for registry in (one, other) * 5)
-        )
-        assert sorted(counts) == list(range(2, 12))
-        # Lapsed members are not counted: a dead process's connection has lapsed.
+        # A lapsed member, of a process that died, is not counted.
         await one.client.zadd(one._user_key(1), {"dead": time.time() - 1})
-        assert await other.add(entry(1, "sse")) == 12
+        recorded = await asyncio.gather(
+            *(
+                registry.add(e, limit=3)
+                for registry, e in zip((one, other) * 5, arriving, strict=True)
+            )
+        )
+        assert sorted(recorded) == [False] * 7 + [True] * 3
+        members = {
+            str(e.connection_id).encode() for e, ok in zip(arriving, recorded, strict=True) if ok
+        }
+        for key in (one._user_key(1), one._transport_key("websocket")):
+            assert set(await one.client.zrange(key, 0, -1)) == members  # refused: nowhere
 
     run(scenario, one, other)
+
+
+@pytest.mark.redis
+def test_a_connection_leaving_in_the_same_command_makes_room_for_one_arriving(redis_server):
+    registry = redis_registry_factory(redis_server)()
+    leaving, arriving = entry(7, "websocket"), entry(7, "websocket")
+
+    async def scenario():
+        await registry.add(leaving, limit=1)
+        _, recorded = await asyncio.gather(
+            registry.remove(leaving, frozenset()), registry.add(arriving, limit=1)
+        )
+        assert recorded is True
+        assert await registry.count_user(7) == 1
+
+    run(scenario, registry)
+
+
+@pytest.mark.redis
+def test_an_arrival_sent_again_is_recorded_and_counted_once(redis_server):
+    """redis-py sends a command again on a new connection when Redis closed the first one,
+    which Redis may have run already."""
+    registry = redis_registry_factory(redis_server)()
+    member = str(uuid.uuid4())
+    arrival = redis_registry.Arrival(
+        registry._user_key(7), registry._transport_key("websocket"), member, limit=1
+    )
+
+    async def scenario():
+        assert await registry._run_script({}, {}, [arrival]) == [True]
+        assert await registry._run_script({}, {}, [arrival]) == [True]
+        assert await registry.count_user(7) == 1
+
+    run(scenario, registry)
 
 
 @pytest.mark.redis
@@ -269,9 +319,9 @@ def test_a_renewal_extends_every_lease_a_bounded_number_of_connections_at_a_time
     commands: list[int] = []
     run_script = registry._run_script
 
-    async def recording(added, removed):
+    async def recording(added, removed, arrivals=None):
         commands.append(len(set().union(*added.values())))
-        await run_script(added, removed)
+        return await run_script(added, removed, arrivals)
 
     async def scenario():
         for connection in entries:
@@ -303,10 +353,10 @@ def test_a_renewal_does_not_bring_back_a_connection_that_left_while_it_ran(redis
     staying, leaving = entry(1, "websocket"), entry(1, "websocket")
     run_script = registry._run_script
 
-    async def leaving_first(added, removed):
+    async def leaving_first(added, removed, arrivals=None):
         if added and registry._local.get(leaving.connection_id) is not None:
             await registry.remove(leaving, frozenset({TASK_1}))
-        await run_script(added, removed)
+        return await run_script(added, removed, arrivals)
 
     async def scenario():
         for connection in (staying, leaving):

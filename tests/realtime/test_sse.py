@@ -395,7 +395,7 @@ def test_a_stream_the_registry_cannot_record_is_503_json_and_leaves_nothing(
 ):
     manager = get_connection_manager()
 
-    async def away(entry):
+    async def away(entry, limit=0):
         raise ConnectionError("Redis is away")
 
     monkeypatch.setattr(manager.registry, "add", away)
