@@ -115,14 +115,14 @@ local recorded = {}
 for i = 1, arrivals do
     local user, transport = next_key(), next_key()
     local member, limit = ARGV[at], tonumber(ARGV[at + 1])
-    at = at + 2
     if limit == 0 or redis.call("ZSCORE", user, member) or redis.call("ZCARD", user) < limit then
-        lease(user, at - 2, at - 2)
-        lease(transport, at - 2, at - 2)
+        lease(user, at, at)
+        lease(transport, at, at)
         recorded[i] = 1
     else
         recorded[i] = 0
     end
+    at = at + 2
 end
 for _ = 1, added do
     lease(next_key(), next_members())
