@@ -262,12 +262,17 @@ class RedisRegistry(ConnectionRegistry):
     async def _write_many(self, batches: list[Arrival | list[Write]]) -> list[bool | None]:
         """One script call for a whole batch."""
         arrivals = [batch for batch in batches if isinstance(batch, Arrival)]
-        added: defaultdict[str, list[str]] = defaultdict(list)
-        removed: defaultdict[str, list[str]] = defaultdict(list)
+        # A member written to a set more than once (an unsubscribe, then a subscribe to
+        # the same task) ends as its last write leaves it.
+        last: dict[tuple[str, str], str] = {}
         for batch in batches:
             if not isinstance(batch, Arrival):
                 for kind, key, member in batch:
-                    (added if kind == "add" else removed)[key].append(member)
+                    last[key, member] = kind
+        added: defaultdict[str, list[str]] = defaultdict(list)
+        removed: defaultdict[str, list[str]] = defaultdict(list)
+        for (key, member), kind in last.items():
+            (added if kind == "add" else removed)[key].append(member)
         recorded = iter(await self._run_script(added, removed, arrivals))
         return [next(recorded) if isinstance(batch, Arrival) else None for batch in batches]
 

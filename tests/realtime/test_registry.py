@@ -511,6 +511,26 @@ def test_one_command_may_add_to_and_remove_from_the_same_sets(redis_server):
 
 
 @pytest.mark.redis
+def test_a_set_written_twice_in_one_command_keeps_the_last_write(redis_server):
+    registry = redis_registry_factory(redis_server)()
+    staying, leaving = entry(7, "websocket"), entry(8, "websocket")
+
+    async def scenario():
+        for connection in (staying, leaving):
+            await registry.add(connection)
+            await registry.add_subscription(connection, TASK_1)
+        await asyncio.gather(  # one unsubscribes and subscribes again, the other the reverse
+            registry.remove_subscription(staying, TASK_1),
+            registry.add_subscription(staying, TASK_1),
+            registry.add_subscription(leaving, TASK_2),
+            registry.remove_subscription(leaving, TASK_2),
+        )
+        assert [await registry.count_task(task) for task in (TASK_1, TASK_2)] == [2, 0]
+
+    run(scenario, registry)
+
+
+@pytest.mark.redis
 def test_writes_go_on_after_redis_forgets_the_script(redis_server):
     registry = redis_registry_factory(redis_server)()
 
