@@ -61,25 +61,24 @@ CHUNK = 500
 #: connection, redis-py's packing and reply parsing cost ~7% of a connect's CPU, and a
 #: renewal of 4,000 connections held the event loop for 0.3-0.5 s (docs/performance.md).
 #:
-#: In order: removals of members not written otherwise in the call; arrivals, each
-#: recorded unless its user holds its limit, counted after those before it (so that no two
-#: arrivals in any process pass the limit together, and none is written only to be taken
-#: out again), or if its member is already recorded (the command sent again after a lost
-#: answer); additions; then removals of members added in the call (which follow their
-#: addition). Sets written to are pruned of lapsed members first, and live at least ``ttl``.
+#: In order: removals, which make room; arrivals, each recorded unless its user holds its
+#: limit, counted after those before it (so that no two arrivals in any process pass the
+#: limit together, and none is written only to be taken out again), or if its member is
+#: already recorded (the command sent again after a lost answer); then additions. A batch
+#: writes each member of a set once (``_write_many()``), so the order changes no set's
+#: final members. Sets written to are pruned of lapsed members first, and live at least
+#: ``ttl``.
 #:
-#: KEYS: the sets of the early removals, two per arrival (its user's, its transport's),
-#: the sets added to, the sets of the late removals. ARGV: the leases' expiry, the time up
-#: to which a lease has lapsed, the sets' time to live, then how many sets of early
-#: removals, arrivals, sets added to and sets of late removals; then per set of an early
-#: removal its member count and members, per arrival its member and limit, per set added
-#: to and set of a late removal its member count and members. Returns 1 for each arrival
-#: recorded, 0 for each refused.
+#: KEYS: the sets removed from, two per arrival (its user's, its transport's), the sets
+#: added to. ARGV: the leases' expiry, the time up to which a lease has lapsed, the sets'
+#: time to live, then how many sets removed from, arrivals and sets added to; then per set
+#: removed from its member count and members, per arrival its member and limit, per set
+#: added to its member count and members. Returns 1 for each arrival recorded, 0 for each
+#: refused.
 WRITE_SCRIPT = """
 local expiry, now, ttl = ARGV[1], ARGV[2], ARGV[3]
-local early, arrivals, added, late = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]),
-    tonumber(ARGV[7])
-local at, k = 8, 0
+local removed, arrivals, added = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local at, k = 7, 0
 local pruned = {}
 local function next_key()
     k = k + 1
@@ -96,9 +95,6 @@ local function next_members()
     at = first + count
     return first, at - 1
 end
-local function remove(key)
-    redis.call("ZREM", key, unpack(ARGV, next_members()))
-end
 local function lease(key, first, last)
     local leases = {}
     for j = first, last do
@@ -108,8 +104,9 @@ local function lease(key, first, last)
     redis.call("ZADD", key, unpack(leases))
     redis.call("EXPIRE", key, ttl)
 end
-for _ = 1, early do
-    remove(next_key())
+for _ = 1, removed do
+    local key = next_key()
+    redis.call("ZREM", key, unpack(ARGV, next_members()))
 end
 local recorded = {}
 for i = 1, arrivals do
@@ -126,9 +123,6 @@ for i = 1, arrivals do
 end
 for _ = 1, added do
     lease(next_key(), next_members())
-end
-for _ = 1, late do
-    remove(next_key())
 end
 return recorded
 """
@@ -282,28 +276,21 @@ class RedisRegistry(ConnectionRegistry):
         removed: dict[str, list[str]],
         arrivals: list[Arrival] | None = None,
     ) -> list[bool]:
-        """Lease the members of ``added`` to their sets, record ``arrivals`` within their
-        limits and drop the members of ``removed`` from their sets (``WRITE_SCRIPT``);
+        """Drop the members of ``removed`` from their sets, record ``arrivals`` within
+        their limits and lease the members of ``added`` to their sets (``WRITE_SCRIPT``);
         whether each arrival was recorded."""
         arrivals = arrivals or []
-        written = {arrival.member for arrival in arrivals}
-        written.update(*added.values())
-        early: dict[str, list[str]] = {}
-        late: dict[str, list[str]] = {}
-        for key, members in removed.items():
-            for member in members:
-                (late if member in written else early).setdefault(key, []).append(member)
         now = time.time()
-        keys: list[str] = [*early]
+        keys: list[str] = [*removed]
         args: list[str | float | int] = [now + self.lease_seconds, now, self._key_ttl]
-        args += [len(early), len(arrivals), len(added), len(late)]
-        for members in early.values():
+        args += [len(removed), len(arrivals), len(added)]
+        for members in removed.values():
             args += [len(members), *members]
         for arrival in arrivals:
             keys += [arrival.user_key, arrival.transport_key]
             args += [arrival.member, arrival.limit]
-        keys += [*added, *late]
-        for members in (*added.values(), *late.values()):
+        keys += [*added]
+        for members in added.values():
             args += [len(members), *members]
         client = self.client
         if self._write_script is None:  # any loop's client can run it
